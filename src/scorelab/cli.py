@@ -1,0 +1,70 @@
+"""Command line: `python -m scorelab validate PATH` and `python -m scorelab demo --params PATH --out DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .config import ConfigError, Params, load_params
+
+
+def _summary(path: str, params: Params) -> str:
+    variants = ", ".join(f"{name} ({v.sde.type})" for name, v in params.variants.items())
+    settings = sum(len(s.step_list()) for v in params.variants.values() for s in v.samplers)
+    return (f"{path}: valid — seed {params.seed}; {len(params.variants)} variant(s): {variants}; "
+            f"{settings} sampler settings")
+
+
+def _load(path: str) -> Params | None:
+    """Params, or None after printing every problem to stderr."""
+    try:
+        return load_params(path)
+    except ConfigError as e:
+        print(f"{path}: {len(e.problems)} problem(s)", file=sys.stderr)
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        return None
+
+
+def _validate(args: argparse.Namespace) -> int:
+    params = _load(args.path)
+    if params is None:
+        return 2
+    print(_summary(args.path, params))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    params = _load(args.params)
+    if params is None:
+        return 2
+    from .demo import run_demo  # lazy: torch-heavy, and `validate` must not need it
+
+    run_demo(params, Path(args.out))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scorelab", description="Score-based generative models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a params file and list every problem in it")
+    p.add_argument("path", help="params file, e.g. params.yaml")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("demo", help="run scorelab.demo.run_demo with these params")
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 2 invalid usage or params)."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse exits on --help and on usage errors; report its code instead
+        return e.code if isinstance(e.code, int) else 2
+    return args.func(args)

@@ -1,0 +1,367 @@
+"""scorelab.config: params.yaml validates, every bad edit is reported at its location, the CLI reports them."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from scorelab.config import (
+    ALDSampler, ConfigError, DDPMConfig, NCSNConfig, ODESampler, PCSampler, Params, SubVPConfig, VEConfig,
+    VPConfig, VPCosineConfig, load_params, parse_params,
+)
+from scorelab import config
+from scorelab.sampling import SAMPLER_FAMILIES
+from scorelab.sde import SDE_FAMILY, SDE_TYPES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A valid base; each bad case below is one small edit of it.
+BASE: dict[str, Any] = {
+    "seed": 0,
+    "demo": {"n_samples": 100, "steps": 20},
+    "variants": {
+        "ddpm": {
+            "sde": {"type": "ddpm", "num_steps": 1000, "schedule": "linear"},
+            "parameterization": {"type": "eps"},
+            "samplers": [{"method": "ancestral", "steps": [1000]}, {"method": "ddim", "steps": [10], "eta": 0.0}],
+        },
+        "ncsn": {
+            "sde": {"type": "ncsn", "sigma_min": 0.01, "sigma_max": 1.0, "num_scales": 10},
+            "parameterization": {"type": "score", "scale_by_sigma": True},
+            "samplers": [{"method": "ald", "steps_each": 10}],
+        },
+        "vp": {
+            "sde": {"type": "vp", "beta_min": 0.1, "beta_max": 20.0},
+            "parameterization": {"type": "eps"},
+            "loss": {"weighting": "std2", "reduction": "mean"},
+            "ema": {"decay": 0.999},
+            "samplers": [{"method": "pc", "steps": [100]}, {"method": "ode"}],
+        },
+        "ve": {
+            "sde": {"type": "ve", "sigma_min": 0.01, "sigma_max": 50.0},
+            "parameterization": {"type": "edm", "sigma_data": 0.5},
+            "samplers": [{"method": "heun", "steps": [10, 20]}],
+        },
+    },
+}
+
+DELETE = object()
+
+
+def edited(*edits: tuple[str, Any]) -> dict:
+    """BASE with each (dotted.path, value) set; value DELETE removes the key, list indices are ints."""
+    data = copy.deepcopy(BASE)
+    for path, value in edits:
+        *parents, last = path.split(".")
+        node = data
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        key: Any = int(last) if isinstance(node, list) else last
+        if value is DELETE:
+            del node[key]
+        elif isinstance(node, list) and key == len(node):
+            node.append(value)
+        else:
+            node[key] = value
+    return data
+
+
+def rename(path: str, new: str) -> list[tuple[str, Any]]:
+    """Edits that rename the key at `path` to `new` (a typo)."""
+    node: Any = BASE
+    for p in path.split("."):
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    return [(path.rsplit(".", 1)[0] + "." + new if "." in path else new, node), (path, DELETE)]
+
+
+def problems_of(data: Any) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        parse_params(data)
+    return e.value.problems
+
+
+def test_base_is_valid():
+    params = parse_params(BASE)
+    assert list(params.variants) == ["ddpm", "ncsn", "vp", "ve"]
+
+
+def test_committed_params_yaml_validates():
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert set(params.variants) == {"ddpm", "ncsn", "vp", "subvp", "ve"}
+    for name, v in params.variants.items():
+        assert v.sde.type == name
+        sde = v.sde.build()
+        assert sde.family == v.sde.family
+
+
+# ---------------------------------------------------------------------------------------------
+# SDE configs build exactly what get_sde builds.
+
+SDE_CASES = [
+    VPConfig(), VPConfig(beta_min=0.05, beta_max=10.0, eps=1e-4),
+    SubVPConfig(), SubVPConfig(beta_min=0.2, beta_max=15.0, eps=1e-3),
+    VPCosineConfig(), VPCosineConfig(s=0.01, T=0.99, eps=1e-3),
+    VEConfig(), VEConfig(sigma_min=0.02, sigma_max=80.0, eps=1e-4),
+    DDPMConfig(), DDPMConfig(num_steps=100, schedule="cosine"), DDPMConfig(num_steps=500, beta_start=2e-4, beta_end=0.01),
+    NCSNConfig(), NCSNConfig(sigma_min=0.05, sigma_max=8.0, num_scales=20),
+]
+
+
+@pytest.mark.parametrize("cfg", SDE_CASES, ids=lambda c: repr(c))
+def test_sde_build_round_trip(cfg):
+    sde = cfg.build()
+    assert sde.name == cfg.type
+    assert sde.family == cfg.family == SDE_FAMILY[cfg.type]
+    fields = cfg.model_dump(exclude={"eps"}, exclude_none=True)
+    assert sde.config() == pytest.approx(fields)
+    if getattr(cfg, "eps", None) is not None:
+        assert sde.eps == cfg.eps
+    # and back: the SDE's own config validates to the same model
+    assert type(cfg).model_validate({**sde.config(), **({"eps": cfg.eps} if getattr(cfg, "eps", None) else {})}) == cfg
+
+
+def test_configs_cover_the_registries():
+    def tags(union_alias, field: str) -> set:
+        members = typing.get_args(typing.get_args(union_alias)[0])  # Annotated[Union[...], ...]
+        return {t for m in members for t in typing.get_args(m.model_fields[field].annotation)}
+
+    assert tags(config.SDEConfig, "type") == set(SDE_TYPES)
+    assert tags(config.SamplerConfig, "method") == set(SAMPLER_FAMILIES)
+
+
+def test_sampler_options_and_steps():
+    pc = PCSampler(steps=[10, 20], snr=0.2)
+    assert pc.options() == {"grid": "uniform", "predictor": "reverse_diffusion", "corrector": "langevin",
+                            "snr": 0.2, "corrector_steps": 1}
+    assert pc.step_list() == [10, 20]
+    ode = ODESampler()
+    assert ode.step_list() == [None]
+    assert ode.options() == {"rtol": 1e-5, "atol": 1e-5, "solver": "dopri5", "denoise": True}
+    assert ALDSampler().step_list() == [None]
+    assert ALDSampler(steps=[5, 10]).step_list() == [5, 10]
+    assert "steps" not in ALDSampler(steps=[5]).options()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad configurations: (edits, exact location, substring of the message). Each edit makes one problem.
+
+BAD = {
+    "top-level typo": (rename("seed", "sed"), "sed", "unknown key 'sed'; did you mean 'seed'? valid keys: demo, seed, variants"),
+    "sigma_mn": (rename("variants.ve.sde.sigma_min", "sigma_mn"), "variants.ve.sde.sigma_mn",
+                 "unknown key 'sigma_mn'; did you mean 'sigma_min'? valid keys: eps, sigma_max, sigma_min, type"),
+    "continuouse": ([("variants.vp.continuouse", True)], "variants.vp.continuouse",
+                    "unknown key 'continuouse'; valid keys: ema, loss, parameterization, samplers, sde"),
+    "typo in sampler": ([("variants.vp.samplers.0.corector", "none")], "variants.vp.samplers.0.corector",
+                        "unknown key 'corector'; did you mean 'corrector'?"),
+    "typo under ald": ([("variants.ncsn.samplers.0.steps_eachh", 5)], "variants.ncsn.samplers.0.steps_eachh",
+                       "did you mean 'steps_each'? valid keys: denoise, method, step_lr, steps, steps_each"),
+    "sigma_min >= sigma_max": ([("variants.ve.sde.sigma_min", 60.0)], "variants.ve.sde.sigma_max",
+                               "must be > sigma_min (60.0) (got 50.0)"),
+    "sigma_min above default sigma_max": ([("variants.ve.sde", {"type": "ve", "sigma_min": 60.0})],
+                                          "variants.ve.sde.sigma_max", "must be > sigma_min (60.0) (got 50.0)"),
+    "ncsn sigma_min == sigma_max": ([("variants.ncsn.sde.sigma_min", 1.0)], "variants.ncsn.sde.sigma_max",
+                                    "must be > sigma_min"),
+    "beta_min >= beta_max": ([("variants.vp.sde.beta_min", 30.0)], "variants.vp.sde.beta_max", "must be > beta_min (30.0)"),
+    "negative sigma_min": ([("variants.ve.sde.sigma_min", -1.0)], "variants.ve.sde.sigma_min", "must be > 0 (got -1.0)"),
+    "steps [0]": ([("variants.vp.samplers.0.steps", [0])], "variants.vp.samplers.0.steps.0", "must be >= 1 (got 0)"),
+    "steps empty": ([("variants.vp.samplers.0.steps", [])], "variants.vp.samplers.0.steps", "at least 1 item"),
+    "steps not a list": ([("variants.vp.samplers.0.steps", "ten")], "variants.vp.samplers.0.steps",
+                         "must be a valid list (got 'ten')"),
+    "steps not ints": ([("variants.vp.samplers.0.steps", ["ten"])], "variants.vp.samplers.0.steps.0",
+                       "valid integer"),
+    "eta 1.5": ([("variants.ddpm.samplers.1.eta", 1.5)], "variants.ddpm.samplers.1.eta", "must be <= 1 (got 1.5)"),
+    "sde type vpp": ([("variants.vp.sde.type", "vpp")], "variants.vp.sde.type",
+                     "unknown type 'vpp'; did you mean 'vp'? valid types: ddpm, ncsn, subvp, ve, vp, vp_cosine"),
+    "sde type missing": ([("variants.vp.sde.type", DELETE)], "variants.vp.sde.type", "missing required key"),
+    "method eulr_maruyama": ([("variants.vp.samplers.0.method", "eulr_maruyama")], "variants.vp.samplers.0.method",
+                             "unknown method 'eulr_maruyama'; did you mean 'euler_maruyama'?"),
+    "ald under vp": ([("variants.vp.samplers.2", {"method": "ald", "steps": [10]})], "variants.vp.samplers.2.method",
+                     "'ald' is not defined for 'vp' SDEs; valid for 'vp': ancestral, euler_maruyama"),
+    "eta under pc": ([("variants.vp.samplers.0.eta", 0.5)], "variants.vp.samplers.0.eta",
+                     "unknown key 'eta'; valid keys: corrector, corrector_steps, grid, method, predictor, snr, steps"),
+    "steps under ode": ([("variants.vp.samplers.1.steps", [10])], "variants.vp.samplers.1.steps", "unknown key 'steps'"),
+    "seed -1": ([("seed", -1)], "seed", "must be >= 0 (got -1)"),
+    "seed not int": ([("seed", 1.5)], "seed", "valid integer"),
+    "ema decay 1.0": ([("variants.vp.ema.decay", 1.0)], "variants.vp.ema.decay", "must be < 1 (got 1.0)"),
+    "predictor langevin": ([("variants.vp.samplers.0.predictor", "langevin")], "variants.vp.samplers.0.predictor",
+                           "must be one of euler_maruyama, reverse_diffusion, ancestral (got 'langevin')"),
+    "corrector foo": ([("variants.vp.samplers.0.corrector", "foo")], "variants.vp.samplers.0.corrector",
+                      "must be one of none, langevin, ald (got 'foo')"),
+    "snr 0": ([("variants.vp.samplers.0.snr", 0)], "variants.vp.samplers.0.snr", "must be > 0"),
+    "bad variant name": (rename("variants.vp", "VP-1"), "variants.VP-1", "invalid name 'VP-1'; must match"),
+    "no variants": ([("variants", {})], "variants", "at least 1 item"),
+    "variants missing": ([("variants", DELETE)], "variants", "missing required key"),
+    "ald steps missing for ve": ([("variants.ve.samplers.1", {"method": "ald"})], "variants.ve.samplers.1.steps",
+                                 "required for a continuous 've' SDE"),
+    "ddpm schedule quadratic": ([("variants.ddpm.sde.schedule", "quadratic")], "variants.ddpm.sde.schedule",
+                                "must be one of linear, cosine (got 'quadratic')"),
+    "ddpm betas above 1": ([("variants.ddpm.sde.num_steps", 10)], "variants.ddpm.sde.beta_end",
+                           "beta_end * 1000 / num_steps must be < 1"),
+    "ddpm eps is not a get_sde argument": ([("variants.ddpm.sde.eps", 1e-3)], "variants.ddpm.sde.eps",
+                                           "unknown key 'eps'"),
+    "vp_cosine eps >= T": ([("variants.vp.sde", {"type": "vp_cosine", "T": 0.9, "eps": 0.95})], "variants.vp.sde.eps",
+                           "must be < T (0.9)"),
+    "vp_cosine T below default eps": ([("variants.vp.sde", {"type": "vp_cosine", "T": 0.0005})],
+                                      "variants.vp.sde.eps", "must be < T (0.0005); the default is 0.001"),
+    "ncsn one scale": ([("variants.ncsn.sde.num_scales", 1)], "variants.ncsn.sde.num_scales", "must be >= 2"),
+    "parameterization missing": ([("variants.vp.parameterization", DELETE)], "variants.vp.parameterization",
+                                 "missing required key"),
+    "param type": ([("variants.vp.parameterization.type", "x0")], "variants.vp.parameterization.type",
+                   "unknown type 'x0'; valid types: edm, eps, score"),
+    "edm sigma_data 0": ([("variants.ve.parameterization.sigma_data", 0)], "variants.ve.parameterization.sigma_data",
+                         "must be > 0"),
+    "loss weighting": ([("variants.vp.loss.weighting", "likelihood")], "variants.vp.loss.weighting",
+                       "must be one of std2, g2"),
+    "demo n_samples 0": ([("demo.n_samples", 0)], "demo.n_samples", "must be >= 1 (got 0)"),
+    "demo not a mapping": ([("demo", [1, 2])], "demo", "must be a mapping (got [1, 2])"),
+    "no samplers": ([("variants.ve.samplers", [])], "variants.ve.samplers", "at least 1 item"),
+}
+
+
+@pytest.mark.parametrize("edits, loc, message", BAD.values(), ids=BAD.keys())
+def test_bad_config_reports_location_and_message(edits, loc, message):
+    problems = problems_of(edited(*edits))
+    assert len(problems) == 1, problems
+    where, _, text = problems[0].partition(": ")
+    assert where == loc, problems[0]
+    assert message in text, problems[0]
+
+
+def test_no_pydantic_noise_in_locations():
+    problems = problems_of(edited(("variants.vp.sde", {"type": "vp_cosine", "s": 2.0}),
+                                  ("variants.vp.samplers.0", {"method": "ddim", "steps": [0], "eta": 2})))
+    assert problems == [
+        "variants.vp.sde.s: must be < 1 (got 2.0)",
+        "variants.vp.samplers.0.steps.0: must be >= 1 (got 0)",
+        "variants.vp.samplers.0.eta: must be <= 1 (got 2)",
+    ]
+
+
+def test_all_problems_are_reported():
+    data = edited(
+        *rename("seed", "sed"),
+        ("variants.ve.sde.sigma_min", -1.0),
+        ("variants.vp.samplers.0.method", "eulr"),
+        ("variants.ddpm.samplers.1.eta", 1.5),
+        ("variants.ncsn.ema", {"decay": 1.0, "warmup": "maybe"}),
+        ("demo.steps", 0),
+    )
+    locs = [p.partition(": ")[0] for p in problems_of(data)]
+    assert sorted(locs) == sorted([
+        "sed", "variants.ve.sde.sigma_min", "variants.vp.samplers.0.method", "variants.ddpm.samplers.1.eta",
+        "variants.ncsn.ema.decay", "variants.ncsn.ema.warmup", "demo.steps",
+    ])
+
+
+def test_sampler_family_problems_all_reported():
+    data = edited(("variants.vp.samplers.0", {"method": "ald", "steps": [1]}),
+                  ("variants.vp.samplers.1", {"method": "ald"}))
+    assert [p.partition(": ")[0] for p in problems_of(data)] == [
+        "variants.vp.samplers.0.method", "variants.vp.samplers.1.method"]
+
+
+@pytest.mark.parametrize("data, message", [(None, "is empty"), ([1, 2], "must be a mapping"), ("seed", "got str")])
+def test_top_level_not_a_mapping(data, message):
+    (problem,) = problems_of(data)
+    assert message in problem
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def test_load_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_params(missing)
+    assert e.value.problems == [f"{missing}: file not found"]
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("seed: 0\nvariants:\n  vp: [1, 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_params(broken)
+    (problem,) = e.value.problems
+    assert problem.startswith(f"{broken}: invalid YAML at line 4")
+
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- seed: 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_params(listed)
+    assert e.value.problems == [f"{listed}: top level must be a mapping of sections, got list"]
+
+
+def test_duplicate_keys_are_rejected(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("seed: 0\nseed: 1\nvariants: {}\n")
+    with pytest.raises(ConfigError) as e:
+        load_params(dup)
+    (problem,) = e.value.problems
+    assert problem.startswith(f"{dup}: invalid YAML at line 2") and "duplicate key 'seed'" in problem
+
+
+def test_yaml_round_trip_of_base(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    assert load_params(path) == parse_params(BASE)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scorelab", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_validate_ok():
+    r = run_cli("validate", "params.yaml")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("params.yaml: valid — seed 0; 5 variant(s): ddpm (ddpm), ncsn (ncsn)")
+
+
+def test_cli_validate_bad_file_lists_every_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(edited(*rename("seed", "sed"), ("variants.ve.sde.sigma_min", -1.0))))
+    r = run_cli("validate", str(bad))
+    assert r.returncode == 2
+    head, *lines = r.stderr.splitlines()
+    assert head == f"{bad}: 2 problem(s)"
+    assert sorted(lines) == [
+        "sed: unknown key 'sed'; did you mean 'seed'? valid keys: demo, seed, variants",
+        "variants.ve.sde.sigma_min: must be > 0 (got -1.0)",
+    ]
+
+
+def test_cli_missing_and_broken_files(tmp_path):
+    r = run_cli("validate", str(tmp_path / "nope.yaml"))
+    assert r.returncode != 0 and "file not found" in r.stderr
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("seed: [0\n")
+    r = run_cli("validate", str(broken))
+    assert r.returncode != 0 and f"{broken}: invalid YAML at line 2" in r.stderr
+
+
+def test_cli_usage_errors_return_a_code():
+    from scorelab.cli import main
+
+    assert main(["validate", str(ROOT / "params.yaml")]) == 0
+    assert main([]) == 2
+
+
+def test_schema_labels_and_union_tags_are_dropped_from_locations():
+    loc = ("variants", "vp", "samplers", 0, "function-after[_check(), PCSampler]", "pc", "snr")
+    parts, tp = config._walk(loc)
+    assert parts == ["variants", "vp", "samplers", "0", "snr"]
+    assert tp is float
