@@ -208,6 +208,7 @@ class DiscreteBeta(BetaSchedule):
 
 class VarianceSchedule(ABC):
     T: float = 1.0
+    default_eps: float
 
     @abstractmethod
     def variance(self, t: Tensor) -> Tensor:
@@ -247,6 +248,11 @@ class GeometricVariance(VarianceSchedule):
 
     def inverse_variance(self, v):
         return torch.log1p(v / self.sigma_min**2) / (2 * self._log_ratio)
+
+    @property
+    def default_eps(self) -> float:
+        """The time where std = sigma_min: the noise floor that score_sde's VE works down to."""
+        return math.log(2.0) / (2 * self._log_ratio)
 
     def config(self):
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
@@ -288,6 +294,10 @@ class DiscreteVariance(VarianceSchedule):
 
     def discrete_times(self) -> Tensor:
         return torch.arange(1, self.num_scales + 1, dtype=torch.float64) / self.num_scales
+
+    @property
+    def default_eps(self) -> float:
+        return 1.0 / self.num_scales  # the smallest noise level of the ladder
 
     def config(self):
         return dict(self._cfg)
@@ -398,8 +408,11 @@ class VPSDE(SDE):
         super().__init__(schedule.T, eps)
         self.schedule, self.name = schedule, name
 
+    def _integral(self, t):
+        return self.schedule.integral(t).clamp(min=0)  # B(0) can round to -1e-17 (cosine)
+
     def alpha_std(self, t):
-        b = self.schedule.integral(t)
+        b = self._integral(t)
         return torch.exp(-0.5 * b), torch.sqrt(-torch.expm1(-b))
 
     def f_g2(self, t):
@@ -407,7 +420,7 @@ class VPSDE(SDE):
         return -0.5 * beta, beta
 
     def log_snr(self, t):
-        b = self.schedule.integral(t)
+        b = self._integral(t)
         return -0.5 * b - 0.5 * torch.log(-torch.expm1(-b))
 
     def t_from_log_snr(self, lam):
@@ -432,15 +445,15 @@ class SubVPSDE(VPSDE):
         super().__init__(schedule, name=name, eps=eps)
 
     def alpha_std(self, t):
-        b = self.schedule.integral(t)
+        b = self._integral(t)
         return torch.exp(-0.5 * b), -torch.expm1(-b)
 
     def f_g2(self, t):
         beta = self.schedule.rate(t)
-        return -0.5 * beta, beta * -torch.expm1(-2 * self.schedule.integral(t))
+        return -0.5 * beta, beta * -torch.expm1(-2 * self._integral(t))
 
     def log_snr(self, t):
-        b = self.schedule.integral(t)
+        b = self._integral(t)
         return -0.5 * b - torch.log(-torch.expm1(-b))
 
     def t_from_log_snr(self, lam):
@@ -453,8 +466,8 @@ class VESDE(SDE):
 
     family = "ve"
 
-    def __init__(self, schedule: VarianceSchedule, name: str = "ve", eps: float = 1e-5):
-        super().__init__(schedule.T, eps)
+    def __init__(self, schedule: VarianceSchedule, name: str = "ve", eps: float | None = None):
+        super().__init__(schedule.T, schedule.default_eps if eps is None else eps)
         self.schedule, self.name = schedule, name
 
     def alpha_std(self, t):
@@ -492,7 +505,7 @@ def get_sde(name: str, **params) -> SDE:
     vp:        beta_min=0.1, beta_max=20, eps=1e-3
     vp_cosine: s=0.008, T=0.9946, eps=1e-3
     subvp:     beta_min=0.1, beta_max=20, eps=1e-3
-    ve:        sigma_min=0.01, sigma_max=50, eps=1e-5
+    ve:        sigma_min=0.01, sigma_max=50, eps=time where std = sigma_min
     ddpm:      num_steps=1000, schedule="linear" | "cosine", beta_start=1e-4, beta_end=0.02
     ncsn:      sigma_min=0.01, sigma_max=1, num_scales=10
     """
@@ -511,8 +524,7 @@ def get_sde(name: str, **params) -> SDE:
             schedule = DiscreteBeta.ddpm(**params)
             return VPSDE(schedule, name="ddpm", eps=kw.get("eps", 1.0 / schedule.num_steps))
         if name == "ncsn":
-            schedule = DiscreteVariance.geometric(**params)
-            return VESDE(schedule, name="ncsn", eps=kw.get("eps", 1.0 / schedule.num_scales))
+            return VESDE(DiscreteVariance.geometric(**params), name="ncsn", **kw)
     except TypeError as e:  # an unexpected keyword
         raise ValueError(f"get_sde({name!r}): {e}") from None
     raise ValueError(f"unknown SDE {name!r}; valid: {', '.join(SDE_TYPES)}")
