@@ -58,8 +58,8 @@ def time_grid(sde: SDE, steps: int, grid: str = "uniform", t_min: float | None =
 
     uniform: equal steps in t (DDPM, score_sde).  log_snr: equal steps in lambda = log(alpha/std)
     (DPM-Solver).  edm: sigma_hat = std/alpha spaced as EDM's rho-schedule.
-    A discrete chain (DDPM, NCSN) is only evaluated at its own times: `steps` of them evenly spaced
-    in index, whatever `grid` says.
+    A discrete chain (DDPM, NCSN) is only evaluated at its own times: uniform takes `steps` of them
+    evenly spaced in index; the other spacings are snapped to the nearest distinct chain times.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -69,23 +69,36 @@ def time_grid(sde: SDE, steps: int, grid: str = "uniform", t_min: float | None =
     if chain is not None:
         if steps > len(chain):
             raise ValueError(f"steps={steps} exceeds the {len(chain)} steps of the {sde.name} chain")
-        idx = torch.linspace(len(chain) - 1, 0, steps, dtype=torch.float64).round().long()
-        times = chain.flip(0)[len(chain) - 1 - idx]
+        t_min = float(chain[0])
+    t_hi = torch.tensor(sde.T, dtype=torch.float64)
+    t_lo = torch.tensor(sde.eps if t_min is None else t_min, dtype=torch.float64)
+    frac = torch.linspace(0, 1, steps, dtype=torch.float64)
+    if grid == "uniform":
+        times = t_hi + frac * (t_lo - t_hi)
+    elif grid == "log_snr":
+        lam_hi, lam_lo = sde.log_snr(t_hi), sde.log_snr(t_lo)
+        times = sde.t_from_log_snr(lam_hi + frac * (lam_lo - lam_hi))
     else:
-        t_hi = torch.tensor(sde.T, dtype=torch.float64)
-        t_lo = torch.tensor(sde.eps if t_min is None else t_min, dtype=torch.float64)
-        frac = torch.linspace(0, 1, steps, dtype=torch.float64)
-        if grid == "uniform":
-            times = t_hi + frac * (t_lo - t_hi)
-        elif grid == "log_snr":
-            lam_hi, lam_lo = sde.log_snr(t_hi), sde.log_snr(t_lo)
-            times = sde.t_from_log_snr(lam_hi + frac * (lam_lo - lam_hi))
-        else:
-            s_hi, s_lo = torch.exp(-sde.log_snr(t_hi)), torch.exp(-sde.log_snr(t_lo))
-            sig = (s_hi ** (1 / rho) + frac * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
-            times = sde.t_from_log_snr(-torch.log(sig))
-        times[0] = t_hi  # exact endpoints despite round trips through lambda
+        s_hi, s_lo = torch.exp(-sde.log_snr(t_hi)), torch.exp(-sde.log_snr(t_lo))
+        sig = (s_hi ** (1 / rho) + frac * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
+        times = sde.t_from_log_snr(-torch.log(sig))
+    times[0] = t_hi  # exact endpoints despite round trips through lambda
+    if chain is not None:
+        times = chain[_snap_to_chain(times, chain)]
     return torch.cat([times, torch.zeros(1, dtype=torch.float64)])
+
+
+def _snap_to_chain(times: Tensor, chain: Tensor) -> Tensor:
+    """Indices of distinct chain times nearest to the descending `times` (len(times) <= len(chain))."""
+    idx = (torch.searchsorted(chain, times).clamp(1, len(chain) - 1))
+    nearer_left = (times - chain[idx - 1]).abs() <= (chain[idx] - times).abs()
+    idx = torch.where(nearer_left, idx - 1, idx).tolist()
+    # keep them strictly decreasing: push collisions down from the top, then up from the bottom
+    for i in range(1, len(idx)):
+        idx[i] = min(idx[i], idx[i - 1] - 1)
+    for i in range(len(idx) - 1, -1, -1):
+        idx[i] = max(idx[i], 0 if i == len(idx) - 1 else idx[i + 1] + 1)
+    return torch.tensor(idx)
 
 
 # ---------------------------------------------------------------------------------------------

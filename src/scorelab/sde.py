@@ -169,7 +169,16 @@ class DiscreteBeta(BetaSchedule):
 
     @classmethod
     def ddpm(cls, num_steps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02):
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"DDPM num_steps must be an integer >= 1, got {num_steps!r}")
         if schedule == "linear":
+            if not 0 < beta_start < beta_end:
+                raise ValueError(f"DDPM needs 0 < beta_start < beta_end, got {beta_start}, {beta_end}")
+            if beta_end * 1000.0 / num_steps >= 1:
+                raise ValueError(
+                    f"DDPM num_steps={num_steps} is too few for beta_end={beta_end}: the betas are scaled by "
+                    f"1000/num_steps and must stay below 1 (num_steps > {beta_end * 1000:g})"
+                )
             # DDPM's betas are given for N = 1000; scaling by 1000/N keeps the same SDE for other N.
             scale = 1000.0 / num_steps
             betas = torch.linspace(beta_start * scale, beta_end * scale, num_steps, dtype=torch.float64)
@@ -278,6 +287,8 @@ class DiscreteVariance(VarianceSchedule):
 
     @classmethod
     def geometric(cls, sigma_min: float = 0.01, sigma_max: float = 1.0, num_scales: int = 10):
+        if not isinstance(num_scales, int) or num_scales < 2:
+            raise ValueError(f"NCSN num_scales must be an integer >= 2, got {num_scales!r}")
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"NCSN needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         sigmas = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), num_scales, dtype=torch.float64))
@@ -525,6 +536,8 @@ def get_sde(name: str, **params) -> SDE:
             return VPSDE(schedule, name="ddpm", eps=kw.get("eps", 1.0 / schedule.num_steps))
         if name == "ncsn":
             return VESDE(DiscreteVariance.geometric(**params), name="ncsn", **kw)
-    except TypeError as e:  # an unexpected keyword
+    except TypeError as e:
+        if "unexpected keyword" not in str(e):
+            raise
         raise ValueError(f"get_sde({name!r}): {e}") from None
     raise ValueError(f"unknown SDE {name!r}; valid: {', '.join(SDE_TYPES)}")
