@@ -30,6 +30,10 @@ _ALL = frozenset({"vp", "subvp", "ve"})
 PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral")
 CORRECTORS = ("none", "langevin", "ald")
 GRIDS = ("uniform", "log_snr", "edm")
+# The log_snr and edm grids stop at sigma_hat = std/alpha >= SIGMA_HAT_MIN unless t_min is given: below
+# it the final step to t = 0 (the Tweedie estimate) is as good, and few-step runs should not spend
+# steps there. It only binds where sde.eps is smaller (sub-VP's std(1e-3) is 1e-4).
+SIGMA_HAT_MIN = 0.01
 
 
 @dataclass
@@ -57,7 +61,8 @@ def time_grid(sde: SDE, steps: int, grid: str = "uniform", t_min: float | None =
     """steps evaluation times from T down to t_min, then 0: a float64 tensor of length steps + 1.
 
     uniform: equal steps in t (DDPM, score_sde).  log_snr: equal steps in lambda = log(alpha/std)
-    (DPM-Solver).  edm: sigma_hat = std/alpha spaced as EDM's rho-schedule.
+    (DPM-Solver).  edm: sigma_hat = std/alpha spaced as EDM's rho-schedule. t_min defaults to
+    sde.eps, raised for log_snr and edm to where sigma_hat = SIGMA_HAT_MIN.
     A discrete chain (DDPM, NCSN) is only evaluated at its own times: uniform takes `steps` of them
     evenly spaced in index; the other spacings are snapped to the nearest distinct chain times.
     """
@@ -72,6 +77,8 @@ def time_grid(sde: SDE, steps: int, grid: str = "uniform", t_min: float | None =
         t_min = float(chain[0])
     t_hi = torch.tensor(sde.T, dtype=torch.float64)
     t_lo = torch.tensor(sde.eps if t_min is None else t_min, dtype=torch.float64)
+    if t_min is None and grid != "uniform":
+        t_lo = torch.maximum(t_lo, sde.t_from_log_snr(torch.tensor(-math.log(SIGMA_HAT_MIN), dtype=torch.float64)))
     frac = torch.linspace(0, 1, steps, dtype=torch.float64)
     if grid == "uniform":
         times = t_hi + frac * (t_lo - t_hi)
