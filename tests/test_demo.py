@@ -18,9 +18,9 @@ def test_demo_writes_plot_and_table(tmp_path):
                 "samplers": [{"method": "dpm_solver", "steps": [10, 20]}, {"method": "ode"}],
             },
             "ncsn": {
-                "sde": {"type": "ncsn", "sigma_max": 8.0, "num_scales": 10},
+                "sde": {"type": "ncsn", "sigma_min": 0.05, "sigma_max": 8.0, "num_scales": 30},
                 "parameterization": {"type": "score", "scale_by_sigma": True},
-                "samplers": [{"method": "ald", "steps_each": 5}],
+                "samplers": [{"method": "ald", "steps_each": 20, "step_lr": 1.0e-4}],
             },
         },
     }
@@ -36,7 +36,7 @@ def test_demo_writes_plot_and_table(tmp_path):
         ("vp", "dpm_solver", 10), ("vp", "dpm_solver", 20), ("vp", "ode", None), ("ncsn", "ald", None)
     ]
     assert [r["nfe"] for r in runs][:2] == [10, 20]
-    assert runs[3]["nfe"] == 10 * 5 + 1
+    assert runs[3]["nfe"] == 30 * 20 + 1
     # with the exact score every sampler lands near the data (the floor at N=300 is ~0.3-0.5)
     assert all(r["sliced_w2"] < 2 * report["baseline_sliced_w2"] + 0.1 for r in runs)
     assert (out / "samplers.png").stat().st_size > 10_000
