@@ -62,7 +62,7 @@ def edited(*edits: tuple[str, Any]) -> dict:
         *parents, last = path.split(".")
         node = data
         for p in parents:
-            node = node[int(p)] if isinstance(node, list) else node[p]
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
         key: Any = int(last) if isinstance(node, list) else last
         if value is DELETE:
             del node[key]
@@ -154,11 +154,11 @@ def test_sampler_options_and_steps():
 # Bad configurations: (edits, exact location, substring of the message). Each edit makes one problem.
 
 BAD = {
-    "top-level typo": (rename("seed", "sed"), "sed", "unknown key 'sed'; did you mean 'seed'? valid keys: demo, seed, variants"),
+    "top-level typo": (rename("seed", "sed"), "sed", "unknown key 'sed'; did you mean 'seed'? valid keys: data, demo, mlflow, ray, seed, train, variants"),
     "sigma_mn": (rename("variants.ve.sde.sigma_min", "sigma_mn"), "variants.ve.sde.sigma_mn",
                  "unknown key 'sigma_mn'; did you mean 'sigma_min'? valid keys: eps, sigma_max, sigma_min, type"),
     "continuouse": ([("variants.vp.continuouse", True)], "variants.vp.continuouse",
-                    "unknown key 'continuouse'; valid keys: ema, loss, parameterization, samplers, sde"),
+                    "unknown key 'continuouse'; valid keys: ema, loss, net, parameterization, samplers, sde, train"),
     "typo in sampler": ([("variants.vp.samplers.0.corector", "none")], "variants.vp.samplers.0.corector",
                         "unknown key 'corector'; did you mean 'corrector'?"),
     "typo under ald": ([("variants.ncsn.samplers.0.steps_eachh", 5)], "variants.ncsn.samplers.0.steps_eachh",
@@ -223,6 +223,26 @@ BAD = {
     "demo n_samples 0": ([("demo.n_samples", 0)], "demo.n_samples", "must be >= 1 (got 0)"),
     "demo not a mapping": ([("demo", [1, 2])], "demo", "must be a mapping (got [1, 2])"),
     "no samplers": ([("variants.ve.samplers", [])], "variants.ve.samplers", "at least 1 item"),
+    # training, data, networks, cluster
+    "batch smaller than workers": ([("train.batch_size", 1)], "train.batch_size",
+                                   "must be >= ray.num_workers (2) (got 1)"),
+    "batch not divisible": ([("train.batch_size", 129)], "train.batch_size",
+                            "must be a multiple of ray.num_workers x micro_batch_size"),
+    "variant batch not divisible": ([("variants.vp.train", {"batch_size": 6, "micro_batch_size": 2})],
+                                    "variants.vp.train.batch_size", "must be a multiple"),
+    "bf16 without gpu": ([("train.bf16", True)], "train.bf16", "needs ray.use_gpu: true"),
+    "lr 0": ([("train.lr", 0)], "train.lr", "must be > 0 (got 0)"),
+    "train steps 0": ([("train.steps", 0)], "train.steps", "must be >= 1 (got 0)"),
+    "workers 0": ([("ray.num_workers", 0)], "ray.num_workers", "must be >= 1 (got 0)"),
+    "placement": ([("ray.placement_strategy", "STRICT")], "ray.placement_strategy", "PACK"),
+    "ray typo": ([("ray.adress", "auto")], "ray.adress", "did you mean 'address'?"),
+    "mlflow typo": ([("mlflow.tracking_url", "")], "mlflow.tracking_url", "did you mean 'tracking_uri'?"),
+    "data source": ([("data.source", "mnistt")], "data.source", "mnist"),
+    "hflip on digits": ([("data.hflip", True)], "data.hflip", "only for natural images"),
+    "folder without path": ([("data.source", "folder"), ("data.image_size", 16)], "data.folder",
+                            "required when source is 'folder'"),
+    "net type": ([("variants.vp.net", {"type": "transformer"})], "variants.vp.net.type", "unknown type 'transformer'"),
+    "net dropout 1": ([("variants.vp.net", {"type": "unet", "dropout": 1.0})], "variants.vp.net.dropout", "< 1"),
 }
 
 
@@ -338,7 +358,7 @@ def test_cli_validate_bad_file_lists_every_problem(tmp_path):
     head, *lines = r.stderr.splitlines()
     assert head == f"{bad}: 2 problem(s)"
     assert sorted(lines) == [
-        "sed: unknown key 'sed'; did you mean 'seed'? valid keys: demo, seed, variants",
+        "sed: unknown key 'sed'; did you mean 'seed'? valid keys: data, demo, mlflow, ray, seed, train, variants",
         "variants.ve.sde.sigma_min: must be > 0 (got -1.0)",
     ]
 

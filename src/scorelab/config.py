@@ -22,15 +22,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from .data import DataConfig
+from .nets import NetConfig
 from .sampling import CORRECTORS, PREDICTORS, check_method
 from .sde import SDE, SDE_FAMILY, VPSDE, get_sde
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from .schema import ConfigError, StrictModel as _Model  # noqa: E402,F401  (re-exported)
 
 
 def _above(name: str, value: float, info: ValidationInfo) -> float:
@@ -269,11 +270,57 @@ SamplerConfig = Annotated[Union[_SAMPLERS], Field(discriminator="method")]  # ty
 # Variants and the whole file.
 
 
+class TrainConfig(_Model):
+    """How long and how to optimise. batch_size is global: the same whatever the number of workers
+    (each worker takes micro_batch_size rows per forward pass and gradients are accumulated)."""
+
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1)  # per worker; None = batch_size / num_workers
+    lr: float = Field(1e-3, gt=0, le=1)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0 turns clipping off
+    weight_decay: float = Field(0.0, ge=0)
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(25, ge=1)
+    sample_every: int = Field(0, ge=0)  # steps between sample grids logged to MLflow; 0 = only at the end
+    bf16: bool = False  # autocast to bfloat16 (GPU only)
+
+
+class TrainOverrides(_Model):
+    """Per-variant changes to the global train section."""
+
+    steps: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0, le=1)
+    warmup_steps: int | None = Field(None, ge=0)
+    grad_clip: float | None = Field(None, ge=0)
+    weight_decay: float | None = Field(None, ge=0)
+
+
+class RayConfig(_Model):
+    address: str = ""  # "" starts a local Ray; "auto" or "host:port" joins a running cluster
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
+    storage_path: str = "outputs/ray"  # checkpoints: a local folder, a shared filesystem or a URI
+    max_failures: int = Field(2, ge=0)  # worker or node failures survived by restarting from a checkpoint
+
+
+class MLflowConfig(_Model):
+    tracking_uri: str = ""  # "" = sqlite:///<repo>/mlflow.db with artifacts under <repo>/mlruns
+    experiment: str | None = None  # None = "scorelab-<data.source>"
+
+
 class VariantConfig(_Model):
     sde: SDEConfig
     parameterization: ParamConfig
+    net: NetConfig | None = None  # None: an MLP for 2-D data, the default U-Net for images
     loss: LossConfig = Field(default_factory=LossConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
+    train: TrainOverrides = Field(default_factory=lambda: TrainOverrides())
     samplers: list[SamplerConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -294,7 +341,7 @@ class VariantConfig(_Model):
 
 
 def _line_error(loc: tuple[str | int, ...], message: str, value: Any) -> InitErrorDetails:
-    return InitErrorDetails(type=PydanticCustomError("sampler_sde", "{message}", {"message": message}),
+    return InitErrorDetails(type=PydanticCustomError("coupled_fields", "{message}", {"message": message}),
                             loc=loc, input=value)
 
 
@@ -307,26 +354,42 @@ class DemoConfig(_Model):
 
 
 class Params(_Model):
-    """params.yaml. Later sections (data, train, ray, mlflow) are added here when their code exists;
-    until then they are unknown keys, like any typo."""
+    """params.yaml: the whole configuration, validated once at the edge."""
 
     seed: int = Field(0, ge=0)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     variants: dict[VariantName, VariantConfig] = Field(min_length=1)
     demo: DemoConfig = Field(default_factory=DemoConfig)
+
+    @model_validator(mode="after")
+    def _batches_fit_workers(self) -> Params:
+        errors: list[InitErrorDetails] = []
+        workers = self.ray.num_workers
+        for where, batch, micro in [(("train",), self.train.batch_size, self.train.micro_batch_size)] + [
+            (("variants", name, "train"), v.train.batch_size or self.train.batch_size,
+             v.train.micro_batch_size or self.train.micro_batch_size)
+            for name, v in self.variants.items() if v.train.batch_size or v.train.micro_batch_size
+        ]:
+            rows = micro or batch // workers
+            if batch < workers:
+                errors.append(_line_error((*where, "batch_size"),
+                                          f"must be >= ray.num_workers ({workers}) (got {batch})", batch))
+            elif batch % (workers * rows):
+                errors.append(_line_error((*where, "batch_size"), f"must be a multiple of ray.num_workers x "
+                                          f"micro_batch_size = {workers} x {rows} (got {batch})", batch))
+        if self.train.bf16 and not self.ray.use_gpu:
+            errors.append(_line_error(("train", "bf16"), "needs ray.use_gpu: true (bf16 autocast is GPU only)",
+                                      True))
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading, and errors one line each.
-
-
-class ConfigError(ValueError):
-    """Invalid configuration; `.problems` holds every problem found, each "dotted.location: message"."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = list(problems)
-        self.source = source
-        head = f"{source}: " if source else ""
-        super().__init__(f"{head}{len(self.problems)} problem(s)\n" + "\n".join(f"  {p}" for p in self.problems))
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -1,0 +1,58 @@
+"""DVC stage `train`: train one variant through Ray Train and export its EMA weights.
+
+    python pipeline/train.py --params params.yaml --variant vp [--out outputs/train/vp]
+
+Resumes the variant's run from its latest checkpoint when one exists. Writes <out>/model.pt
+(load with scorelab.training.load_trained), <out>/config.json, <out>/samples_final.png and
+<out>/metrics.json. Exit codes: 0 done, 2 invalid params, 1 training failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from scorelab.config import ConfigError, load_params
+from scorelab.data import DataError
+from scorelab.tracking import TrackingError
+from scorelab.training import TrainingError, train_variant
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--out", default=None, help="default: outputs/train/<variant>")
+    parser.add_argument("--root", default=".", help="repository root (MLflow store, relative paths)")
+    args = parser.parse_args(argv)
+
+    try:
+        params = load_params(args.params)
+    except ConfigError as e:
+        print(f"{args.params}: {len(e.problems)} problem(s)", file=sys.stderr)
+        print("\n".join(e.problems), file=sys.stderr)
+        return 2
+    if args.variant not in params.variants:
+        print(f"--variant {args.variant!r} is not in {args.params}; valid: {', '.join(params.variants)}",
+              file=sys.stderr)
+        return 2
+    root = Path(args.root).resolve()
+    out = Path(args.out) if args.out else root / "outputs" / "train" / args.variant
+    data_dir = params.data.dataset_dir if params.data.dataset_dir.is_absolute() else root / params.data.dataset_dir
+    try:
+        result = train_variant(params, args.variant, root=root, data_dir=data_dir, out_dir=out)
+    except (TrainingError, DataError, TrackingError) as e:
+        print(f"train {args.variant}: {e}", file=sys.stderr)
+        return 1
+    metrics = {"steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
+               "mlflow_run_id": result.run_id}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"trained {args.variant}: {result.steps} steps in {result.seconds:.1f}s, final loss "
+          f"{result.final_loss:.4f}; weights {result.model_path}; MLflow run {result.run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,679 @@
+"""Datasets as checksummed Parquet shards: prepared once (a DVC stage), then streamed to training.
+
+    cfg = DataConfig(source="digits")                 # params.yaml's `data` section
+    manifest = prepare(cfg, seed=0)                   # -> data/prepared/digits/{train,test}-NNNNN.parquet
+    verify(manifest.root)                             # re-hash every shard; DataError names a bad one
+    x = read_split(manifest.root, "test")             # (N, C, H, W) float32 in [-1, 1]
+    ds = ray_dataset(manifest.root, "train")          # Ray Data: {"x", "label", "index"} batches
+
+A prepared dataset is a folder `<out_dir>/<source>/` holding
+
+    train-00000.parquet ...  test-00000.parquet ...   at most shard_size rows each
+    manifest.json                                     what the shards hold and their sha256
+
+Images are stored as uint8 pixels, HWC, in one fixed-size binary column `pixels` (H*W*C bytes a row);
+2-D toy points as float32 columns `x0`, `x1`. Every shard also has `label` (int64), `index` (int64: the
+row's position in its source, unique within a split, so per-sample seeds survive any sharding) and
+`split`. Model space is what the networks see: images x = 2 * (v / 255) - 1 in [-1, 1], toy points as
+stored. The same seed gives byte-identical shards (for one pyarrow version): no Parquet statistics,
+fixed row groups, no timestamps anywhere, and manifest.json written with sorted keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import hashlib
+import json
+import os
+import shutil
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from .schema import ConfigError, StrictModel as _Model
+from .toy import GaussianMixture, three_blobs
+
+if TYPE_CHECKING:
+    import ray.data
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "test")
+Source = Literal["digits", "toy2d", "mnist", "fashion_mnist", "cifar10", "folder"]
+ToyKind = Literal["gaussian_mixture", "swiss_roll", "moons", "eight_gaussians", "checkerboard"]
+
+# Native size and channels of each image source; folder images are RGB of any size.
+_NATIVE: dict[str, tuple[int | None, int]] = {
+    "digits": (8, 1), "mnist": (28, 1), "fashion_mnist": (28, 1), "cifar10": (32, 3), "folder": (None, 3),
+}
+# Default stored size. Digits are upsampled 8 -> 16 because the U-Net halves the resolution twice:
+# 16 -> 8 -> 4 keeps a usable bottleneck, 8 -> 4 -> 2 does not. image_size: 8 keeps the native size.
+_DEFAULT_SIZE = {"digits": 16, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}
+_TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+_NATURAL = ("cifar10", "folder")  # where a mirrored image is as likely as the original
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_ROW_GROUP = 1024  # rows per Parquet row group: fixed, so the bytes do not depend on anything else
+_DOWNLOAD_TIMEOUT_S = 10.0
+_PIXEL_SCALE = 127.5  # x = (v - 127.5) / 127.5 == 2 * (v / 255) - 1, and exactly +-1 at 0 and 255
+
+# Independent random streams from one seed: np.random.default_rng([seed, purpose]).
+_SPLIT_STREAM, _TOY_STREAM = 0, 1
+
+
+class DataError(Exception):
+    """A dataset cannot be prepared or read; the one-line message names the field or file at fault."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).splitlines()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: params.yaml's `data` section.
+
+
+class ToyConfig(_Model):
+    """2-D toy data (source toy2d), generated from the seed.
+
+    gaussian_mixture: scorelab.toy.three_blobs(); eight_gaussians: 8 equal components on a circle of
+    radius 2, std 0.1. Both are Gaussian mixtures whose exact parameters go into the manifest.
+    swiss_roll, moons: scikit-learn's curves, standardised to about unit variance per axis, plus
+    isotropic Gaussian noise of std `noise` (in those standardised units).
+    checkerboard: uniform on the 8 dark cells of a 4x4 board over [-2, 2]^2.
+    """
+
+    kind: ToyKind = "gaussian_mixture"
+    n_train: int = Field(20000, ge=1)
+    n_test: int = Field(5000, ge=1)
+    noise: float = Field(0.05, ge=0)  # only swiss_roll and moons: the others have exact densities
+
+
+class DataConfig(_Model):
+    """Which dataset to prepare, and how. Options of other sources are ignored (so `-S data.source=...`
+    can switch sources), except `folder`, which names the data itself and so must match the source."""
+
+    source: Source = "digits"
+    out_dir: str = "data/prepared"  # shards go to out_dir/<source>
+    image_size: int | None = Field(None, ge=1)  # None: digits 16, mnist/fashion_mnist 28, cifar10 32
+    test_fraction: float = Field(0.1, gt=0, le=0.5)  # digits and folder; mnist and cifar10 have their own
+    shard_size: int = Field(4096, ge=1)  # rows per Parquet file
+    hflip: bool = False  # training-time random horizontal flips; natural images only
+    local_path: str | None = None  # mnist/fashion_mnist/cifar10: a folder with torchvision's files
+    folder: str | None = None  # source folder: PNG/JPEG files, one subfolder per class (or flat)
+    toy: ToyConfig = Field(default_factory=ToyConfig)
+
+    @model_validator(mode="after")
+    def _coupled(self) -> DataConfig:
+        errors: list[InitErrorDetails] = []
+
+        def problem(name: str, message: str) -> None:
+            errors.append(InitErrorDetails(type=PydanticCustomError("data_config", "{message}", {"message": message}),
+                                           loc=(name,), input=getattr(self, name)))
+
+        if self.source == "folder":
+            if self.folder is None:
+                problem("folder", "required when source is 'folder': the folder holding the images")
+            if self.image_size is None:
+                problem("image_size", "required when source is 'folder': images are resized and centre-cropped to it")
+        elif self.folder is not None:
+            problem("folder", f"only used with source 'folder', but source is {self.source!r}; "
+                              "set source: folder or remove data.folder")
+        if self.hflip and self.source not in _NATURAL:
+            problem("hflip", f"only for natural images (source {' or '.join(_NATURAL)}); "
+                             f"a mirrored {self.source} sample is not a sample of the data")
+        if errors:  # a ValidationError keeps each problem at its own field
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        return self
+
+    @property
+    def dataset_dir(self) -> Path:
+        return Path(self.out_dir) / self.source
+
+    @property
+    def size(self) -> int | None:
+        """Stored image side (None for toy2d)."""
+        if self.source == "toy2d":
+            return None
+        return self.image_size if self.image_size is not None else _DEFAULT_SIZE[self.source]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One sample's shape in model space: (C, H, W), or (2,) for toy2d."""
+        if self.source == "toy2d":
+            return (2,)
+        return (_NATIVE[self.source][1], self.size, self.size)
+
+
+def parse_data_config(data: Any) -> DataConfig:
+    """Validate a `data` section (None = all defaults); ConfigError lists each problem as "data.key: ..."."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"data: must be a mapping (got {type(data).__name__})"], "data")
+    try:
+        return DataConfig.model_validate(dict(data))
+    except ValidationError as e:
+        raise ConfigError([_describe(err) for err in e.errors(include_url=False)], "data") from None
+
+
+def _describe(err: Any) -> str:
+    loc = tuple(err["loc"])
+    where = ".".join(["data", *map(str, loc)])
+    if err["type"] == "extra_forbidden":
+        owner = ToyConfig if loc[:1] == ("toy",) else DataConfig
+        valid = sorted(owner.model_fields)
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"{where}: unknown key {loc[-1]!r}; {hint}valid keys: {', '.join(valid)}"
+    msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    return f"{where}: {msg} (got {err.get('input')!r})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest.
+
+
+@dataclass(frozen=True)
+class Shard:
+    file: str  # name inside the dataset folder
+    split: str
+    rows: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json of a prepared dataset. `root` is the folder it was read from (not stored)."""
+
+    source: str
+    seed: int
+    shape: tuple[int, ...]  # one sample in model space: (C, H, W) or (2,)
+    dtype: str  # of the stored values: "uint8" pixels or "float32" coordinates
+    value_range: tuple[float, float]  # of the stored values: [0, 255], or the observed min/max for toy2d
+    transform: dict[str, Any]  # stored v -> model x = (v - offset) / scale
+    counts: dict[str, int]  # rows per split
+    shards: tuple[Shard, ...]
+    checksum: str  # sha256 of the sorted shard sha256 hex digests joined by "\n"
+    params: dict[str, Any]  # how the data was made: sizes, resampling, toy generator parameters
+    classes: tuple[str, ...] | None = None  # label i is classes[i]; None where labels are not classes
+    format: int = FORMAT_VERSION
+    root: Path | None = field(default=None, compare=False)
+
+    @property
+    def is_image(self) -> bool:
+        return self.dtype == "uint8"
+
+    def files(self, split: str) -> list[Path]:
+        """Absolute paths of a split's shards, in order (Ray workers change directory: never relative)."""
+        _check_split(split)
+        if self.root is None:
+            raise DataError("manifest has no root folder: read it with load_manifest(dir)")
+        return [(self.root / s.file).resolve() for s in self.shards if s.split == split]
+
+    def gaussian_mixture(self) -> GaussianMixture:
+        """The exact data density of a gaussian_mixture or eight_gaussians toy dataset."""
+        mix = self.params.get("mixture")
+        if mix is None:
+            raise DataError(f"{self.source} dataset ({self.params.get('kind', 'images')}) is not a Gaussian mixture; "
+                            "only toy kinds gaussian_mixture and eight_gaussians are")
+        return GaussianMixture(mix["weights"], mix["means"], stds=mix["stds"])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        del d["root"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], root: Path | None = None) -> Manifest:
+        d = dict(d)
+        if d.get("format") != FORMAT_VERSION:
+            raise ValueError(f"format {d.get('format')!r} is not {FORMAT_VERSION}")
+        d["shape"] = tuple(d["shape"])
+        d["value_range"] = tuple(d["value_range"])
+        d["shards"] = tuple(Shard(**s) for s in d["shards"])
+        if d.get("classes") is not None:
+            d["classes"] = tuple(d["classes"])
+        return cls(**d, root=root)
+
+
+def load_manifest(dir: str | Path) -> Manifest:
+    """Read `dir`/manifest.json (no hashing: see verify)."""
+    root = Path(dir)
+    path = root / "manifest.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; {root} is not a prepared dataset (run pipeline/prepare.py)") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        return Manifest.from_dict(json.loads(text), root=root.resolve())
+    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(f"{path}: not a valid scorelab manifest: {e}") from None
+
+
+def verify(dir: str | Path) -> Manifest:
+    """Re-hash every shard and check its row count; DataError names the first shard that disagrees."""
+    m = load_manifest(dir)
+    for s in m.shards:
+        path = m.root / s.file
+        if not path.is_file():
+            raise DataError(f"{path}: shard listed in manifest.json is missing; re-run prepare")
+        digest = _sha256(path)
+        if digest != s.sha256:
+            raise DataError(f"{path}: checksum mismatch (sha256 {digest[:16]}..., manifest says {s.sha256[:16]}...); "
+                            "the shard changed after it was written: re-run prepare")
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: unreadable Parquet shard ({e}); re-run prepare") from None
+        if rows != s.rows:
+            raise DataError(f"{path}: row count mismatch ({rows} rows, manifest says {s.rows})")
+    for split in SPLITS:
+        rows = sum(s.rows for s in m.shards if s.split == split)
+        if rows != m.counts.get(split):
+            raise DataError(f"{m.root / 'manifest.json'}: counts.{split} is {m.counts.get(split)} "
+                            f"but its shards hold {rows} rows")
+    if _overall_checksum(s.sha256 for s in m.shards) != m.checksum:
+        raise DataError(f"{m.root / 'manifest.json'}: overall checksum does not match the shard checksums")
+    return m
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _overall_checksum(digests: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing: sources -> shards.
+
+
+@dataclass
+class _Images:
+    """An image source: labels of all N rows up front, pixels decoded on demand (folders can be large)."""
+
+    labels: np.ndarray  # (N,) int64
+    load: Callable[[np.ndarray], np.ndarray]  # row indices -> (k, H, W, C) uint8 at the stored size
+
+
+_SourceSplits = dict[str, tuple[_Images, np.ndarray]]  # split -> (images, its rows in the order stored)
+
+
+def prepare(cfg: DataConfig, seed: int) -> Manifest:
+    """Write cfg's dataset to cfg.dataset_dir and return its manifest.
+
+    Everything is written into a hidden sibling folder which replaces the old dataset only at the end,
+    so a failure never leaves a half-written folder under the real name.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise DataError(f"seed: must be an integer >= 0 (got {seed!r})")
+    final = cfg.dataset_dir
+    write: Callable[[Path], dict[str, Any]]
+    if cfg.source == "toy2d":
+        write = functools.partial(_write_toy, cfg=cfg, seed=seed)
+    else:
+        splits, params, classes = _image_source(cfg, seed)  # find the source before touching out_dir
+        write = functools.partial(_write_images, cfg=cfg, splits=splits, params=params, classes=classes)
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        fields = write(tmp)
+        digests = [s.sha256 for s in fields["shards"]]
+        manifest = Manifest(source=cfg.source, seed=seed, checksum=_overall_checksum(digests), **fields)
+        text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
+        (tmp / "manifest.json").write_text(text, encoding="utf-8")
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dataclasses.replace(manifest, root=final.resolve())
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Rename `new` to `final`; an existing `final` is moved aside first and deleted afterwards."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+    new.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _split_indices(n: int, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    if n < 2:
+        raise DataError(f"{n} image(s): at least 2 are needed to make a train and a test split")
+    n_test = min(max(1, round(test_fraction * n)), n - 1)
+    perm = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)
+    return {"train": perm[n_test:], "test": perm[:n_test]}
+
+
+def _write_images(tmp: Path, cfg: DataConfig, splits: _SourceSplits,
+                  params: dict[str, Any], classes: tuple[str, ...] | None) -> dict[str, Any]:
+    c, h, w = cfg.shape
+    width = h * w * c
+    shards: list[Shard] = []
+    for split in SPLITS:
+        images, rows = splits[split]
+        for k, start in enumerate(range(0, len(rows), cfg.shard_size)):
+            idx = rows[start:start + cfg.shard_size]
+            pixels = images.load(idx)
+            assert pixels.shape == (len(idx), h, w, c) and pixels.dtype == np.uint8, pixels.shape
+            column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(idx),
+                                                          [None, pa.py_buffer(np.ascontiguousarray(pixels).tobytes())])
+            table = pa.table({"pixels": column, **_common_columns(images.labels[idx], idx, split)})
+            shards.append(_write_shard(tmp, split, k, table))
+    return dict(
+        shape=(c, h, w), dtype="uint8", value_range=(0.0, 255.0),
+        transform={"formula": "x = 2 * (v / 255) - 1", "offset": _PIXEL_SCALE, "scale": _PIXEL_SCALE,
+                   "model_range": [-1.0, 1.0], "layout": "pixels: H*W*C bytes, HWC order; model x is (C, H, W)"},
+        counts={s: len(splits[s][1]) for s in SPLITS}, shards=tuple(shards),
+        params={**params, "image_size": h, "channels": c, "resample": "bilinear"}, classes=classes,
+    )
+
+
+def _common_columns(labels: np.ndarray, index: np.ndarray, split: str) -> dict[str, pa.Array]:
+    return {
+        "label": pa.array(np.asarray(labels, dtype=np.int64)),
+        "index": pa.array(np.asarray(index, dtype=np.int64)),
+        "split": pa.array([split] * len(index), pa.string()),
+    }
+
+
+def _write_shard(tmp: Path, split: str, k: int, table: pa.Table) -> Shard:
+    name = f"{split}-{k:05d}.parquet"
+    # No statistics (min/max would be fine, but nothing reads them) and fixed row groups and codec:
+    # the bytes then depend only on the rows and the pyarrow version.
+    pq.write_table(table, tmp / name, row_group_size=_ROW_GROUP, compression="zstd", compression_level=3,
+                   use_dictionary=["split"], write_statistics=False)
+    return Shard(file=name, split=split, rows=table.num_rows, sha256=_sha256(tmp / name))
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, C) uint8 -> (size, size, C): shorter side to `size` (bilinear), then the centre square."""
+    from PIL import Image
+
+    h, w, c = img.shape
+    if (h, w) == (size, size):
+        return img
+    pil = Image.fromarray(img[..., 0] if c == 1 else img)
+    scale = size / min(h, w)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    pil = pil.resize((nw, nh), Image.Resampling.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    out = np.asarray(pil.crop((left, top, left + size, top + size)))
+    return out.reshape(size, size, c)
+
+
+def _array_images(pixels: np.ndarray, labels: np.ndarray, size: int) -> _Images:
+    """In-memory (N, H, W, C) uint8 images, resized when loaded."""
+
+    def load(idx: np.ndarray) -> np.ndarray:
+        out = np.empty((len(idx), size, size, pixels.shape[-1]), np.uint8)
+        for j, i in enumerate(idx):
+            out[j] = _resize(pixels[i], size)
+        return out
+
+    return _Images(labels=np.asarray(labels, np.int64), load=load)
+
+
+
+def _image_source(cfg: DataConfig, seed: int) -> tuple[_SourceSplits, dict[str, Any], tuple[str, ...] | None]:
+    """The splits, the parameters worth recording, and the class names of an image source."""
+    size = cfg.size
+    if cfg.source == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        pixels = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # 0..16 -> 0..255
+        images = _array_images(pixels, d.target, size)
+        order = _split_indices(len(pixels), cfg.test_fraction, seed)
+        params = {"native_size": 8, "test_fraction": cfg.test_fraction, "scaling": "round(v * 255 / 16)"}
+        return {s: (images, order[s]) for s in SPLITS}, params, tuple(str(i) for i in range(10))
+    if cfg.source in _TORCHVISION:
+        splits, classes = {}, None
+        rng = np.random.default_rng([seed, _SPLIT_STREAM])
+        for split in SPLITS:
+            pixels, labels, classes = _torchvision(cfg, train=split == "train")
+            # Official splits; each is stored in a seeded random order so that every shard mixes classes.
+            splits[split] = (_array_images(pixels, labels, size), rng.permutation(len(pixels)))
+        params = {"native_size": _NATIVE[cfg.source][0], "split": "official"}
+        return splits, params, classes
+    return _folder_source(cfg, seed)
+
+
+def _torchvision(cfg: DataConfig, train: bool) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """(N, H, W, C) uint8, labels, class names of one official split; DataError when offline."""
+    import urllib.parse
+
+    import torchvision.datasets as tvd
+
+    name = _TORCHVISION[cfg.source]
+    if cfg.local_path is not None:
+        root = Path(cfg.local_path)
+        if not root.is_dir():
+            raise DataError(f"data.local_path: {root} is not a folder (it should hold torchvision's {name} files)")
+    else:
+        root = Path(cfg.out_dir) / "downloads"
+    cls = getattr(tvd, name)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # fail at once offline instead of hanging on a connect
+    try:
+        ds = cls(str(root), train=train, download=True)
+    except Exception as e:  # torchvision raises RuntimeError, URLError, OSError, ... for a failed download
+        urls = getattr(cls, "mirrors", None) or [getattr(cls, "url", "")]
+        hosts = ", ".join(urllib.parse.urlparse(u).netloc for u in urls)
+        reason = " ".join(str(getattr(e, "reason", e)).split())[:160]
+        raise DataError(f"source {cfg.source}: no {name} files under {root} and the download from {hosts} failed "
+                        f"({reason}); set data.local_path to a folder that holds torchvision's {name} files") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    data = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)
+    if data.ndim == 3:
+        data = data[..., None]
+    return data.astype(np.uint8, copy=False), np.asarray(ds.targets, np.int64), tuple(ds.classes)
+
+
+def _folder_source(cfg: DataConfig, seed: int) -> tuple[_SourceSplits, dict[str, Any], tuple[str, ...] | None]:
+    root = Path(cfg.folder)
+    if not root.is_dir():
+        raise DataError(f"data.folder: {root} does not exist or is not a folder")
+    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES),
+                   key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise DataError(f"data.folder: no PNG or JPEG files under {root}")
+    parts = [p.relative_to(root).parts for p in files]
+    nested = [len(q) > 1 for q in parts]
+    if any(nested) and not all(nested):
+        flat = next(files[i] for i, n in enumerate(nested) if not n)
+        raise DataError(f"data.folder: {root} mixes images at its top level ({flat.name}) with class subfolders; "
+                        "put every image in a subfolder, or none")
+    if all(nested):
+        classes = tuple(sorted({q[0] for q in parts}))
+        labels = np.array([classes.index(q[0]) for q in parts], np.int64)
+    else:
+        classes, labels = None, np.zeros(len(files), np.int64)
+    size = cfg.size
+
+    def load(idx: np.ndarray) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        out = np.empty((len(idx), size, size, 3), np.uint8)
+        for j, i in enumerate(idx):
+            try:
+                with Image.open(files[i]) as im:
+                    rgb = np.asarray(im.convert("RGB"))
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise DataError(f"{files[i]}: not a readable PNG/JPEG image ({e})") from None
+            out[j] = _resize(rgb, size)
+        return out
+
+    order = _split_indices(len(files), cfg.test_fraction, seed)
+    params = {"folder": cfg.folder, "files": len(files), "test_fraction": cfg.test_fraction,
+              "crop": "shorter side resized, centre square"}
+    return {s: (_Images(labels, load), order[s]) for s in SPLITS}, params, classes
+
+
+# -- toy2d -----------------------------------------------------------------------------------------
+
+_EIGHT_RADIUS, _EIGHT_STD = 2.0, 0.1
+# Fixed standardisation of scikit-learn's noise-free curves (their mean and std per axis, measured on
+# 2e6 points): constants, so that the distribution does not depend on the sample drawn.
+_SWISS_SHIFT, _SWISS_SCALE = (2.0, 0.2), (6.62, 6.95)  # make_swiss_roll's (x, z) columns
+_MOONS_SHIFT, _MOONS_SCALE = (0.5, 0.25), (0.866, 0.494)
+
+
+def _eight_gaussians() -> GaussianMixture:
+    angles = np.arange(8) * (np.pi / 4)
+    means = _EIGHT_RADIUS * np.stack([np.cos(angles), np.sin(angles)], 1)
+    return GaussianMixture(np.full(8, 1 / 8), means, stds=np.full(8, _EIGHT_STD))
+
+
+def _toy_points(toy: ToyConfig, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(n, 2) float32 points, (n,) labels (mixture component, moon, or -1), generator parameters."""
+    n = toy.n_train + toy.n_test
+    rng = np.random.default_rng([seed, _TOY_STREAM])
+    params: dict[str, Any] = {"kind": toy.kind, "n_train": toy.n_train, "n_test": toy.n_test}
+    if toy.kind in ("gaussian_mixture", "eight_gaussians"):
+        gm = three_blobs() if toy.kind == "gaussian_mixture" else _eight_gaussians()
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        x, comp = gm.sample(n, generator=g, return_labels=True)
+        params["mixture"] = {"weights": gm.weights.tolist(), "means": gm.means.tolist(), "stds": gm.stds.tolist()}
+        return x.numpy(), comp.numpy(), params
+    if toy.kind in ("swiss_roll", "moons"):
+        from sklearn.datasets import make_moons, make_swiss_roll
+
+        state = int(rng.integers(2**31))
+        if toy.kind == "swiss_roll":
+            x = make_swiss_roll(n, noise=0.0, random_state=state)[0][:, [0, 2]]
+            labels, shift, scale = np.full(n, -1), _SWISS_SHIFT, _SWISS_SCALE
+        else:
+            x, labels = make_moons(n, noise=0.0, random_state=state)
+            shift, scale = _MOONS_SHIFT, _MOONS_SCALE
+        x = (x - shift) / scale + toy.noise * rng.standard_normal((n, 2))
+        params.update(noise=toy.noise, shift=list(shift), scale=list(scale),
+                      rule="x = (curve - shift) / scale + noise * N(0, I)")
+        return x.astype(np.float32), labels, params
+    # checkerboard: column c uniform, then one of the two rows r with c + r even
+    x0 = rng.uniform(-2.0, 2.0, n)
+    col = np.clip(np.floor(x0), -2, 1) + 2
+    row = (col % 2) + 2 * rng.integers(0, 2, n)
+    x1 = -2.0 + row + rng.uniform(0.0, 1.0, n)
+    params.update(low=-2.0, high=2.0, cells=4, rule="uniform where floor(x0) + floor(x1) is even")
+    return np.stack([x0, x1], 1).astype(np.float32), np.full(n, -1), params
+
+
+def _write_toy(tmp: Path, cfg: DataConfig, seed: int) -> dict[str, Any]:
+    x, labels, params = _toy_points(cfg.toy, seed)
+    n_train = cfg.toy.n_train
+    index = np.arange(len(x))
+    shards = []
+    for split, rows in (("train", index[:n_train]), ("test", index[n_train:])):
+        for k, start in enumerate(range(0, len(rows), cfg.shard_size)):
+            idx = rows[start:start + cfg.shard_size]
+            table = pa.table({"x0": pa.array(x[idx, 0]), "x1": pa.array(x[idx, 1]),
+                              **_common_columns(labels[idx], idx, split)})
+            shards.append(_write_shard(tmp, split, k, table))
+    return dict(
+        shape=(2,), dtype="float32", value_range=(float(x.min()), float(x.max())),
+        transform={"formula": "x = v", "offset": 0.0, "scale": 1.0, "model_range": None,
+                   "layout": "columns x0, x1"},
+        counts={"train": n_train, "test": cfg.toy.n_test}, shards=tuple(shards), params=params, classes=None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
+
+
+def decode_batch(batch: Mapping[str, np.ndarray], manifest: Manifest, *, hflip: bool = False,
+                 rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Stored columns (numpy) -> {"x": (B, C, H, W) or (B, 2) float32 in model space, "label", "index"}.
+
+    hflip: mirror a random half of the images (rng, fresh OS entropy by default: different each epoch).
+    """
+    if manifest.is_image:
+        c, h, w = manifest.shape
+        pixels = batch["pixels"]
+        if isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8:  # already (B, H*W*C) bytes
+            raw = pixels.reshape(-1)
+        else:  # an object array of bytes, as pyarrow and Ray give a fixed-size binary column
+            raw = np.frombuffer(b"".join(pixels), np.uint8)
+        # A 256-entry table computed in float64: every pixel maps to the correctly rounded float32 of
+        # 2 * (v / 255) - 1, whatever order float32 arithmetic would have taken.
+        t = manifest.transform
+        table = ((np.arange(256) - t["offset"]) / t["scale"]).astype(np.float32)
+        x = table[raw.reshape(-1, h, w, c).transpose(0, 3, 1, 2)]
+        if hflip:
+            flip = (rng or np.random.default_rng()).random(len(x)) < 0.5
+            x[flip] = x[flip][..., ::-1]
+    else:
+        if hflip:
+            raise DataError("hflip: only for image datasets, not toy2d")
+        x = np.stack([np.asarray(batch["x0"], np.float32), np.asarray(batch["x1"], np.float32)], 1)
+    out = {"x": np.ascontiguousarray(x), "label": np.asarray(batch["label"], np.int64)}
+    if "index" in batch:
+        out["index"] = np.asarray(batch["index"], np.int64)
+    return out
+
+
+def _columns(manifest: Manifest) -> list[str]:
+    return ["pixels", "label", "index"] if manifest.is_image else ["x0", "x1", "label", "index"]
+
+
+def read_split(dir: str | Path, split: str) -> torch.Tensor:
+    """A whole split as one float32 tensor in model space (small data, evaluation)."""
+    m = load_manifest(dir)
+    parts = []
+    for path in m.files(split):
+        try:
+            table = pq.read_table(path, columns=_columns(m))
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: unreadable Parquet shard ({e}); run verify, then re-run prepare") from None
+        parts.append(decode_batch({c: table.column(c).to_numpy() for c in table.column_names}, m)["x"])
+    return torch.from_numpy(np.concatenate(parts)) if parts else torch.empty((0, *m.shape))
+
+
+def ray_dataset(dir: str | Path, split: str, *, hflip: bool = False) -> ray.data.Dataset:
+    """The split as a Ray Dataset of decoded batches {"x", "label", "index"} (numpy format).
+
+    Pass it to TorchTrainer(datasets={"train": ...}); each worker then streams only its share with
+    ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=...). hflip needs natural images.
+    """
+    import ray.data  # lazy: preparing and reading need no Ray
+
+    m = load_manifest(dir)
+    if hflip and m.source not in _NATURAL:
+        raise DataError(f"hflip: only for natural images (source {' or '.join(_NATURAL)}), not {m.source}")
+    paths = [str(p) for p in m.files(split)]  # absolute: Ray workers run in another directory
+    ds = ray.data.read_parquet(paths).select_columns(_columns(m))
+    return ds.map_batches(functools.partial(decode_batch, manifest=m, hflip=hflip), batch_format="numpy")
+
+
+__all__ = [
+    "DataConfig", "DataError", "Manifest", "SPLITS", "Shard", "ToyConfig", "decode_batch", "load_manifest",
+    "parse_data_config", "prepare", "ray_dataset", "read_split", "verify",
+]

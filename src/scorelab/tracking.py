@@ -1,0 +1,150 @@
+"""MLflow: where runs go, one run per (variant, configuration), and logging that never duplicates runs.
+
+The default store is MLflow's embedded one in the repository root (sqlite `mlflow.db`, artifacts
+under `mlruns/`), resolved to absolute paths because Ray workers change directory; a plain
+`mlflow ui` in the repository root shows it. On a multi-node cluster only an `http(s)://` tracking
+server works: other nodes cannot write to this machine's files, so a local store is refused there.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+RUN_KEY_TAG = "scorelab.run_key"
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def resolve_tracking_uri(uri: str, root: Path) -> str:
+    """"" -> sqlite:///<root>/mlflow.db; relative sqlite/file paths made absolute against root."""
+    root = root.resolve()
+    if not uri:
+        return f"sqlite:///{root / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(root / uri[len('sqlite:///'):]).resolve()}"
+    if uri.startswith("file:") or "://" not in uri:
+        path = Path(uri[len("file:"):] if uri.startswith("file:") else uri)
+        return (path if path.is_absolute() else root / path).resolve().as_uri()
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def check_reachable_from(uri: str, num_nodes: int) -> None:
+    """Refuse a store on this machine's disk when training runs on several nodes."""
+    if num_nodes > 1 and is_local_store(uri):
+        raise TrackingError(
+            f"mlflow.tracking_uri {uri!r} is a local store, but the Ray cluster has {num_nodes} nodes, "
+            "whose workers cannot write to this machine's files: start an MLflow tracking server and "
+            "set mlflow.tracking_uri to its http:// address"
+        )
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str, root: Path) -> str:
+    """Get or create the experiment, once, on the driver. A local store keeps artifacts under <root>/mlruns."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (root.resolve() / "mlruns" / name).as_uri() if is_local_store(uri) else None
+    return c.create_experiment(name, artifact_location=location)
+
+
+def start_or_resume_run(uri: str, exp_id: str, run_key: str, run_name: str, tags: Mapping[str, str]) -> str:
+    """The run tagged with run_key if there is one (a resumed or re-run configuration), else a new run."""
+    c = client(uri)
+    found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        if found[0].info.status != "RUNNING":
+            c.update_run(run_id, status="RUNNING")
+        return run_id
+    run = c.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags})
+    return run.info.run_id
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}: nested config as MLflow params."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+def git_commit(root: Path) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class RunLogger:
+    """Logs to one MLflow run. Calls are retried for a while, so a tracking server that restarts
+    costs a pause, not the training run; what still fails is reported and dropped."""
+
+    def __init__(self, uri: str, run_id: str, retries: int = 5, backoff: float = 1.0):
+        self.uri, self.run_id = uri, run_id
+        self.retries, self.backoff = retries, backoff
+        self._client = client(uri)
+        self.dropped = 0
+
+    def _call(self, fn, *args, **kwargs) -> bool:
+        for attempt in range(self.retries):
+            try:
+                fn(*args, **kwargs)
+                return True
+            except Exception as e:  # the server's errors come in many types; all mean "try later"
+                if attempt == self.retries - 1:
+                    self.dropped += 1
+                    print(f"mlflow: giving up on {getattr(fn, '__name__', fn)} after {self.retries} tries: {e}",
+                          flush=True)
+                    return False
+                time.sleep(self.backoff * 2**attempt)
+        return False
+
+    def params(self, params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self._call(self._client.log_batch, self.run_id, params=items[i:i + 100])
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._call(self._client.log_batch, self.run_id,
+                   metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self._call(self._client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._call(self._client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def artifacts(self, paths: Iterable[Path], artifact_path: str | None = None) -> None:
+        for p in paths:
+            self.artifact(p, artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._call(self._client.set_terminated, self.run_id, status)

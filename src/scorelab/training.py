@@ -1,0 +1,517 @@
+"""One training loop for every variant, run by Ray Train's TorchTrainer on 1 to N workers.
+
+The same code runs on a laptop's CPUs, one GPU or a multi-node cluster; params.yaml's `ray` section
+decides. What makes it exact and resumable:
+- the global batch is fixed: each worker takes micro_batch_size rows per pass and accumulates
+  gradients, so the number of workers changes the speed, not the optimisation;
+- every random draw derives from (seed, rank, micro-batch counter) and every data position from the
+  step, so a checkpoint needs only the step to continue the same stream; the RNG states are saved
+  as well, for completeness;
+- checkpoints (model, EMA, optimizer, step, RNG, config hash) are reported through Ray Train every
+  `checkpoint_every` steps; relaunching the same configuration resumes from the latest, and Ray's
+  FailureConfig restarts a run whose worker or node dies;
+- only rank 0 logs to MLflow, into the run that the driver created or found for this configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import tracking
+from .config import Params, TrainConfig, VariantConfig
+from .ema import EMA
+from .losses import dsm_loss, loss_per_bin
+from .parameterization import ScoreModel
+
+STATE_FILE = "state.pt"
+STATUS_FILE = "scorelab_status.json"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: non-finite loss, a refused checkpoint, or the run failed."""
+
+
+class CheckpointMismatchError(TrainingError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# What a worker is given
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    variant: str
+    variant_config: dict[str, Any]
+    train: dict[str, Any]
+    data_dir: str  # absolute: workers change directory
+    data_shape: list[int]
+    seed: int
+    config_hash: str
+    tracking_uri: str
+    run_id: str
+    status_path: str  # where rank 0 leaves the outcome the driver reads
+    threads_per_worker: int
+    hflip: bool = False
+
+
+def resolve_train(params: Params, variant: str) -> TrainConfig:
+    """The global train section with the variant's overrides applied."""
+    overrides = params.variants[variant].train.model_dump(exclude_none=True)
+    return TrainConfig.model_validate({**params.train.model_dump(), **overrides})
+
+
+def config_hash(params: Params, variant: str, data_checksum: str) -> str:
+    """What determines the trained weights: the variant, its optimisation, the data and the seed.
+    Not the number of workers (the global batch is fixed) nor where things are stored or logged."""
+    train = resolve_train(params, variant).model_dump()
+    for cadence in ("checkpoint_every", "log_every", "sample_every"):
+        train.pop(cadence)
+    blob = json.dumps(
+        {"variant": params.variants[variant].model_dump(mode="json", exclude={"samplers"}), "train": train,
+         "data": data_checksum, "seed": params.seed},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def micro_batch(train: TrainConfig, world: int) -> tuple[int, int]:
+    """(rows per worker per pass, passes per step) so that world * rows * passes = batch_size."""
+    if train.batch_size < world:
+        raise TrainingError(f"train.batch_size={train.batch_size} is smaller than ray.num_workers={world}")
+    rows = train.micro_batch_size or train.batch_size // world
+    if train.batch_size % (world * rows):
+        raise TrainingError(
+            f"train.batch_size={train.batch_size} is not a multiple of ray.num_workers x micro_batch_size "
+            f"= {world} x {rows}: choose a batch_size divisible by {world * rows}"
+        )
+    return rows, train.batch_size // (world * rows)
+
+
+def _mix(*ints: int) -> int:
+    """A 63-bit seed from several integers (stable across processes, unlike hash())."""
+    digest = hashlib.blake2b(json.dumps(ints).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: each worker reads only its contiguous slice of the training rows
+
+
+def read_rows(data_dir: str | Path, split: str, lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of a split in model space, reading only the Parquet shards that hold them."""
+    import pyarrow.parquet as pq
+
+    from .data import _columns, decode_batch, load_manifest
+
+    manifest = load_manifest(data_dir)
+    shards = [s for s in manifest.shards if s.split == split]
+    parts, offset = [], 0
+    for shard, path in zip(shards, manifest.files(split)):
+        a, b = max(lo, offset), min(hi, offset + shard.rows)
+        if a < b:
+            table = pq.read_table(path, columns=_columns(manifest)).slice(a - offset, b - a)
+            parts.append(decode_batch({c: table.column(c).to_numpy() for c in table.column_names}, manifest)["x"])
+        offset += shard.rows
+    return torch.from_numpy(np.concatenate(parts)) if parts else torch.empty((0, *manifest.shape))
+
+
+class PartitionLoader:
+    """Rows [rank*N/W, (rank+1)*N/W) of the train split, shuffled per epoch from (seed, rank, epoch).
+    Micro-batch k of this worker is a pure function of k, so resuming needs only the step."""
+
+    def __init__(self, data_dir: str, rank: int, world: int, rows: int, seed: int, hflip: bool = False):
+        from .data import load_manifest
+
+        manifest = load_manifest(data_dir)
+        n = manifest.counts["train"]
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        if hi - lo < rows:
+            raise TrainingError(
+                f"worker {rank} holds {hi - lo} training rows, fewer than micro_batch_size={rows}: "
+                "lower train.batch_size or ray.num_workers"
+            )
+        self.x = read_rows(data_dir, "train", lo, hi)
+        self.rows, self.seed, self.rank, self.hflip = rows, seed, rank, hflip
+        self.per_epoch = len(self.x) // rows
+        self._epoch, self._perm = -1, None
+
+    def batch(self, k: int) -> torch.Tensor:
+        epoch, pos = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, self.rank, epoch, 1))
+            self._perm, self._epoch = torch.randperm(len(self.x), generator=g), epoch
+        x = self.x[self._perm[pos * self.rows:(pos + 1) * self.rows]]
+        if self.hflip:  # mirror a random half, drawn from (seed, rank, k) like everything else
+            g = torch.Generator().manual_seed(_mix(self.seed, self.rank, k, 3))
+            flip = torch.rand(len(x), generator=g) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and checkpoints
+
+
+def build_model(variant: VariantConfig, data_shape: tuple[int, ...]) -> ScoreModel:
+    from .nets import MLPNetConfig, UNetConfig, build_net
+
+    net_cfg = variant.net or (MLPNetConfig() if len(data_shape) == 1 else UNetConfig())
+    param = variant.parameterization.model_dump()
+    kind = param.pop("type")
+    return ScoreModel(build_net(net_cfg, data_shape), variant.sde.build(), kind=kind, **param)
+
+
+def save_state(directory: Path, **state: Any) -> Path:
+    """Write atomically: a crash mid-write leaves the previous checkpoint, never a truncated one."""
+    path = directory / STATE_FILE
+    tmp = directory / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_state(directory: Path, expected_hash: str | None) -> dict[str, Any]:
+    path = Path(directory) / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointMismatchError(f"checkpoint {directory} has no {STATE_FILE}") from None
+    except Exception as e:  # truncated or tampered pickles fail in many ways
+        raise CheckpointMismatchError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+    if expected_hash is not None and state.get("config_hash") != expected_hash:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was written for configuration {str(state.get('config_hash'))[:12]}, "
+            f"not this one ({expected_hash[:12]}): it cannot be resumed; change ray.storage_path or "
+            "remove the old run to start fresh"
+        )
+    return state
+
+
+def _rng_states() -> dict[str, Any]:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop each Ray Train worker runs
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    job = TrainJob(**config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(job.threads_per_worker)
+    variant = VariantConfig.model_validate(job.variant_config)
+    train = TrainConfig.model_validate(job.train)
+    device = ray.train.torch.get_device()
+    rows, accum = micro_batch(train, world)
+
+    torch.manual_seed(job.seed)  # identical initial weights on every rank
+    model = build_model(variant, tuple(job.data_shape))
+    ema = EMA(model, decay=variant.ema.decay, warmup=variant.ema.warmup)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_state(Path(d), job.config_hash)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+    ddp = ray.train.torch.prepare_model(model)
+    ema.to(device)
+    nodes = [ray.get_runtime_context().get_node_id()] * world
+    if world > 1:  # where the workers landed, for the run's tags (a cluster run should span its nodes)
+        torch.distributed.all_gather_object(nodes, nodes[0])
+    loader = PartitionLoader(job.data_dir, rank, world, rows, job.seed, job.hflip)
+    logger = tracking.RunLogger(job.tracking_uri, job.run_id) if rank == 0 else None
+    if logger is not None:
+        logger.tags({"ray.num_workers": world, "ray.num_nodes": len(set(nodes)), "resumed_from_step": start})
+    sde = model.sde
+    use_bf16 = train.bf16 and device.type == "cuda"
+
+    window: dict[str, list] = {"loss": [], "t": [], "per_sample": []}
+    clock, clock_step = time.perf_counter(), start
+    spent = dict.fromkeys(("data", "forward_backward", "optimizer", "log", "checkpoint"), 0.0)  # s per phase
+    for step in range(start, train.steps):
+        lr = train.lr * min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else train.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for a in range(accum):
+            k = step * accum + a
+            tick = time.perf_counter()
+            x0 = loader.batch(k).to(device)
+            spent["data"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            gen = torch.Generator(device=device).manual_seed(_mix(job.seed, rank, k, 2))
+            sync = nullcontext() if (a == accum - 1 or world == 1) else ddp.no_sync()
+            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = dsm_loss(ddp, sde, x0, weighting=variant.loss.weighting,
+                               reduction=variant.loss.reduction, generator=gen)
+                (out.loss / accum).backward()
+            step_loss += out.loss.item() / accum
+            window["t"].append(out.t.detach().float().cpu())
+            window["per_sample"].append(out.per_sample.detach().float().cpu())
+            spent["forward_backward"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or math.inf)
+        if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
+            _stop_nonfinite(job, rank, step, step_loss, float(grad_norm))
+            return
+        optimizer.step()
+        ema.update(model)
+        window["loss"].append(step_loss)
+        spent["optimizer"] += time.perf_counter() - tick  # clipping, Adam and EMA
+
+        done = step + 1
+        if rank == 0 and (done % train.log_every == 0 or done == train.steps):
+            tick = time.perf_counter()
+            elapsed = tick - clock
+            images_per_s = (done - clock_step) * train.batch_size / max(elapsed, 1e-9)
+            mean_loss = sum(window["loss"]) / len(window["loss"])
+            metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "images_per_s": images_per_s}
+            metrics.update(loss_per_bin(torch.cat(window["t"]), torch.cat(window["per_sample"]), sde))
+            # where the wall time went; DDP's gradient all-reduce is inside forward_backward
+            metrics.update({f"time_frac_{k}": v / max(elapsed, 1e-9) for k, v in spent.items()})
+            logger.metrics(metrics, step=done)
+            eta = (train.steps - done) * elapsed / max(done - clock_step, 1)
+            print(f"[{job.variant}] step {done}/{train.steps} | loss {mean_loss:.4f} | "
+                  f"{images_per_s:.0f} img/s | ETA {eta:.0f}s", flush=True)
+            window = {"loss": [], "t": [], "per_sample": []}
+            spent = dict.fromkeys(spent, 0.0)
+            spent["log"] += time.perf_counter() - tick
+            clock, clock_step = tick, done
+        if rank == 0 and train.sample_every and done % train.sample_every == 0 and done != train.steps:
+            _log_samples(ema.module, variant, job, logger, done)
+        if done % train.checkpoint_every == 0 or done == train.steps:
+            tick = time.perf_counter()
+            _report_checkpoint(job, rank, done, step_loss, model, ema, optimizer, accum)
+            spent["checkpoint"] += time.perf_counter() - tick
+    if rank == 0:
+        _write_status(job, {"status": "finished", "step": train.steps})
+
+
+def _report_checkpoint(job: TrainJob, rank: int, step: int, loss: float, model, ema, optimizer, accum: int) -> None:
+    import ray.train
+
+    metrics = {"step": step, "loss": loss}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)  # a barrier: every worker reports each time
+        return
+    with tempfile.TemporaryDirectory() as d:
+        # the data position is implied by the step (micro-batch k = step * accum + a on every worker);
+        # it is stored so that a checkpoint can be read without this code
+        save_state(Path(d), model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                   step=step, data_position={"micro_batches_per_worker": step * accum}, config_hash=job.config_hash,
+                   run_id=job.run_id, rng=_rng_states())
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _stop_nonfinite(job: TrainJob, rank: int, step: int, loss: float, grad_norm: float) -> None:
+    """Every rank sees the same all-reduced gradient norm, so all stop together without a checkpoint;
+    the driver turns the status into a clear error and the last good checkpoint stays."""
+    if rank == 0:
+        _write_status(job, {"status": "nonfinite", "step": step + 1, "loss": loss, "grad_norm": grad_norm})
+        print(f"[{job.variant}] non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step + 1}: "
+              "stopping", flush=True)
+
+
+def _write_status(job: TrainJob, status: dict) -> None:
+    path = Path(job.status_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(status))
+
+
+def _log_samples(ema_model: ScoreModel, variant: VariantConfig, job: TrainJob, logger, step: int) -> None:
+    from .visual import save_samples
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"samples_step{step:07d}.png"
+        save_samples(ema_model, variant, tuple(job.data_shape), path, seed=job.seed)
+        logger.artifact(path, "samples")
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+@contextmanager
+def ray_session(address: str, num_cpus: float | None = None):
+    """Attach to the cluster named by `address` (or RAY_ADDRESS), else start a local Ray with explicit
+    CPUs; never silently attach to a stale cluster of an earlier `ray start`."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@dataclass
+class TrainResult:
+    variant: str
+    run_id: str
+    model_path: Path
+    steps: int
+    seconds: float
+    final_loss: float
+
+
+def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, out_dir: Path) -> TrainResult:
+    """Train one variant through Ray Train (resuming its run if one exists) and export its EMA weights
+    to out_dir/model.pt; log config, weights and a final sample grid to its MLflow run."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .data import verify
+
+    root, data_dir, out_dir = root.resolve(), data_dir.resolve(), out_dir.resolve()
+    manifest = verify(data_dir)
+    train = resolve_train(params, variant)
+    key = config_hash(params, variant, manifest.checksum)
+    uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, root)
+    storage = Path(params.ray.storage_path)
+    storage = storage if "://" in params.ray.storage_path or storage.is_absolute() else root / storage
+    name = f"{variant}-{key[:12]}"
+    status_path = (root / "outputs" / "status" / f"{name}.json") if "://" in str(storage) else storage / name / STATUS_FILE
+
+    cfg = params.ray
+    needed = cfg.num_workers * cfg.cpus_per_worker
+    with ray_session(cfg.address, num_cpus=max(float(os.cpu_count() or 1), needed)):
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        tracking.check_reachable_from(uri, len(nodes))
+        if cfg.use_gpu and not ray.cluster_resources().get("GPU"):
+            raise TrainingError("ray.use_gpu is true but the Ray cluster has no GPU: set ray.use_gpu: false")
+        exp = tracking.experiment_id(uri, params.mlflow.experiment or f"scorelab-{manifest.source}", root)
+        vcfg = params.variants[variant]
+        run_id = tracking.start_or_resume_run(uri, exp, key, variant, {
+            "variant": variant, "sde": vcfg.sde.type, "parameterization": vcfg.parameterization.type,
+            "git_commit": tracking.git_commit(root), "dataset_checksum": manifest.checksum,
+            "scorelab.config_hash": key,
+        })
+        logger = tracking.RunLogger(uri, run_id)
+        logger.params(tracking.flatten({"variant": vcfg.model_dump(mode="json"), "train": train.model_dump(),
+                                        "seed": params.seed, "data": params.data.model_dump(mode="json")}))
+        Path(status_path).unlink(missing_ok=True)
+        job = TrainJob(
+            variant=variant, variant_config=vcfg.model_dump(mode="json"), train=train.model_dump(),
+            data_dir=str(data_dir), data_shape=list(manifest.shape), seed=params.seed, config_hash=key,
+            tracking_uri=uri, run_id=run_id, status_path=str(status_path),
+            threads_per_worker=max(1, int(cfg.cpus_per_worker)), hflip=params.data.hflip,
+        )
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=asdict(job),
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                         resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                         placement_strategy=cfg.placement_strategy),
+            run_config=RunConfig(name=name, storage_path=str(storage),
+                                 failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                                              controller_failure_limit=3),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 logging_config=LoggingConfig(log_level="WARNING")),
+        )
+        start = time.perf_counter()
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            logger.finish("FAILED")
+            raise TrainingError(f"training {variant!r} failed: {e}") from e
+        seconds = time.perf_counter() - start
+
+    status = json.loads(Path(status_path).read_text()) if Path(status_path).exists() else {}
+    if status.get("status") == "nonfinite":
+        logger.finish("FAILED")
+        raise TrainingError(
+            f"training {variant!r} stopped at step {status['step']}: non-finite loss ({status['loss']}) or "
+            f"gradient norm ({status['grad_norm']}); the last good checkpoint is kept in {storage / name}. "
+            "Lower train.lr or enable train.grad_clip."
+        )
+    if result.checkpoint is None:
+        raise TrainingError(f"training {variant!r} ended without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = load_state(Path(d), key)
+    model_path = export_model(state, vcfg, tuple(manifest.shape), out_dir / "model.pt")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = {"variant": variant, **vcfg.model_dump(mode="json"), "train": train.model_dump(),
+                "seed": params.seed, "data": params.data.model_dump(mode="json"), "ray": params.ray.model_dump(),
+                "config_hash": key}
+    (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+    logger.artifacts([model_path, out_dir / "config.json"], "model")
+    trained = load_trained(model_path)
+    sample_path = out_dir / "samples_final.png"
+    from .visual import save_samples
+
+    save_samples(trained.model, vcfg, tuple(manifest.shape), sample_path, seed=params.seed)
+    logger.artifact(sample_path, "samples")
+    logger.finish()
+    return TrainResult(variant, run_id, model_path, int(state["step"]), seconds, float(result.metrics.get("loss", "nan")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained weights, in a form scorelab loads back without executing code
+
+
+@dataclass
+class TrainedModel:
+    model: ScoreModel  # EMA weights, eval mode
+    variant: VariantConfig
+    data_shape: tuple[int, ...]
+    step: int
+    config_hash: str
+    run_id: str
+
+
+def export_model(state: dict[str, Any], variant: VariantConfig, data_shape: tuple[int, ...], path: Path) -> Path:
+    """model.pt: the EMA weights of the ScoreModel plus what is needed to rebuild it."""
+    ema_weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"weights": ema_weights, "variant": variant.model_dump(mode="json"), "data_shape": list(data_shape),
+                "step": int(state["step"]), "config_hash": state["config_hash"], "run_id": state["run_id"]}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_trained(path: Path | str, device: str | torch.device = "cpu") -> TrainedModel:
+    blob = torch.load(path, map_location=device, weights_only=True)
+    variant = VariantConfig.model_validate(blob["variant"])
+    shape = tuple(blob["data_shape"])
+    model = build_model(variant, shape)
+    model.load_state_dict(blob["weights"])
+    model.to(device).eval()
+    return TrainedModel(model, variant, shape, blob["step"], blob["config_hash"], blob["run_id"])

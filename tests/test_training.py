@@ -1,0 +1,319 @@
+"""Training through a real Ray Train run on 2 CPU workers, tracked in a real MLflow store.
+
+One local Ray session serves the module (its start-up is the slow part); each test prepares data
+into its own folder and trains into its own storage, MLflow store and output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from scorelab.config import parse_params
+from scorelab.data import prepare
+from scorelab.metrics import sliced_wasserstein
+from scorelab.sampling import sample
+from scorelab.training import (
+    CheckpointMismatchError,
+    TrainingError,
+    config_hash,
+    load_state,
+    load_trained,
+    micro_batch,
+    save_state,
+    train_variant,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+VARIANTS = {
+    "ddpm": {"sde": {"type": "ddpm", "num_steps": 100}, "parameterization": {"type": "eps"},
+             "samplers": [{"method": "ddim", "steps": [10]}]},
+    "ncsn": {"sde": {"type": "ncsn", "sigma_min": 0.01, "sigma_max": 8.0, "num_scales": 20},
+             "parameterization": {"type": "score", "scale_by_sigma": True},
+             "samplers": [{"method": "ald", "steps_each": 5}]},
+    "vp": {"sde": {"type": "vp"}, "parameterization": {"type": "eps"},
+           "samplers": [{"method": "dpm_solver", "steps": [10]}]},
+    "subvp": {"sde": {"type": "subvp"}, "parameterization": {"type": "eps"},
+              "samplers": [{"method": "dpm_solver", "steps": [10]}]},
+    "ve": {"sde": {"type": "ve", "sigma_max": 8.0}, "parameterization": {"type": "edm"},
+           "samplers": [{"method": "heun", "steps": [10]}]},
+}
+
+
+def make_params(tmp: Path, source: str, variants: dict, train: dict, ray: dict | None = None, **extra) -> dict:
+    data = {"source": source, "out_dir": str(tmp / "data")}
+    if source == "toy2d":
+        data["toy"] = {"kind": "gaussian_mixture", "n_train": 2000, "n_test": 500}
+    return {
+        "seed": 0,
+        "data": data,
+        "train": {"log_every": 5, "checkpoint_every": 10, "warmup_steps": 0, **train},
+        "ray": {"num_workers": 2, "storage_path": str(tmp / "ray"), "max_failures": 1, **(ray or {})},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+        "variants": variants,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def run(params_dict: dict, tmp: Path, variant: str):
+    params = parse_params(params_dict)
+    data_dir = params.data.dataset_dir
+    if not (data_dir / "manifest.json").exists():
+        prepare(params.data, params.seed)
+    return params, train_variant(params, variant, root=tmp, data_dir=data_dir, out_dir=tmp / "out" / variant)
+
+
+def mlflow_runs(tmp: Path):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    return c, [r for e in c.search_experiments() for r in c.search_runs([e.experiment_id])]
+
+
+# -- every variant, a few steps, on toy and digits data --------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["toy2d", "digits"])
+def test_every_variant_trains_and_is_tracked(ray_local, tmp_path, source):
+    variants = dict(VARIANTS)
+    if source == "digits":  # a small U-Net keeps this quick
+        net = {"type": "unet", "channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+               "attn_resolutions": [], "dropout": 0.0}
+        variants = {k: {**v, "net": net} for k, v in variants.items()}
+    p = make_params(tmp_path, source, variants, {"steps": 6, "batch_size": 16, "checkpoint_every": 3,
+                                                "log_every": 3})
+    for name in variants:
+        params, result = run(p, tmp_path, name)
+        assert result.steps == 6
+        trained = load_trained(result.model_path)
+        assert trained.step == 6 and trained.variant.sde.type == variants[name]["sde"]["type"]
+        x = torch.zeros(2, *trained.data_shape)
+        assert torch.isfinite(trained.model(x, torch.full((2,), 0.5))).all()
+        assert (tmp_path / "out" / name / "samples_final.png").stat().st_size > 1000
+
+    client, runs = mlflow_runs(tmp_path)
+    assert sorted(r.data.tags["variant"] for r in runs) == sorted(variants)
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert {"sde", "parameterization", "git_commit", "dataset_checksum"} <= set(r.data.tags)
+        assert r.data.params["train.batch_size"] == "16"
+        history = client.get_metric_history(r.info.run_id, "loss")
+        assert [m.step for m in history] == [3, 6]
+        assert {"lr", "grad_norm", "images_per_s"} <= set(r.data.metrics)
+        assert any(k.startswith("loss_") for k in r.data.metrics)  # loss per noise-level bin
+        artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "model")}
+        assert {"model/model.pt", "model/config.json"} <= artifacts
+
+
+def test_toy_training_learns_the_data(ray_local, tmp_path):
+    """A longer run: the loss falls and samples move from the prior towards the data."""
+    variants = {"vp": {**VARIANTS["vp"], "net": {"type": "mlp", "hidden": 128, "layers": 3},
+                       "ema": {"decay": 0.99}}}
+    p = make_params(tmp_path, "toy2d", variants, {"steps": 400, "batch_size": 256, "lr": 3e-3,
+                                                  "checkpoint_every": 200, "log_every": 50})
+    params, result = run(p, tmp_path, "vp")
+    client, runs = mlflow_runs(tmp_path)
+    losses = [m.value for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+    trained = load_trained(result.model_path)
+    from scorelab.data import load_manifest, read_split
+
+    data = read_split(params.data.dataset_dir, "test")
+    with torch.no_grad():
+        x = sample(trained.model, trained.model.sde, (2000, 2), method="dpm_solver", steps=20, seed=1).x
+    prior = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
+    sw_model, sw_prior = sliced_wasserstein(x, data), sliced_wasserstein(prior, data)
+    assert sw_model < 0.5 * sw_prior, (sw_model, sw_prior)
+    assert load_manifest(params.data.dataset_dir).gaussian_mixture().log_prob(x).mean() > -6
+
+
+# -- resuming, refusing, stopping ---------------------------------------------------------------
+
+
+def test_rerun_resumes_the_same_run_and_changed_config_starts_fresh(ray_local, tmp_path):
+    p = make_params(tmp_path, "toy2d", {"vp": VARIANTS["vp"]}, {"steps": 10, "batch_size": 16})
+    _, first = run(p, tmp_path, "vp")
+    p["train"]["steps"] = 20  # a longer run of a *different* configuration (steps is part of it)
+    _, second = run(p, tmp_path, "vp")
+    assert second.run_id != first.run_id
+    _, third = run(p, tmp_path, "vp")  # same configuration again: the same MLflow run, already done
+    assert third.run_id == second.run_id and third.steps == 20
+    _, runs = mlflow_runs(tmp_path)
+    assert len(runs) == 2
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path):
+    save_state(tmp_path, model={}, ema={}, optimizer={}, step=5, config_hash="a" * 64, run_id="r", rng={})
+    assert load_state(tmp_path, "a" * 64)["step"] == 5
+    with pytest.raises(CheckpointMismatchError, match="written for configuration aaaaaaaaaaaa"):
+        load_state(tmp_path, "b" * 64)
+    data = (tmp_path / "state.pt").read_bytes()
+    (tmp_path / "state.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointMismatchError, match="unreadable"):
+        load_state(tmp_path, "a" * 64)
+
+
+def test_config_hash_ignores_workers_and_cadence_but_not_the_math():
+    base = make_params(Path("/tmp/x"), "toy2d", {"vp": VARIANTS["vp"]}, {"steps": 10, "batch_size": 16})
+    h = config_hash(parse_params(base), "vp", "abc")
+    assert h == config_hash(parse_params({**base, "ray": {**base["ray"], "num_workers": 1}}), "vp", "abc")
+    assert h == config_hash(parse_params({**base, "train": {**base["train"], "log_every": 7}}), "vp", "abc")
+    assert h != config_hash(parse_params({**base, "train": {**base["train"], "lr": 0.5}}), "vp", "abc")
+    assert h != config_hash(parse_params(base), "vp", "abd")
+
+
+def test_batch_that_does_not_divide_over_workers_is_refused():
+    from scorelab.config import ConfigError, TrainConfig
+
+    with pytest.raises(TrainingError, match="not a multiple"):
+        micro_batch(TrainConfig(batch_size=10, micro_batch_size=4), 2)
+    with pytest.raises(TrainingError, match="smaller than ray.num_workers"):
+        micro_batch(TrainConfig(batch_size=1), 2)
+    assert micro_batch(TrainConfig(batch_size=64, micro_batch_size=8), 2) == (8, 4)
+    assert micro_batch(TrainConfig(batch_size=64), 2) == (32, 1)
+    # params.yaml is refused at load time, naming the field
+    bad = make_params(Path("/tmp/x"), "toy2d", {"vp": VARIANTS["vp"]}, {"batch_size": 1})
+    with pytest.raises(ConfigError, match=r"train.batch_size: must be >= ray.num_workers \(2\)"):
+        parse_params(bad)
+
+
+def _poison_training_rows(data_dir: Path) -> None:
+    """Write NaNs into some training rows and re-sign the manifest, as a broken upstream source would."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from scorelab.data import _overall_checksum, _sha256
+
+    manifest_path = data_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    shard = next(s for s in manifest["shards"] if s["split"] == "train")
+    path = data_dir / shard["file"]
+    table = pq.read_table(path)
+    x0 = table.column("x0").to_numpy().copy()
+    x0[::100] = float("nan")  # a few bad rows: one is drawn within the first dozen steps
+    table = table.set_column(table.schema.get_field_index("x0"), "x0", pc.cast(x0, table.schema.field("x0").type))
+    pq.write_table(table, path)
+    shard["sha256"] = _sha256(path)
+    manifest["checksum"] = _overall_checksum(s["sha256"] for s in manifest["shards"])
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(ray_local, tmp_path):
+    p = make_params(tmp_path, "toy2d", {"vp": VARIANTS["vp"]},
+                    {"steps": 400, "batch_size": 16, "checkpoint_every": 2}, ray={"max_failures": 0})
+    params = parse_params(p)
+    prepare(params.data, params.seed)
+    _poison_training_rows(params.data.dataset_dir)
+    with pytest.raises(TrainingError, match=r"stopped at step \d+: non-finite loss"):
+        run(p, tmp_path, "vp")
+    assert not (tmp_path / "out" / "vp" / "model.pt").exists()
+    steps = [int(torch.load(c, weights_only=True)["step"]) for c in (tmp_path / "ray").rglob("state.pt")]
+    assert steps and max(steps) < 400, "the last good checkpoint is kept"
+    _, runs = mlflow_runs(tmp_path)
+    assert runs[0].info.status == "FAILED"
+
+
+# -- faults injected for real ------------------------------------------------------------------
+
+
+def _wait_for_registered_checkpoint(storage: Path, timeout: float = 240) -> int:
+    """The step of the first checkpoint Ray Train has registered (its snapshot names it), or 0.
+    A checkpoint on disk is not enough: one written just before a crash may not be registered yet."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for snapshot in storage.rglob("checkpoint_manager_snapshot.json"):
+            try:
+                latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+            except ValueError:  # being written
+                continue
+            if latest:
+                return int(latest["metrics"]["step"])
+        time.sleep(0.1)
+    return 0
+
+
+def _train_worker_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_killed_worker_resumes_from_checkpoint_with_one_mlflow_run(ray_local, tmp_path):
+    variants = {"vp": {**VARIANTS["vp"], "net": {"type": "mlp", "hidden": 512, "layers": 4}}}
+    p = make_params(tmp_path, "toy2d", variants, {"steps": 600, "batch_size": 256, "checkpoint_every": 20,
+                                                  "log_every": 20}, ray={"max_failures": 2})
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = run(p, tmp_path, "vp")[1]
+        except BaseException as e:  # surfaced below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    registered = _wait_for_registered_checkpoint(tmp_path / "ray")
+    assert 0 < registered < 600, "no checkpoint registered before the end"
+    pids = _train_worker_pids()
+    assert pids, "no Ray Train worker process found"
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=400)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert result.steps == 600
+    client, runs = mlflow_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert int(runs[0].data.tags["resumed_from_step"]) >= registered, "the workers were not restarted from a checkpoint"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    assert steps[-1] == 600 and set(range(20, 601, 20)) <= set(steps)  # one continuous curve
+
+
+def test_killed_driver_rerun_resumes(tmp_path):
+    """The stage process dies (SIGKILL) after a checkpoint; running the stage again resumes from it."""
+    variants = {"vp": {**VARIANTS["vp"], "net": {"type": "mlp", "hidden": 256, "layers": 4}}}
+    p = make_params(tmp_path, "toy2d", variants, {"steps": 300, "batch_size": 256, "checkpoint_every": 20,
+                                                  "log_every": 20})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(p, sort_keys=False))
+    prepare(parse_params(p).data, 0)
+    cmd = [sys.executable, str(REPO / "pipeline" / "train.py"), "--params", str(params_file), "--variant", "vp",
+           "--root", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    assert _wait_for_registered_checkpoint(tmp_path / "ray"), "no checkpoint registered"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    done = [int(torch.load(s, weights_only=True)["step"]) for s in (tmp_path / "ray").rglob("state.pt")]
+    assert done and max(done) < 300
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    metrics = json.loads((tmp_path / "outputs" / "train" / "vp" / "metrics.json").read_text())
+    assert metrics["steps"] == 300
+    first_step_logged = min(int(line.split("step ")[1].split("/")[0])
+                            for line in second.stdout.splitlines() if "] step " in line)
+    assert first_step_logged > 20, "the rerun started over instead of resuming"
+    _, runs = mlflow_runs(tmp_path)
+    assert len(runs) == 1
