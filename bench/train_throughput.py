@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                 p = dict(raw)
                 p["data"] = {**raw.get("data", {}), "out_dir": str(tmp / "data")}
                 p["train"] = {**raw.get("train", {}), "steps": args.steps, "log_every": max(1, args.steps // 3),
-                              "checkpoint_every": args.steps, "sample_every": 0}
+                              "checkpoint_every": max(1, args.steps // 2), "sample_every": 0}
                 p["ray"] = {**raw.get("ray", {}), "num_workers": workers, "cpus_per_worker": cpus,
                             "storage_path": str(tmp / f"ray-{workers}-{cpus}")}
                 p["mlflow"] = {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": f"bench-{workers}-{cpus}"}
@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
                 client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
                 history = client.get_metric_history(result.run_id, "images_per_s")
                 steady = [m.value for m in history[1:]] or [m.value for m in history]  # first window warms up
-                fracs = {k: client.get_metric_history(result.run_id, f"time_frac_{k}")[-1].value
-                         for k in ("data", "forward_backward", "optimizer", "log", "checkpoint")}
+                fracs = {}
+                for k in ("data", "forward_backward", "optimizer", "log", "checkpoint"):
+                    values = [m.value for m in client.get_metric_history(result.run_id, f"time_frac_{k}")]
+                    fracs[k] = sum(values) / len(values)  # the mean over logging windows
                 rows.append({"workers": workers, "threads_per_worker": int(cpus),
                              "images_per_s": sum(steady) / len(steady), **{f"frac_{k}": v for k, v in fracs.items()},
                              "fit_seconds": round(result.seconds, 1)})
