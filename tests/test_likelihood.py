@@ -24,14 +24,6 @@ TIGHT = dict(rtol=1e-6, atol=1e-6)
 SOLVER_TOL = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: extra intra-op threads only contend with other processes on the machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _times(n: int, t: float) -> torch.Tensor:
     return torch.full((n,), t, dtype=torch.float64)

@@ -14,14 +14,6 @@ from scipy import stats
 from scorelab.metrics import frechet_distance, gaussian_stats, mmd_rbf, sliced_wasserstein
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small matrices: extra intra-op threads only contend with other processes on the machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _reference_fd(mu1, s1, mu2, s2) -> float:
     with warnings.catch_warnings():

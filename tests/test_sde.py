@@ -33,14 +33,6 @@ ALL = [(name, {}) for name in SDE_TYPES] + [("ddpm", {"schedule": "cosine"})]
 ALL_IDS = [n if not p else f"{n}-{p['schedule']}" for n, p in ALL]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors, 2 shared cores: extra intra-op threads only contend.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---------------------------------------------------------------------------------------------
 # Independent references (numpy float64; none of them calls scorelab)

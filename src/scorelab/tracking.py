@@ -9,6 +9,7 @@ server works: other nodes cannot write to this machine's files, so a local store
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -114,8 +115,8 @@ class RunLogger:
             except Exception as e:  # the server's errors come in many types; all mean "try later"
                 if attempt == self.retries - 1:
                     self.dropped += 1
-                    print(f"mlflow: giving up on {getattr(fn, '__name__', fn)} after {self.retries} tries: {e}",
-                          flush=True)
+                    sys.stderr.write(f"mlflow: giving up on {getattr(fn, '__name__', fn)} after "
+                                     f"{self.retries} tries: {e}\n")
                     return False
                 time.sleep(self.backoff * 2**attempt)
         return False

@@ -297,8 +297,8 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics.update({f"time_frac_{k}": v / max(elapsed, 1e-9) for k, v in spent.items()})
             logger.metrics(metrics, step=done)
             eta = (train.steps - done) * elapsed / max(done - clock_step, 1)
-            print(f"[{job.variant}] step {done}/{train.steps} | loss {mean_loss:.4f} | "
-                  f"{images_per_s:.0f} img/s | ETA {eta:.0f}s", flush=True)
+            _say(f"[{job.variant}] step {done}/{train.steps} | loss {mean_loss:.4f} | "
+                 f"{images_per_s:.0f} img/s | ETA {eta:.0f}s")
             window = {"loss": [], "t": [], "per_sample": []}
             spent = dict.fromkeys(spent, 0.0)
             spent["log"] += time.perf_counter() - tick
@@ -311,6 +311,15 @@ def train_loop(config: dict[str, Any]) -> None:
             spent["checkpoint"] += time.perf_counter() - tick
     if rank == 0:
         _write_status(job, {"status": "finished", "step": train.steps})
+
+
+def _say(line: str) -> None:
+    """One progress line to the driver. Not print(): Ray Train patches print in workers and, with the
+    stream wrapped, emits each line twice."""
+    import sys
+
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _report_checkpoint(job: TrainJob, rank: int, step: int, loss: float, model, ema, optimizer, accum: int) -> None:
@@ -334,8 +343,7 @@ def _stop_nonfinite(job: TrainJob, rank: int, step: int, loss: float, grad_norm:
     the driver turns the status into a clear error and the last good checkpoint stays."""
     if rank == 0:
         _write_status(job, {"status": "nonfinite", "step": step + 1, "loss": loss, "grad_norm": grad_norm})
-        print(f"[{job.variant}] non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step + 1}: "
-              "stopping", flush=True)
+        _say(f"[{job.variant}] non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step + 1}: stopping")
 
 
 def _write_status(job: TrainJob, status: dict) -> None:
