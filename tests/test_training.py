@@ -101,7 +101,7 @@ def test_every_variant_trains_and_is_tracked(ray_local, tmp_path, source):
                "attn_resolutions": [], "dropout": 0.0}
         variants = {k: {**v, "net": net} for k, v in variants.items()}
     p = make_params(tmp_path, source, variants, {"steps": 6, "batch_size": 16, "checkpoint_every": 3,
-                                                "log_every": 3})
+                                                "log_every": 3, "sample_every": 3})
     for name in variants:
         params, result = run(p, tmp_path, name)
         assert result.steps == 6
@@ -123,6 +123,8 @@ def test_every_variant_trains_and_is_tracked(ray_local, tmp_path, source):
         assert any(k.startswith("loss_") for k in r.data.metrics)  # loss per noise-level bin
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "model")}
         assert {"model/model.pt", "model/config.json"} <= artifacts
+        grids = {a.path for a in client.list_artifacts(r.info.run_id, "samples")}
+        assert {"samples/samples_step0000003.png", "samples/samples_final.png"} <= grids
 
 
 def test_toy_training_learns_the_data(ray_local, tmp_path):
