@@ -1,0 +1,78 @@
+"""DVC stage `sample`: draw samples of one trained variant with each of its configured samplers.
+
+    python pipeline/sample.py --params params.yaml --variant vp [--model outputs/train/vp/model.pt]
+        [--out outputs/samples/vp] [--n 256] [--seeds 0 1 2] [--batch-size 256] [--workers 2]
+
+The samplers are those of the variant in params (they do not change the trained weights, so editing
+them needs no retraining). Resumes an interrupted run: complete chunks are kept. Writes
+<out>/<setting>/seed<k>/chunk-*.npz and manifest.json, <out>/<setting>/grid.png and <out>/summary.json
+(format: scorelab.generate). Exit codes: 0 done, 2 invalid params or unknown variant, 1 missing or
+mismatched model file, or sampling failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from scorelab.config import ConfigError, load_params
+from scorelab.generate import GenerateError, generate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--model", default=None, help="default: outputs/train/<variant>/model.pt")
+    parser.add_argument("--out", default=None, help="default: outputs/samples/<variant>")
+    parser.add_argument("--n", type=int, default=256, help="samples per setting and seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--batch-size", type=int, default=256, help="samples per chunk (one Ray task)")
+    parser.add_argument("--workers", type=int, default=2, help="Ray tasks in flight, 1 CPU each")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    try:
+        params = load_params(args.params)
+    except ConfigError as e:
+        print(f"{args.params}: {len(e.problems)} problem(s)", file=sys.stderr)
+        print("\n".join(e.problems), file=sys.stderr)
+        return 2
+    if args.variant not in params.variants:
+        print(f"--variant {args.variant!r} is not in {args.params}; valid: {', '.join(params.variants)}",
+              file=sys.stderr)
+        return 2
+    if args.n < 1 or args.batch_size < 1 or args.workers < 1:
+        print("--n, --batch-size and --workers must be >= 1", file=sys.stderr)
+        return 2
+    model = Path(args.model or Path("outputs") / "train" / args.variant / "model.pt")
+    out = Path(args.out or Path("outputs") / "samples" / args.variant)
+    if not model.is_file():
+        print(f"sample {args.variant}: model file {model} not found; run the train stage first "
+              f"(python pipeline/train.py --variant {args.variant}, or dvc repro)", file=sys.stderr)
+        return 1
+
+    try:
+        rows = generate(model, out, n_samples=args.n, seeds=args.seeds, batch_size=args.batch_size,
+                        num_workers=args.workers, progress=not args.no_progress,
+                        variant=params.variants[args.variant])
+    except GenerateError as e:
+        print(f"sample {args.variant}: {e}", file=sys.stderr)
+        return 1
+    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    for key in dict.fromkeys(r["setting"] for r in rows):
+        mine = [r for r in rows if r["setting"] == key]
+        nfes = [n for r in mine for n in (r["nfe"] if isinstance(r["nfe"], list) else [r["nfe"]])]
+        nfe_text = str(nfes[0]) if len(set(nfes)) == 1 else f"{sum(nfes) / len(nfes):.0f} (mean per chunk)"
+        drawn = sum(r["chunks_drawn"] for r in mine)
+        reused = sum(r["chunks_reused"] for r in mine)
+        print(f"{key}: {len(mine)} seed(s) x {args.n} samples, NFE {nfe_text}, "
+              f"{sum(r['seconds'] for r in mine):.2f}s sampling, {drawn} chunk(s) drawn, {reused} reused "
+              f"-> {out / key}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

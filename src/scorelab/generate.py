@@ -1,0 +1,435 @@
+"""Batch sampling for the DVC `sample` stage: every sampler setting of a variant, several seeds,
+chunks run as Ray tasks, resumable.
+
+On disk, under out_dir:
+
+    <setting>/seed<k>/chunk-<start>-<end>.npz   samples [start, end) of that seed, one file per chunk
+    <setting>/seed<k>/manifest.json             written once every chunk is there
+    <setting>/seed<k>/fingerprint.json          model and setting the chunks were drawn from
+    <setting>/grid.png                          first 64 samples of seed 0 (else the first seed);
+                                                2-D data: a scatter of all that seed's samples
+
+A chunk file holds
+    x        images: uint8 (n, H, W, C) (NHWC, as the prepared data stores pixels), v = round((x + 1) / 2 * 255)
+             clipped to 0..255; vector data (toy 2-D): float32 (n, D), unchanged
+    indices  int64 (n,): the global sample indices start..end-1
+    nfe      int64 scalar: score evaluations the chunk's sampler call made
+    seconds  float64 scalar: the sampler call's wall time
+
+A manifest holds count, shape (per sample, as stored), dtype, layout ("NHWC" or "ND"), nfe (one int;
+for the adaptive ODE a list, one per chunk), seconds (sum over chunks, so the same after a resume),
+setting {key, method, steps, options}, seed, eval_block and chunks [{start, end, nfe, seconds}].
+
+Sample i of a seed is drawn with per-sample noise keyed by (seed, i) (scorelab.rng), and the network
+always runs on blocks of `eval_block` samples (the last one padded): BLAS and oneDNN pick kernels, and
+so summation orders, by batch size, and a chunk of 7 would otherwise differ from a chunk of 64 in the
+last bits. So for every sampler except the adaptive ODE and the pc sampler with the snr-controlled
+`langevin` corrector (whose step sizes are batch statistics) the arrays do not depend on batch_size
+nor on how many tasks ran, bit for bit.
+Chunks are written atomically (temporary file, then os.replace), so a rerun keeps every complete
+chunk, regenerates the missing or unreadable ones, and ends with neither gaps nor duplicates.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from .config import VariantConfig
+
+CHUNK_RE = re.compile(r"^chunk-(\d+)-(\d+)\.npz$")
+MANIFEST = "manifest.json"
+FINGERPRINT = "fingerprint.json"
+GRID = "grid.png"
+_KEYS = ("x", "indices", "nfe", "seconds")
+
+
+class GenerateError(RuntimeError):
+    """Sampling cannot run: the model does not match the variant, or a task failed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler settings
+
+
+@dataclass(frozen=True)
+class SamplerSetting:
+    key: str  # unique within a variant, safe as a folder name: "ddim-20", "ode-adaptive", "ald-levels"
+    method: str
+    steps: int | None  # None: the sampler picks its own (adaptive ODE, ALD over NCSN's ladder)
+    options: dict[str, Any] = field(hash=False)
+
+    @property
+    def adaptive(self) -> bool:
+        """The ODE solver picks its steps per batch: its NFE differs from chunk to chunk."""
+        return self.method == "ode"
+
+    def describe(self) -> dict[str, Any]:
+        return {"key": self.key, "method": self.method, "steps": self.steps, "options": self.options}
+
+
+def _options_hash(options: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def sampler_settings(variant: VariantConfig) -> list[SamplerSetting]:
+    """Every (method, steps, options) the variant configures, one per step count, in config order.
+
+    Keys are "<method>-<steps>" ("adaptive" for the ODE, "levels" for ALD on the SDE's own ladder);
+    settings that share method and steps but differ in options get "-<hash of options>" appended,
+    and exact duplicates are dropped (they would draw the same samples).
+    """
+    raw: list[tuple[str, str, int | None, dict[str, Any]]] = []
+    for s in variant.samplers:
+        options = s.options()
+        for steps in s.step_list():
+            tag = str(steps) if steps is not None else ("adaptive" if s.method == "ode" else "levels")
+            candidate = (f"{s.method}-{tag}", s.method, steps, options)
+            if candidate not in raw:
+                raw.append(candidate)
+    counts: dict[str, int] = {}
+    for base, *_ in raw:
+        counts[base] = counts.get(base, 0) + 1
+    return [SamplerSetting(base if counts[base] == 1 else f"{base}-{_options_hash(options)}", method, steps, options)
+            for base, method, steps, options in raw]
+
+
+# ---------------------------------------------------------------------------------------------
+# One chunk, in a Ray task
+
+_MODEL_CACHE: dict[tuple[str, int, int], Any] = {}
+
+
+def _cached_model(path: str):
+    """The worker process's TrainedModel: Ray reuses workers across tasks, so load once per file version."""
+    from .training import load_trained
+
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()  # one model at a time: bounded memory in long-lived workers
+        _MODEL_CACHE[key] = load_trained(path)
+    return _MODEL_CACHE[key]
+
+
+def quantize(x: np.ndarray) -> np.ndarray:
+    """Model-space images (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C)."""
+    v = np.clip(np.rint((x.astype(np.float64) + 1) / 2 * 255), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(v.transpose(0, 2, 3, 1))
+
+
+def dequantize(v: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1]."""
+    return (v.transpose(0, 3, 1, 2).astype(np.float32) / 255 * 2 - 1)
+
+
+class BlockedScore:
+    """score_fn evaluated on blocks of exactly `block` samples, the last one padded by repeating its
+    last sample: every network call has the same shape, so a sample's result does not depend on how
+    many samples share its batch."""
+
+    def __init__(self, score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], block: int):
+        self.score_fn, self.block = score_fn, block
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        out = []
+        for a in range(0, x.shape[0], self.block):
+            xb, tb = x[a:a + self.block], t[a:a + self.block]
+            k = xb.shape[0]
+            if k < self.block:
+                xb = torch.cat([xb, xb[-1:].expand(self.block - k, *xb.shape[1:])])
+                tb = torch.cat([tb, tb[-1:].expand(self.block - k)])
+            out.append(self.score_fn(xb, tb)[:k])
+        return torch.cat(out)
+
+
+def _sample_chunk(model_path: str, setting: dict[str, Any], seed: int, start: int, end: int,
+                  eval_block: int) -> dict[str, Any]:
+    """Samples [start, end) of `seed`; returns the arrays for the driver to write (so the output folder
+    need only exist where the driver runs, not on every node)."""
+    from .sampling import sample
+
+    torch.set_num_threads(1)  # one task per CPU: intra-op threads would fight over the same cores
+    trained = _cached_model(model_path)
+    model, shape = trained.model, tuple(trained.data_shape)
+    tick = time.perf_counter()
+    result = sample(BlockedScore(model, eval_block), model.sde, (end - start, *shape), method=setting["method"],
+                    steps=setting["steps"], seed=seed, indices=torch.arange(start, end), **setting["options"])
+    seconds = time.perf_counter() - tick
+    x = result.x.cpu().numpy()
+    x = quantize(x) if len(shape) == 3 else x.astype(np.float32)
+    return {"x": x, "indices": np.arange(start, end, dtype=np.int64), "nfe": np.int64(result.nfe),
+            "seconds": np.float64(seconds)}
+
+
+@functools.cache
+def _remote_chunk():
+    import ray
+
+    return ray.remote(num_cpus=1)(_sample_chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def chunk_path(folder: Path, start: int, end: int) -> Path:
+    return folder / f"chunk-{start}-{end}.npz"
+
+
+def _write_chunk(path: Path, arrays: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _read_chunk(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in _KEYS}
+
+
+def _chunk_ok(path: Path, start: int, end: int, sample_shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    """The file exists, reads back whole and holds exactly samples [start, end)."""
+    try:
+        c = _read_chunk(path)
+    except Exception:  # missing, truncated or garbled: np.load and zipfile fail in many ways
+        return False
+    return (c["x"].shape == (end - start, *sample_shape) and c["x"].dtype == dtype
+            and np.array_equal(c["indices"], np.arange(start, end)))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stored_layout(data_shape: tuple[int, ...]) -> tuple[tuple[int, ...], np.dtype, str]:
+    """(per-sample stored shape, dtype, layout) of a chunk's x for data of `data_shape`."""
+    if len(data_shape) == 3:
+        c, h, w = data_shape
+        return (h, w, c), np.dtype(np.uint8), "NHWC"
+    return tuple(data_shape), np.dtype(np.float32), "ND"
+
+
+def load_samples(out_dir: str | Path, setting_key: str, seed: int) -> np.ndarray:
+    """All samples of one setting and seed, in index order (the stored dtype and layout).
+
+    Raises ValueError naming the folder if the run is incomplete (no manifest) or its chunks leave a
+    gap, overlap, or disagree with the manifest's count.
+    """
+    folder = Path(out_dir) / setting_key / f"seed{seed}"
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        raise ValueError(f"{folder}: no {MANIFEST}: sampling did not finish; rerun generate to complete it")
+    count = json.loads(manifest_path.read_text())["count"]
+    spans = sorted((int(m[1]), int(m[2])) for p in folder.iterdir() if (m := CHUNK_RE.match(p.name)))
+    pos, parts = 0, []
+    for start, end in spans:
+        if start > pos:
+            raise ValueError(f"{folder}: samples {pos}..{start - 1} are missing (no chunk covers them)")
+        if start < pos:
+            raise ValueError(f"{folder}: chunk-{start}-{end}.npz overlaps samples before {pos} (duplicates)")
+        try:
+            c = _read_chunk(chunk_path(folder, start, end))
+        except Exception as e:
+            raise ValueError(f"{folder}: chunk-{start}-{end}.npz is unreadable ({type(e).__name__})") from None
+        if not np.array_equal(c["indices"], np.arange(start, end)):
+            raise ValueError(f"{folder}: chunk-{start}-{end}.npz does not hold samples {start}..{end - 1}")
+        parts.append(c["x"])
+        pos = end
+    if pos != count:
+        raise ValueError(f"{folder}: chunks hold {pos} samples, the manifest says {count}")
+    return np.concatenate(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass
+class _Job:
+    setting: SamplerSetting
+    seed: int
+    folder: Path
+    plan: list[tuple[int, int]]
+    todo: list[tuple[int, int]]
+
+
+def _prepare_folder(folder: Path, fingerprint: dict[str, Any], plan: list[tuple[int, int]],
+                    sample_shape: tuple[int, ...], dtype: np.dtype) -> list[tuple[int, int]]:
+    """Make `folder` ready for `plan`; return the chunks still to draw.
+
+    Chunks from another model or setting are discarded (the fingerprint differs), as are chunks of
+    another split into files (n_samples or batch_size changed), which would otherwise overlap."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fp_path = folder / FINGERPRINT
+    try:
+        same = json.loads(fp_path.read_text()) == fingerprint
+    except (FileNotFoundError, json.JSONDecodeError):
+        same = False
+    planned = {chunk_path(folder, a, b).name for a, b in plan}
+    for p in folder.iterdir():
+        if (CHUNK_RE.match(p.name) and (not same or p.name not in planned)) or p.name.endswith(".tmp"):
+            p.unlink()
+    if not same:
+        _write_json(fp_path, fingerprint)
+    todo = [(a, b) for a, b in plan if not _chunk_ok(chunk_path(folder, a, b), a, b, sample_shape, dtype)]
+    if todo:  # an old manifest would claim completeness while chunks are being replaced
+        (folder / MANIFEST).unlink(missing_ok=True)
+    return todo
+
+
+def generate(
+    model_path: str | Path,
+    out_dir: str | Path,
+    *,
+    n_samples: int,  # per setting and seed
+    seeds: Iterable[int] = (0, 1, 2),
+    batch_size: int = 256,  # samples per chunk (one Ray task, one file)
+    num_workers: int = 2,  # Ray tasks in flight at once, 1 CPU each
+    progress: bool = True,
+    variant: VariantConfig | None = None,  # samplers to run; default: those saved with the model
+    eval_block: int = 64,  # samples per network call (see the module docstring); part of a run's identity
+) -> list[dict[str, Any]]:
+    """Draw n_samples per sampler setting and seed into out_dir (format: module docstring), resuming
+    whatever an earlier run left; write a manifest per setting/seed and a grid per setting.
+
+    Returns one summary row per (setting, seed). Uses the running Ray, else starts a local one.
+    """
+    from tqdm.auto import tqdm
+
+    from .training import load_trained, ray_session
+
+    if min(n_samples, batch_size, num_workers, eval_block) < 1:
+        raise ValueError(f"n_samples, batch_size, num_workers and eval_block must be >= 1, "
+                         f"got {n_samples}, {batch_size}, {num_workers}, {eval_block}")
+    model_path, out_dir = Path(model_path).resolve(), Path(out_dir).resolve()  # Ray workers change directory
+    trained = load_trained(model_path)
+    variant = variant or trained.variant
+    _check_same_model(variant, trained.variant, model_path)
+    data_shape = tuple(trained.data_shape)
+    sample_shape, dtype, layout = stored_layout(data_shape)
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    settings = sampler_settings(variant)
+    model_sha = _file_sha256(model_path)
+
+    plan = [(a, min(a + batch_size, n_samples)) for a in range(0, n_samples, batch_size)]
+    jobs: list[_Job] = []
+    for s in settings:
+        for seed in seeds:
+            folder = out_dir / s.key / f"seed{seed}"
+            fingerprint = {"model_sha256": model_sha, "setting": s.describe(), "seed": seed,
+                           "data_shape": list(data_shape), "eval_block": eval_block}
+            jobs.append(_Job(s, seed, folder, plan, _prepare_folder(folder, fingerprint, plan, sample_shape, dtype)))
+
+    pending = [(job, a, b) for job in jobs for a, b in job.todo]
+    if pending:
+        with ray_session("", num_cpus=float(max(num_workers, os.cpu_count() or 1))):
+            _run_chunks(str(model_path), pending, num_workers, eval_block,
+                        tqdm(total=len(pending), desc="sample chunks", disable=not progress))
+
+    rows = [_finish(job, sample_shape, dtype, layout, n_samples, eval_block) for job in jobs]
+    grid_seed = 0 if 0 in seeds else seeds[0]
+    for s in settings:
+        _save_grid(out_dir, s, grid_seed, data_shape)
+    return rows
+
+
+def _check_same_model(variant: VariantConfig, saved: VariantConfig, model_path: Path) -> None:
+    """Sampling needs the SDE, parameterisation and network the weights were trained with."""
+    keys = {"sde", "parameterization", "net"}
+    if variant.model_dump(mode="json", include=keys) != saved.model_dump(mode="json", include=keys):
+        raise GenerateError(f"{model_path} was trained with a different sde, parameterization or net than the "
+                            "variant in params: rerun the train stage")
+
+
+def _run_chunks(model_path: str, pending: list[tuple[_Job, int, int]], num_workers: int, eval_block: int,
+                bar) -> None:
+    """Keep num_workers tasks in flight; write each chunk as it arrives, so an interruption loses only
+    the chunks still running."""
+    import ray
+
+    task = _remote_chunk()
+    queue = list(reversed(pending))
+    running: dict[Any, tuple[_Job, int, int]] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < num_workers:
+                job, a, b = queue.pop()
+                ref = task.remote(model_path, {"method": job.setting.method, "steps": job.setting.steps,
+                                               "options": job.setting.options}, job.seed, a, b, eval_block)
+                running[ref] = (job, a, b)
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                job, a, b = running.pop(ref)
+                try:
+                    arrays = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    raise GenerateError(f"{job.setting.key} seed {job.seed}, samples {a}..{b - 1}: {e}") from e
+                _write_chunk(chunk_path(job.folder, a, b), arrays)
+                bar.update(1)
+    finally:
+        for ref in running:
+            ray.cancel(ref)
+        bar.close()
+
+
+def _finish(job: _Job, sample_shape: tuple[int, ...], dtype: np.dtype, layout: str, n_samples: int,
+            eval_block: int) -> dict[str, Any]:
+    """Check every planned chunk is on disk and complete, then write the manifest."""
+    chunks = []
+    for a, b in job.plan:
+        path = chunk_path(job.folder, a, b)
+        if not _chunk_ok(path, a, b, sample_shape, dtype):
+            raise GenerateError(f"{path} is missing or incomplete after sampling")
+        c = _read_chunk(path)
+        chunks.append({"start": a, "end": b, "nfe": int(c["nfe"]), "seconds": float(c["seconds"])})
+    nfes = [c["nfe"] for c in chunks]
+    # one NFE for fixed-step samplers; the adaptive ODE's step count is per batch, so one per chunk
+    nfe: int | list[int] = nfes if job.setting.adaptive or len(set(nfes)) > 1 else nfes[0]
+    seconds = sum(c["seconds"] for c in chunks)
+    manifest = {"count": n_samples, "shape": list(sample_shape), "dtype": dtype.name, "layout": layout,
+                "nfe": nfe, "seconds": round(seconds, 4), "setting": job.setting.describe(), "seed": job.seed,
+                "eval_block": eval_block, "chunks": chunks}
+    _write_json(job.folder / MANIFEST, manifest)
+    return {"setting": job.setting.key, "method": job.setting.method, "steps": job.setting.steps,
+            "seed": job.seed, "count": n_samples, "nfe": nfe, "seconds": round(seconds, 4),
+            "chunks_drawn": len(job.todo), "chunks_reused": len(job.plan) - len(job.todo), "path": str(job.folder)}
+
+
+def _save_grid(out_dir: Path, setting: SamplerSetting, seed: int, data_shape: tuple[int, ...]) -> Path:
+    from .visual import save_image_grid, save_scatter
+
+    x = load_samples(out_dir, setting.key, seed)
+    title = f"{setting.key}, seed {seed}"
+    path = out_dir / setting.key / GRID
+    if len(data_shape) == 3:
+        return save_image_grid(torch.from_numpy(dequantize(x[:64])), path, title)
+    return save_scatter(torch.from_numpy(x), path, title)  # a scatter of 64 points says little: all of them
+
+
+__all__ = ["BlockedScore", "GenerateError", "SamplerSetting", "dequantize", "generate", "load_samples", "quantize",
+           "sampler_settings", "stored_layout"]
