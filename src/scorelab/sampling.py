@@ -6,10 +6,12 @@ sampling, DDIM, Heun and DPM-Solver it is exactly the Tweedie estimate E[x_0 | x
 ODE and annealed Langevin stop at a positive noise level and add the Tweedie step when `denoise`.
 
 Every sampler counts its score evaluations by wrapping the score function, so `nfe` is the number
-of calls made, never a formula. Noise comes from `SampleNoise`: sample i with seed s is the same in
-any batch, except under the adaptive ODE solver (its step sizes are shared by the batch, so results
-move within its tolerance) and the snr-controlled Langevin corrector (its step size is a batch
-statistic by design).
+of calls made, never a formula. Noise comes from `SampleNoise`: sample i with seed s draws the same
+noise in any batch, so with a score function that treats samples independently it is the same
+sample. Exceptions: the adaptive ODE solver (its step sizes are shared by the batch, so results move
+within its tolerance), the snr-controlled Langevin corrector (its step size is a batch statistic by
+design), and networks whose CPU kernels round differently for different batch sizes (last-bit
+differences; `scorelab.generate.BlockedScore` evaluates fixed-size blocks to remove them).
 """
 
 from __future__ import annotations
