@@ -1,0 +1,50 @@
+"""DVC stage `report`: compare every variant's evaluation in one Markdown report, figures and MLflow.
+
+    python pipeline/report.py --params params.yaml [--root .] [--out reports] [--no-mlflow]
+
+Reads outputs/train/<variant>/metrics.json, outputs/eval/<variant>/metrics.json and the sample grids
+of each variant in params; writes <out>/comparison.md, fid_vs_nfe.png, fid_vs_nfe.csv, samples.png,
+metrics.json and (when the MLflow store has the runs' loss histories) loss_curves.png, and logs a
+"comparison" run to MLflow (format: scorelab.report). --no-mlflow leaves MLflow alone (no loss curves).
+Prints the path of comparison.md. Exit codes: 0 done, 2 invalid params, 1 a missing or malformed input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scorelab.config import ConfigError, load_params
+from scorelab.report import ReportError, build_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--root", default=".", help="repository root (inputs under outputs/, MLflow store)")
+    parser.add_argument("--out", default=None, help="default: <root>/reports")
+    parser.add_argument("--no-mlflow", action="store_true", help="neither read from nor log to MLflow")
+    args = parser.parse_args(argv)
+
+    try:
+        params = load_params(args.params)
+    except ConfigError as e:
+        print(f"{args.params}: {len(e.problems)} problem(s)", file=sys.stderr)
+        print("\n".join(e.problems), file=sys.stderr)
+        return 2
+    root = Path(args.root).resolve()
+    try:
+        result = build_report(params, root=root, out_dir=Path(args.out) if args.out else None,
+                              log_to_mlflow=not args.no_mlflow)
+    except ReportError as e:
+        print(f"report: {e}", file=sys.stderr)
+        return 1
+    for note in result["notes"]:
+        print(f"report: note: {note}", file=sys.stderr)
+    print(result["files"]["comparison"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""The report stage on fake but well-formed stage outputs, with a real local MLflow store.
+
+Image-style inputs (domain_fd, kid, precision, recall, bits/dim) for three variants whose training runs
+have loss histories in a sqlite store; the report is built twice on them (a re-run must update the one
+comparison run). A 2-D case (sliced_w2, test log-likelihood) runs without MLflow. Expected best settings
+are computed here from the inputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from scorelab import tracking
+from scorelab.config import parse_params
+from scorelab.report import ReportError, build_report, comparison_run_key
+
+REPO = Path(__file__).resolve().parents[1]
+OUTPUTS = ("comparison.md", "fid_vs_nfe.png", "fid_vs_nfe.csv", "loss_curves.png", "samples.png", "metrics.json")
+
+IMAGE_VARIANTS = {
+    "ddpm": {"sde": {"type": "ddpm"}, "parameterization": {"type": "eps"},
+             "samplers": [{"method": "ancestral", "steps": [1000]}, {"method": "ddim", "steps": [10, 20, 50]}]},
+    "vp": {"sde": {"type": "vp"}, "parameterization": {"type": "eps"},
+           "samplers": [{"method": "ode"}, {"method": "dpm_solver", "steps": [10, 20]},
+                        {"method": "ddim", "steps": [10]}]},
+    "ve": {"sde": {"type": "ve"}, "parameterization": {"type": "score", "scale_by_sigma": True},
+           "samplers": [{"method": "pc", "steps": [1000]}, {"method": "heun", "steps": [10, 20]}]},
+}
+# setting key -> (method, steps, nfe) as the evaluate stage reports them
+IMAGE_SETTINGS = {
+    "ddpm": {"ancestral-1000": ("ancestral", 1000, 1000), "ddim-10": ("ddim", 10, 10), "ddim-20": ("ddim", 20, 20),
+             "ddim-50": ("ddim", 50, 50)},
+    "vp": {"ode-adaptive": ("ode", None, 143.7), "dpm_solver-10": ("dpm_solver", 10, 10),
+           "dpm_solver-20": ("dpm_solver", 20, 20), "ddim-10": ("ddim", 10, 10)},
+    "ve": {"pc-1000": ("pc", 1000, 2000), "heun-10": ("heun", 10, 19), "heun-20": ("heun", 20, 39)},
+}
+TOY_VARIANTS = {
+    "vp": IMAGE_VARIANTS["vp"],
+    "subvp": {"sde": {"type": "subvp"}, "parameterization": {"type": "eps"},
+              "samplers": [{"method": "euler_maruyama", "steps": [100, 1000]}]},
+}
+TOY_SETTINGS = {
+    "vp": {"ode-adaptive": ("ode", None, 98.3), "dpm_solver-10": ("dpm_solver", 10, 10),
+           "dpm_solver-20": ("dpm_solver", 20, 20), "ddim-10": ("ddim", 10, 10)},
+    "subvp": {"euler_maruyama-100": ("euler_maruyama", 100, 100),
+              "euler_maruyama-1000": ("euler_maruyama", 1000, 1000)},
+}
+
+
+def write_inputs(root: Path, settings: dict, *, image: bool, run_ids: dict[str, str] | None = None,
+                 seed: int = 0, nan_setting: tuple[str, str] | None = None) -> dict:
+    """Train metrics, eval metrics and grids for each variant; returns the eval dicts written."""
+    rng = np.random.default_rng(seed)
+    primary = "domain_fd" if image else "sliced_w2"
+    others = ("kid", "precision", "recall") if image else ("mmd", "exact_loglik")
+    baseline = {f"{primary}_mean": 0.05, f"{primary}_std": 0.01,
+                **{k: v for m in others for k, v in ((f"{m}_mean", 0.5), (f"{m}_std", 0.02))}}
+    written = {}
+    for i, (variant, table) in enumerate(settings.items()):
+        train_dir = root / "outputs" / "train" / variant
+        train_dir.mkdir(parents=True, exist_ok=True)
+        (train_dir / "metrics.json").write_text(json.dumps({
+            "steps": 2000 + i, "seconds": 100.5 + 60 * i, "final_loss": 0.03 + 0.01 * i,
+            "mlflow_run_id": (run_ids or {}).get(variant, f"missing{variant}")}))
+        block = {}
+        for key, (method, steps, nfe) in table.items():
+            s = {"method": method, "steps": steps, "nfe": nfe,
+                 f"{primary}_mean": float(rng.uniform(0.2, 5.0)), f"{primary}_std": float(rng.uniform(0.01, 0.1))}
+            for m in others:
+                s[f"{m}_mean"], s[f"{m}_std"] = float(rng.uniform(0, 1)), float(rng.uniform(0, 0.05))
+            if (variant, key) == nan_setting:
+                s[f"{primary}_mean"] = math.nan  # a diverged sampler: never the best
+            block[key] = s
+            grid = root / "outputs" / "samples" / variant / key / "grid.png"
+            grid.parent.mkdir(parents=True, exist_ok=True)
+            import matplotlib.image as mpimg
+
+            mpimg.imsave(grid, rng.uniform(size=(34, 34)), cmap="gray")
+        data = {"variant": variant, "sde": IMAGE_VARIANTS.get(variant, TOY_VARIANTS.get(variant))["sde"]["type"],
+                "n_per_seed": 256 if image else 1000, "seeds": 3, "baseline": baseline, "settings": block,
+                "inception_fid": None, "inception_fid_reason": "no Inception weights offline"}
+        if image:
+            data["bits_per_dim"] = {"mean": 1.5 + 0.1 * i, "stderr": 0.01, "n": 500, "dequantization": "uniform"}
+        else:  # as the evaluate stage writes it, with a few more keys than the report needs
+            data["test_loglik"] = {"mean": -2.8 - 0.1 * i, "stderr": None if i else 0.02, "n_points": 500,
+                                   "units": "nats", "data_mean": -2.5}
+            data["primary_metric"] = "sliced_w2"
+            data["baseline"] = {**baseline, "description": "1000 random train points per seed against the test split"}
+        eval_dir = root / "outputs" / "eval" / variant
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        (eval_dir / "metrics.json").write_text(json.dumps(data))
+        written[variant] = data
+    return written
+
+
+def expected_best(evals: dict, primary: str) -> dict[str, tuple[str, float]]:
+    out = {}
+    for variant, data in evals.items():
+        finite = {k: s[f"{primary}_mean"] for k, s in data["settings"].items() if math.isfinite(s[f"{primary}_mean"])}
+        key = min(finite, key=finite.get)
+        out[variant] = (key, finite[key])
+    return out
+
+
+def make_params(variants: dict, source: str = "digits", tracking_uri: str = "") -> dict:
+    return {"seed": 0, "data": {"source": source}, "mlflow": {"tracking_uri": tracking_uri}, "variants": variants}
+
+
+@pytest.fixture(scope="module")
+def image_case(tmp_path_factory):
+    """Three image variants with MLflow training runs; the report built twice."""
+    root = tmp_path_factory.mktemp("image")
+    params = parse_params(make_params(IMAGE_VARIANTS))
+    uri = tracking.resolve_tracking_uri("", root)
+    exp = tracking.experiment_id(uri, "scorelab-digits", root)
+    run_ids, losses = {}, {}
+    for i, name in enumerate(IMAGE_VARIANTS):
+        run_id = tracking.start_or_resume_run(uri, exp, f"key-{name}", name, {"variant": name})
+        logger = tracking.RunLogger(uri, run_id)
+        losses[name] = [1.0 / (1 + step / 100) + 0.1 * i for step in range(50, 501, 50)]
+        for step, loss in zip(range(50, 501, 50), losses[name]):
+            logger.metrics({"loss": loss}, step=step)
+        logger.finish()
+        run_ids[name] = run_id
+    evals = write_inputs(root, IMAGE_SETTINGS, image=True, run_ids=run_ids)
+    first = build_report(params, root=root)
+    second = build_report(params, root=root)
+    return {"root": root, "params": params, "uri": uri, "exp": exp, "run_ids": run_ids, "evals": evals,
+            "best": expected_best(evals, "domain_fd"), "first": first, "result": second}
+
+
+def test_every_output_is_written(image_case):
+    reports = image_case["root"] / "reports"
+    for name in OUTPUTS:
+        assert (reports / name).is_file() and (reports / name).stat().st_size > 0, name
+    assert not [p for p in reports.iterdir() if p.name.startswith(".")], "no temporary files left behind"
+    import matplotlib.image as mpimg
+
+    for name in ("fid_vs_nfe.png", "loss_curves.png", "samples.png"):
+        assert mpimg.imread(reports / name).ndim == 3
+    assert image_case["result"]["files"]["comparison"] == reports / "comparison.md"
+    assert image_case["result"]["primary_metric"] == "domain_fd"
+    assert image_case["result"]["notes"] == []
+
+
+def test_comparison_md_has_every_variant_setting_baseline_and_best(image_case):
+    md = (image_case["root"] / "reports" / "comparison.md").read_text()
+    for variant, table in IMAGE_SETTINGS.items():
+        assert f"| {variant} |" in md
+        for key in table:
+            assert key in md
+    assert "real vs real (baseline)" in md and "0.05 ± 0.01" in md
+    assert "3 seeds of N = 256 samples per seed" in md and "256 × 3" in md
+    for variant, (key, value) in image_case["best"].items():
+        assert f"**{key}** (best)" in md, variant
+        s = image_case["evals"][variant]["settings"][key]
+        assert f"**{s['domain_fd_mean']:.4g} ± {s['domain_fd_std']:.2g}**" in md
+    # every metric as mean ± std
+    s = image_case["evals"]["vp"]["settings"]["dpm_solver-20"]
+    for m in ("domain_fd", "kid", "precision", "recall"):
+        assert f"{s[m + '_mean']:.4g} ± {s[m + '_std']:.2g}" in md, m
+    assert "143.7" in md, "the adaptive ODE's mean NFE"
+    assert "bits/dim" in md and "1.5 ± 0.01" in md and "uniform" in md
+    assert "2000" in md and "100.5 s" in md and "220 s (3.7 min)" in md, "training steps and time"
+    assert "not computed" in md and "no Inception weights offline" in md
+    for fig in ("](fid_vs_nfe.png)", "](loss_curves.png)", "](samples.png)", "](fid_vs_nfe.csv)"):
+        assert fig in md
+    best_ve = image_case["best"]["ve"][0]
+    assert f"](../outputs/samples/ve/{best_ve}/grid.png)" in md, "grids linked by relative path"
+    assert image_case["result"]["mlflow_run_id"] in md
+
+
+def test_metrics_json_holds_the_minima(image_case):
+    metrics = json.loads((image_case["root"] / "reports" / "metrics.json").read_text())
+    assert image_case["result"]["metrics"] == metrics
+    assert metrics["baseline_domain_fd"] == 0.05
+    for i, (variant, (key, value)) in enumerate(image_case["best"].items()):
+        assert metrics[variant]["best_setting"] == key
+        assert metrics[variant]["best_domain_fd"] == value
+        assert metrics[variant]["bits_per_dim"] == pytest.approx(1.5 + 0.1 * i)
+        assert metrics[variant]["train_seconds"] == pytest.approx(100.5 + 60 * i)
+    assert image_case["result"]["best"] == {v: k for v, (k, _) in image_case["best"].items()}
+
+
+def test_csv_has_one_row_per_variant_and_setting(image_case):
+    with open(image_case["root"] / "reports" / "fid_vs_nfe.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["variant", "method", "setting", "nfe", "value", "std"]
+    assert sorted((r["variant"], r["setting"]) for r in rows) == sorted(
+        (v, k) for v, table in IMAGE_SETTINGS.items() for k in table)
+    by_key = {(r["variant"], r["setting"]): r for r in rows}
+    s = image_case["evals"]["ve"]["settings"]["heun-10"]
+    assert float(by_key["ve", "heun-10"]["value"]) == s["domain_fd_mean"]
+    assert float(by_key["ve", "heun-10"]["std"]) == s["domain_fd_std"]
+    assert by_key["ve", "heun-10"]["nfe"] == "19" and by_key["ve", "heun-10"]["method"] == "heun"
+
+
+def test_one_comparison_run_with_artifacts_and_tagged_training_runs(image_case):
+    client = tracking.client(image_case["uri"])
+    key = comparison_run_key(list(IMAGE_VARIANTS))
+    runs = client.search_runs([image_case["exp"]], filter_string=f"tags.`{tracking.RUN_KEY_TAG}` = '{key}'")
+    assert len(runs) == 1, "a re-run updates the same comparison run"
+    assert len(client.search_runs([image_case["exp"]], filter_string="attributes.run_name = 'comparison'")) == 1
+    run = runs[0]
+    assert run.info.run_id == image_case["first"]["mlflow_run_id"] == image_case["result"]["mlflow_run_id"]
+    assert run.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= set(OUTPUTS)
+    for variant, (best_key, value) in image_case["best"].items():
+        assert run.data.metrics[f"best_domain_fd/{variant}"] == pytest.approx(value)
+        train_run = client.get_run(image_case["run_ids"][variant])
+        assert train_run.data.tags["best_setting"] == best_key
+        assert train_run.data.metrics["best_domain_fd"] == pytest.approx(value)
+    assert len(client.search_runs([image_case["exp"]])) == len(IMAGE_VARIANTS) + 1
+
+
+def test_two_d_data_without_mlflow(tmp_path):
+    params = parse_params(make_params(TOY_VARIANTS, source="toy2d"))
+    evals = write_inputs(tmp_path, TOY_SETTINGS, image=False, seed=1, nan_setting=("vp", "ddim-10"))
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "loss_curves.png").write_bytes(b"stale")
+    result = build_report(params, root=tmp_path, log_to_mlflow=False)
+
+    reports = tmp_path / "reports"
+    assert result["primary_metric"] == "sliced_w2" and result["mlflow_run_id"] is None
+    assert not (reports / "loss_curves.png").exists(), "a stale figure from an earlier run is removed"
+    assert not (tmp_path / "mlflow.db").exists(), "MLflow is not touched"
+    for name in set(OUTPUTS) - {"loss_curves.png"}:
+        assert (reports / name).is_file(), name
+    md = (reports / "comparison.md").read_text()
+    assert "Training loss" in md and "Skipped: MLflow was not contacted" in md
+    assert "test log-likelihood" in md and "| -2.8 ± 0.02 | 500 |" in md
+    assert "| -2.9 | 500 |" in md, "a null stderr: the mean alone"
+    assert "true density on the same points" in md and "| -2.5 |" in md
+    assert "Baseline: 1000 random train points per seed against the test split." in md
+    assert "N = 1000 samples per seed" in md
+    metrics = json.loads((reports / "metrics.json").read_text())
+    for variant, (key, value) in expected_best(evals, "sliced_w2").items():
+        assert key != "ddim-10" or variant != "vp", "a NaN result is never the best"
+        assert metrics[variant]["best_setting"] == key and metrics[variant]["best_sliced_w2"] == value
+        assert f"**{key}** (best)" in md
+    assert metrics["vp"]["test_loglik"] == pytest.approx(-2.8)
+    with open(reports / "fid_vs_nfe.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == sum(map(len, TOY_SETTINGS.values()))
+    assert [r["value"] for r in rows if r["setting"] == "ddim-10"] == [""]
+
+
+def test_unreachable_tracking_server_is_a_note_not_a_crash(tmp_path):
+    params = parse_params(make_params(TOY_VARIANTS, source="toy2d", tracking_uri="http://127.0.0.1:9"))
+    write_inputs(tmp_path, TOY_SETTINGS, image=False)
+    path = tmp_path / "outputs" / "eval" / "subvp" / "metrics.json"
+    data = json.loads(path.read_text())
+    data["baseline"]["sliced_w2_mean"] = 0.07  # evaluated at another N: one baseline row per variant
+    path.write_text(json.dumps(data))
+    result = build_report(params, root=tmp_path)
+    md = (tmp_path / "reports" / "comparison.md").read_text()
+    assert "unreachable" in md and "Nothing logged to MLflow" in md
+    assert "| real vs real (vp) |" in md and "| real vs real (subvp) |" in md
+    assert result["metrics"]["baseline_sliced_w2"] == pytest.approx(0.06)
+    assert not (tmp_path / "reports" / "loss_curves.png").exists()
+    assert (tmp_path / "reports" / "samples.png").is_file()
+    assert any("unreachable" in n for n in result["notes"])
+
+
+def test_missing_eval_metrics_names_the_file_and_writes_nothing(tmp_path):
+    params = parse_params(make_params(IMAGE_VARIANTS))
+    write_inputs(tmp_path, IMAGE_SETTINGS, image=True)
+    (tmp_path / "outputs" / "eval" / "vp" / "metrics.json").unlink()
+    with pytest.raises(ReportError) as e:
+        build_report(params, root=tmp_path, log_to_mlflow=True)
+    message = str(e.value)
+    assert "outputs/eval/vp/metrics.json" in message and "evaluate stage" in message
+    assert "\n" not in message
+    assert e.value.missing == [tmp_path.resolve() / "outputs" / "eval" / "vp" / "metrics.json"]
+    assert not (tmp_path / "reports").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_missing_grid_and_bad_json_are_report_errors(tmp_path):
+    params = parse_params(make_params(IMAGE_VARIANTS))
+    evals = write_inputs(tmp_path, IMAGE_SETTINGS, image=True)
+    best = expected_best(evals, "domain_fd")["ddpm"][0]
+    grid = tmp_path / "outputs" / "samples" / "ddpm" / best / "grid.png"
+    grid.unlink()
+    with pytest.raises(ReportError, match=rf"outputs/samples/ddpm/{best}/grid.png \(made by the sample stage"):
+        build_report(params, root=tmp_path, log_to_mlflow=False)
+    (tmp_path / "outputs" / "train" / "ve" / "metrics.json").write_text("{not json")
+    with pytest.raises(ReportError, match=r"outputs/train/ve/metrics.json: invalid JSON at line 1"):
+        build_report(params, root=tmp_path, log_to_mlflow=False)
+    assert not (tmp_path / "reports").exists()
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "pipeline" / "report.py"), *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_script_exit_codes(tmp_path):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(make_params(TOY_VARIANTS, source="toy2d")))
+
+    missing = run_script("--params", str(params_file), "--root", str(tmp_path), "--no-mlflow")
+    assert missing.returncode == 1, missing.stderr
+    assert "outputs/train/vp/metrics.json" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+    write_inputs(tmp_path, TOY_SETTINGS, image=False)
+    ok = run_script("--params", str(params_file), "--root", str(tmp_path), "--no-mlflow")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == str(tmp_path.resolve() / "reports" / "comparison.md")
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**make_params(TOY_VARIANTS), "sed": 1}))
+    assert run_script("--params", str(bad), "--root", str(tmp_path)).returncode == 2
