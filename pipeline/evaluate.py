@@ -1,0 +1,89 @@
+"""DVC stage `evaluate`: distances of one variant's samples to the test split, against NFE, with a
+real-vs-real baseline at the same sample size and the model's bits/dim of test images.
+
+    python pipeline/evaluate.py --params params.yaml --variant vp [--samples outputs/samples/vp]
+        [--featurizer outputs/featurizer] [--model outputs/train/vp/model.pt] [--out outputs/eval/vp]
+        [--root .] [--no-mlflow] [--bpd-samples 64] [--probes 4]
+
+Writes <out>/metrics.json (only once everything is computed) and <out>/fid_vs_nfe.csv (format:
+scorelab.evaluate), and logs the distances at step = NFE, the baseline, bits/dim and the files into the
+variant's MLflow training run. Exit codes: 0 done, 2 invalid params, arguments or unknown variant,
+1 a missing input (the message names the file and the stage that makes it) or samples that fail their
+checks (the message names the setting's folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scorelab.config import ConfigError, load_params
+from scorelab.data import DataError
+from scorelab.evaluate import EvaluateError, evaluate_variant
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--samples", default=None, help="default: outputs/samples/<variant>")
+    parser.add_argument("--featurizer", default=None, help="default: outputs/featurizer")
+    parser.add_argument("--model", default=None, help="default: outputs/train/<variant>/model.pt")
+    parser.add_argument("--out", default=None, help="default: outputs/eval/<variant>")
+    parser.add_argument("--root", default=".", help="repository root (dataset, MLflow store, default paths)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to the variant's MLflow run")
+    parser.add_argument("--bpd-samples", type=int, default=64,
+                        help="test images for bits/dim (2-D data: test points for the log-likelihood); 0 skips")
+    parser.add_argument("--probes", type=int, default=4, help="Hutchinson probes per image for bits/dim")
+    args = parser.parse_args(argv)
+
+    try:
+        params = load_params(args.params)
+    except ConfigError as e:
+        print(f"{args.params}: {len(e.problems)} problem(s)", file=sys.stderr)
+        print("\n".join(e.problems), file=sys.stderr)
+        return 2
+    if args.variant not in params.variants:
+        print(f"--variant {args.variant!r} is not in {args.params}; valid: {', '.join(params.variants)}",
+              file=sys.stderr)
+        return 2
+    if args.bpd_samples < 0 or args.probes < 1:
+        print("--bpd-samples must be >= 0 and --probes >= 1", file=sys.stderr)
+        return 2
+    root = Path(args.root).resolve()
+    name = args.variant
+    try:
+        metrics = evaluate_variant(
+            params, name,
+            samples_dir=Path(args.samples) if args.samples else root / "outputs" / "samples" / name,
+            featurizer_dir=Path(args.featurizer) if args.featurizer else root / "outputs" / "featurizer",
+            model_path=Path(args.model) if args.model else root / "outputs" / "train" / name / "model.pt",
+            out_dir=(out := Path(args.out) if args.out else root / "outputs" / "eval" / name),
+            root=root, bpd_samples=args.bpd_samples, probes=args.probes, log_to_mlflow=not args.no_mlflow,
+        )
+    except (EvaluateError, DataError) as e:
+        print(f"evaluate {name}: {e}", file=sys.stderr)
+        return 1
+    primary = metrics["primary_metric"]
+
+    def pm(d: dict) -> str:
+        mean, std = d.get(f"{primary}_mean"), d.get(f"{primary}_std")
+        return "n/a" if mean is None else f"{mean:.4g}" + ("" if std is None else f" ± {std:.2g}")
+
+    print(f"{name}: N = {metrics['n_per_seed']} per seed, {metrics['seeds']} seed(s); "
+          f"{primary} (mean ± std over seeds)")
+    for key, r in metrics["settings"].items():
+        print(f"  {key:<24} NFE {r['nfe']!s:>6}  {pm(r)}")
+    print(f"  {'real-vs-real baseline':<24} {'':>10}  {pm(metrics['baseline'])}")
+    lik = metrics.get("bits_per_dim") or metrics.get("test_loglik")
+    if lik:
+        unit = "bits/dim" if "bits_per_dim" in metrics else "nats (test log-likelihood)"
+        err = "" if lik["stderr"] is None else f" ± {lik['stderr']:.3g}"
+        print(f"  {unit}: {lik['mean']:.4g}{err}")
+    print(f"-> {out / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

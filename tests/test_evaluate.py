@@ -1,0 +1,287 @@
+"""The featurizer and evaluate stages (scorelab.evaluate, pipeline/featurizer.py, pipeline/evaluate.py)
+on real inputs: prepared digits and toy data, models with random weights exported like trained ones,
+samples drawn by scorelab.generate through a real local Ray, and a local sqlite MLflow store.
+
+A random model is far from the data, so its distances must come out far above the real-vs-real
+baseline at the same N; per-seed values are checked against the metric functions called directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from scorelab import tracking
+from scorelab.config import load_params
+from scorelab.data import load_manifest, prepare, read_split
+from scorelab.evaluate import EvaluateError, _inception_fid, evaluate_variant
+from scorelab.features import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, domain_frechet, load_classifier
+from scorelab.generate import dequantize, generate, load_samples
+from scorelab.metrics import sliced_wasserstein
+from scorelab.training import build_model, export_model
+
+REPO = Path(__file__).resolve().parents[1]
+UNET = {"type": "unet", "channels": 8, "channel_mult": [1], "num_res_blocks": 1, "attn_resolutions": [],
+        "dropout": 0.0}
+MLP = {"type": "mlp", "hidden": 32, "layers": 2, "emb_dim": 16}
+N = 32  # samples per seed (images); the 2-D data gets 64
+SEEDS = (0, 1, 2)
+FAST = ["--bpd-samples", "6", "--probes", "2"]  # a few test images suffice to check bits/dim's bookkeeping
+
+
+def load_stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_stage", REPO / "pipeline" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+featurizer_main, evaluate_main = load_stage("featurizer"), load_stage("evaluate")
+
+
+def make_project(root: Path, data: dict, variant: dict, n: int) -> dict:
+    """params.yaml, the prepared data, an MLflow run, a random-weights model.pt carrying that run's id
+    and n samples per seed of every setting: what the earlier stages leave under root."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "data": data, "variants": {"v": variant}}))
+    params = load_params(root / "params.yaml")
+    manifest = prepare(params.data.model_copy(update={"out_dir": str(root / "data" / "prepared")}), seed=0)
+    uri = tracking.resolve_tracking_uri("", root)
+    exp = tracking.experiment_id(uri, f"scorelab-{manifest.source}", root)
+    run_id = tracking.start_or_resume_run(uri, exp, "key-v", "v", {})
+
+    vcfg = params.variants["v"]
+    torch.manual_seed(0)
+    model = build_model(vcfg, manifest.shape)
+    with torch.no_grad():  # the U-Net's output layer starts at zero: perturb so the score depends on x
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    state = {"ema": {"module." + k: t for k, t in model.state_dict().items()}, "step": 0, "config_hash": "x",
+             "run_id": run_id}
+    model_path = export_model(state, vcfg, manifest.shape, root / "outputs" / "train" / "v" / "model.pt")
+    samples = root / "outputs" / "samples" / "v"
+    generate(model_path, samples, n_samples=n, seeds=SEEDS, batch_size=n, num_workers=1, progress=False)
+    return {"root": root, "params": params, "uri": uri, "exp": exp, "run_id": run_id, "samples": samples,
+            "args": ["--params", str(root / "params.yaml"), "--variant", "v", "--root", str(root)]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> dict:
+    # edm: a random network's denoiser stays near sigma_data, so pixels spread over 0..255
+    variant = {"sde": {"type": "vp"}, "parameterization": {"type": "edm"}, "net": UNET,
+               "samplers": [{"method": "ddim", "steps": [4, 8]}, {"method": "euler_maruyama", "steps": [5]}]}
+    return make_project(tmp_path_factory.mktemp("digits"), {"source": "digits"}, variant, N)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict:
+    variant = {"sde": {"type": "vp"}, "parameterization": {"type": "eps"}, "net": MLP,
+               "samplers": [{"method": "ddim", "steps": [4]}, {"method": "ancestral", "steps": [6]}]}
+    data = {"source": "toy2d", "toy": {"kind": "gaussian_mixture", "n_train": 2000, "n_test": 500}}
+    return make_project(tmp_path_factory.mktemp("toy"), data, variant, 64)
+
+
+@pytest.fixture(scope="module")
+def featurizer(digits) -> Path:
+    assert featurizer_main(["--params", str(digits["root"] / "params.yaml"), "--root", str(digits["root"])]) == 0
+    return digits["root"] / "outputs" / "featurizer"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_featurizer_on_digits_and_toy(featurizer, toy, capsys):
+    metrics = json.loads((featurizer / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 0.95 and metrics["train_seconds"] > 0
+    model, meta = load_classifier(featurizer / "classifier.pt")
+    assert meta["test_accuracy"] == metrics["test_accuracy"]
+    x_test = read_split(load_manifest(featurizer.parents[1] / "data" / "prepared" / "digits").root, "test")
+    with np.load(featurizer / "ref_test.npz") as z:
+        assert z["mu"].shape == (64,) and z["sigma"].shape == (64, 64)
+        assert domain_frechet(model, x_test, z["mu"], z["sigma"]) == pytest.approx(0, abs=1e-6)  # its own stats
+    with np.load(featurizer / "ref_train.npz") as z:
+        assert z["mu"].shape == (64,) and domain_frechet(model, x_test, z["mu"], z["sigma"]) > 0
+
+    out = toy["root"] / "outputs" / "featurizer"
+    assert featurizer_main(["--params", str(toy["root"] / "params.yaml"), "--root", str(toy["root"])]) == 0
+    assert json.loads((out / "metrics.json").read_text()) == {
+        "skipped": "2-D data: distances are computed on the points themselves"}
+    assert [p.name for p in out.iterdir()] == ["metrics.json"]
+    assert "skipped" in capsys.readouterr().out
+
+    elsewhere = toy["root"] / "unprepared"  # the same params, a root without the prepared data
+    assert featurizer_main(["--params", str(toy["root"] / "params.yaml"), "--root", str(elsewhere)]) == 1
+    assert "manifest.json: not found" in capsys.readouterr().err
+    (elsewhere / "bad.yaml").parent.mkdir()
+    (elsewhere / "bad.yaml").write_text("seed: -1\nvariants: {}\n")
+    assert featurizer_main(["--params", str(elsewhere / "bad.yaml")]) == 2
+    assert "seed: must be >= 0" in capsys.readouterr().err
+
+
+def test_inception_fid_is_never_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
+    absent = _inception_fid()
+    assert absent["inception_fid"] is None and "no local Inception weights" in absent["inception_fid_reason"]
+    weights = tmp_path / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"not read")
+    found = _inception_fid()
+    assert found["inception_fid"] is None and str(weights) in found["inception_fid_reason"]
+    assert "not implemented" in found["inception_fid_reason"]
+    monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(tmp_path / "typo.pth"))
+    assert "typo.pth: file not found" in _inception_fid()["inception_fid_reason"]
+
+
+def test_evaluate_digits_settings_baseline_bpd_and_mlflow(digits, featurizer, capsys):
+    out = digits["root"] / "outputs" / "eval" / "v"
+    assert evaluate_main(digits["args"] + FAST) == 0
+    printed = capsys.readouterr().out
+    assert "real-vs-real baseline" in printed and "bits/dim" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["variant"], m["sde"], m["n_per_seed"], m["seeds"], m["seed_ids"]) == ("v", "vp", N, 3, [0, 1, 2])
+    assert list(m["settings"]) == ["ddim-4", "ddim-8", "euler_maruyama-5"]
+    names = ("domain_fd", "kid", "precision", "recall")
+    for key, r in m["settings"].items():
+        assert r["seeds"] == 3 and isinstance(r["nfe"], int)
+        for name in names:
+            assert r[f"{name}_mean"] is not None and r[f"{name}_std"] >= 0
+    assert [m["settings"][k]["nfe"] for k in ("ddim-4", "ddim-8")] == [4, 8]
+
+    # per-seed distances are features.domain_frechet of the stored samples; mean and std over seeds
+    clf, _ = load_classifier(featurizer / "classifier.pt")
+    with np.load(featurizer / "ref_test.npz") as z:
+        ref = z["mu"], z["sigma"]
+    fds = [domain_frechet(clf, dequantize(load_samples(digits["samples"], "ddim-8", s)), *ref) for s in SEEDS]
+    r = m["settings"]["ddim-8"]
+    assert [r["per_seed"][str(s)]["domain_fd"] for s in SEEDS] == pytest.approx(fds, rel=1e-9)
+    assert r["domain_fd_mean"] == pytest.approx(np.mean(fds))
+    assert r["domain_fd_std"] == pytest.approx(np.std(fds, ddof=1))
+
+    base = m["baseline"]
+    assert base["seeds"] == 3 and all(base[f"{n}_mean"] is not None for n in names)
+    worst_model = min(r["domain_fd_mean"] for r in m["settings"].values())
+    assert base["domain_fd_mean"] < 0.25 * worst_model  # real digits are far closer than noise-like samples
+    assert base["domain_fd_train_full"] < base["domain_fd_mean"]  # the bias shrinks with N
+    assert base["precision_mean"] > max(r["precision_mean"] for r in m["settings"].values())
+
+    bpd = m["bits_per_dim"]
+    assert np.isfinite(bpd["mean"]) and bpd["stderr"] > 0 and bpd["n"] == 6 and bpd["probes"] == 2
+    assert bpd["dequantization"] == "uniform, y = (x + u)/256, model x = 2y - 1"
+    assert m["inception_fid"] is None and m["inception_fid_reason"]
+    assert m["classifier"]["test_accuracy"] >= 0.95
+    rows = (out / "fid_vs_nfe.csv").read_text().splitlines()
+    assert rows[0].startswith("variant,setting,method,steps,nfe,domain_fd_mean,domain_fd_std")
+    assert rows[2].startswith("v,ddim-8,ddim,8,8,") and len(rows) == 4
+
+    # MLflow: the training run gets the distance against NFE per sampler, the baseline, bits/dim, files
+    client = tracking.client(digits["uri"])
+    run_id = digits["run_id"]
+
+    def history() -> dict[str, list[tuple[int, float]]]:
+        keys = client.get_run(run_id).data.metrics
+        return {k: sorted((p.step, p.value) for p in client.get_metric_history(run_id, k)) for k in keys}
+
+    logged = history()
+    assert logged["eval_domain_fd_ddim"] == [(4, m["settings"]["ddim-4"]["domain_fd_mean"]),
+                                             (8, m["settings"]["ddim-8"]["domain_fd_mean"])]
+    em = m["settings"]["euler_maruyama-5"]
+    assert logged["eval_domain_fd_euler_maruyama"] == [(em["nfe"], em["domain_fd_mean"])]
+    assert logged["eval_domain_fd_baseline"] == [(0, base["domain_fd_mean"])]
+    assert logged["eval_bits_per_dim"] == [(0, bpd["mean"])]
+    artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
+    assert {"eval/metrics.json", "eval/fid_vs_nfe.csv", "eval/ddim-4"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run_id, "eval/ddim-4")] == ["eval/ddim-4/grid.png"]
+
+    # a rerun: the same values into the same run, no new run and no repeated points
+    assert evaluate_main(digits["args"] + FAST) == 0
+    assert json.loads((out / "metrics.json").read_text()) == m
+    assert len(client.search_runs([digits["exp"]])) == 1
+    assert history() == logged
+
+
+def test_evaluate_toy_mixture(toy):
+    out = toy["root"] / "outputs" / "eval" / "v"
+    m = evaluate_variant(toy["params"], "v", samples_dir=toy["samples"], featurizer_dir=toy["root"] / "none",
+                         model_path=toy["root"] / "outputs" / "train" / "v" / "model.pt", out_dir=out,
+                         root=toy["root"], bpd_samples=16, log_to_mlflow=False)
+    assert json.loads((out / "metrics.json").read_text()) == m
+    assert m["primary_metric"] == "sliced_w2" and m["n_per_seed"] == 64 and m["seeds"] == 3
+    for r in m["settings"].values():
+        for name in ("sliced_w2", "mmd", "data_loglik"):
+            assert r[f"{name}_mean"] is not None and r[f"{name}_std"] >= 0
+    assert "higher is better" in m["metrics"]["data_loglik"]
+    base = m["baseline"]
+    assert base["sliced_w2_mean"] < min(r["sliced_w2_mean"] for r in m["settings"].values())
+    assert base["data_loglik_mean"] > max(r["data_loglik_mean"] for r in m["settings"].values())
+
+    # the baseline is the documented subset: N train points drawn from (params.seed, seed)
+    manifest = load_manifest(toy["root"] / "data" / "prepared" / "toy2d")
+    x_train, x_test = read_split(manifest.root, "train"), read_split(manifest.root, "test")
+    idx = np.sort(np.random.default_rng([0, 1]).choice(len(x_train), 64, replace=False))
+    assert base["per_seed"]["1"]["sliced_w2"] == pytest.approx(sliced_wasserstein(x_train[idx], x_test), rel=1e-12)
+
+    lik = m["test_loglik"]
+    assert lik["units"] == "nats" and lik["divergence"] == "exact" and lik["n"] == 16
+    assert np.isfinite(lik["mean"]) and lik["stderr"] > 0
+    assert lik["data_mean"] == pytest.approx(float(manifest.gaussian_mixture().log_prob(x_test[:16].double()).mean()))
+    assert m["inception_fid"] is None and "bits_per_dim" not in m
+
+    # a non-finite sample fails the check, naming the setting's folder, and leaves no metrics.json
+    bad = toy["root"] / "bad_samples"
+    shutil.copytree(toy["samples"], bad)
+    chunk = bad / "ancestral-6" / "seed2" / "chunk-0-64.npz"
+    with np.load(chunk) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["x"][5, 1] = np.nan
+    np.savez(chunk, **arrays)
+    with pytest.raises(EvaluateError, match=r"ancestral-6/seed2: expected finite values, found 1 NaN"):
+        evaluate_variant(toy["params"], "v", samples_dir=bad, featurizer_dir=toy["root"] / "none",
+                         model_path=toy["root"] / "outputs" / "train" / "v" / "model.pt", out_dir=out,
+                         root=toy["root"], log_to_mlflow=False)
+    assert not (out / "metrics.json").exists()
+
+
+def test_stage_bad_samples_and_missing_inputs(digits, featurizer, tmp_path, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")  # a stale result must not survive a failed evaluation
+    bad = tmp_path / "samples"
+    shutil.copytree(digits["samples"], bad)
+    chunk = bad / "ddim-8" / "seed1" / f"chunk-0-{N}.npz"
+    with np.load(chunk) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["x"] = arrays["x"][:, ::2, ::2]  # a valid chunk file of 8x8 images where 16x16 belong
+    np.savez(chunk, **arrays)
+    args = digits["args"] + ["--samples", str(bad), "--out", str(out), "--no-mlflow"]
+    assert evaluate_main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{bad / 'ddim-8' / 'seed1'}: expected shape (N, 1, 16, 16), found ({N}, 1, 8, 8)" in err
+    assert err.count("\n") == 1 and not (out / "metrics.json").exists()
+
+    missing = [(["--model", str(tmp_path / "none.pt")], f"{tmp_path / 'none.pt'}: model file not found", "train stage"),
+               (["--samples", str(tmp_path / "nothing")], str(tmp_path / "nothing" / "ddim-4"), "sample stage"),
+               (["--featurizer", str(tmp_path)], str(tmp_path / "classifier.pt"), "featurizer stage")]
+    for extra, path, stage in missing:
+        assert evaluate_main(digits["args"] + ["--out", str(out), "--no-mlflow"] + extra) == 1
+        err = capsys.readouterr().err
+        assert path in err and stage in err
+    assert evaluate_main(["--params", str(digits["root"] / "params.yaml"), "--variant", "nope"]) == 2
+    assert "'nope'" in capsys.readouterr().err
+    assert not (out / "metrics.json").exists()
