@@ -31,30 +31,51 @@ def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
-def test_dvc_repro_prepares_and_trains_then_is_a_no_op(tmp_path):
+def test_dvc_repro_runs_the_whole_dag_then_is_a_no_op(tmp_path):
+    """The tiny 2-D profile through every stage: prepare, featurizer, train, sample, evaluate, report."""
     repo = tmp_path / "repo"
     _copy_repo(repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"] = {"source": "toy2d", "out_dir": "data/prepared", "toy": {"n_train": 1000, "n_test": 200}}
+    params["data"] = {"source": "toy2d", "out_dir": "data/prepared", "toy": {"n_train": 1000, "n_test": 300}}
     params["train"].update({"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 3, "warmup_steps": 0})
-    params["variants"] = {"vp": {**params["variants"]["vp"], "net": {"type": "mlp", "hidden": 32, "layers": 2}}}
-    params["variants"]["vp"]["samplers"] = [{"method": "dpm_solver", "steps": [10]}]
+    mlp = {"type": "mlp", "hidden": 32, "layers": 2}
+    params["variants"] = {
+        "vp": {**params["variants"]["vp"], "net": mlp, "samplers": [{"method": "dpm_solver", "steps": [5, 10]}]},
+        "ve": {**params["variants"]["ve"], "net": mlp, "samplers": [{"method": "heun", "steps": [5]}]},
+    }
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     first = _dvc(repo, "repro")
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     assert (repo / "data" / "prepared" / "toy2d" / "manifest.json").exists()
-    for name in ("model.pt", "config.json", "samples_final.png", "metrics.json"):
-        assert (repo / "outputs" / "train" / "vp" / name).exists(), name
-    assert json.loads((repo / "outputs" / "train" / "vp" / "metrics.json").read_text())["steps"] == 6
+    assert json.loads((repo / "outputs" / "featurizer" / "metrics.json").read_text())["skipped"]
+    for name in ("vp", "ve"):
+        for f in ("model.pt", "config.json", "samples_final.png", "metrics.json"):
+            assert (repo / "outputs" / "train" / name / f).exists(), (name, f)
+        evaluation = json.loads((repo / "outputs" / "eval" / name / "metrics.json").read_text())
+        assert evaluation["seeds"] >= 3 and evaluation["baseline"]["sliced_w2_mean"] > 0
+    assert set(json.loads((repo / "outputs" / "eval" / "vp" / "metrics.json").read_text())["settings"]) == {
+        "dpm_solver-5", "dpm_solver-10"}
+    for f in ("comparison.md", "fid_vs_nfe.png", "samples.png", "metrics.json", "fid_vs_nfe.csv"):
+        assert (repo / "reports" / f).exists(), f
+    table = (repo / "reports" / "comparison.md").read_text()
+    assert "dpm_solver" in table and "heun" in table
+
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert {"prepare", "train@vp"} <= set(lock["stages"])
-    assert (repo / "mlflow.db").exists(), "the default MLflow store lives in the repository root"
+    assert {"prepare", "featurizer", "train@vp", "sample@ve", "evaluate@vp", "report"} <= set(lock["stages"])
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {"vp", "ve", "comparison"}, "one run per variant plus the comparison"
+    history = client.get_metric_history(by_name["vp"].info.run_id, "eval_sliced_w2_dpm_solver")
+    assert sorted(m.step for m in history) == [5, 10], "evaluation logged against NFE on the training run"
 
     shown = _dvc(repo, "metrics", "show")
-    assert shown.returncode == 0 and "outputs/train/vp/metrics.json" in shown.stdout
+    assert shown.returncode == 0 and "reports/metrics.json" in shown.stdout
 
     again = _dvc(repo, "repro")
     assert again.returncode == 0
-    assert "didn't change" in again.stdout or "up to date" in again.stdout
-    assert "Running stage" not in again.stdout
+    assert "Running stage" not in again.stdout, again.stdout
