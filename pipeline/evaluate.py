@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from scorelab.config import ConfigError, load_params
+from scorelab.cli import load_or_report
 from scorelab.data import DataError
 from scorelab.evaluate import EvaluateError, evaluate_variant
 
@@ -38,15 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probes", type=int, default=4, help="Hutchinson probes per image for bits/dim")
     args = parser.parse_args(argv)
 
-    try:
-        params = load_params(args.params)
-    except ConfigError as e:
-        print(f"{args.params}: {len(e.problems)} problem(s)", file=sys.stderr)
-        print("\n".join(e.problems), file=sys.stderr)
-        return 2
-    if args.variant not in params.variants:
-        print(f"--variant {args.variant!r} is not in {args.params}; valid: {', '.join(params.variants)}",
-              file=sys.stderr)
+    params = load_or_report(args.params, args.variant)
+    if params is None:
         return 2
     if args.bpd_samples < 0 or args.probes < 1:
         print("--bpd-samples must be >= 0 and --probes >= 1", file=sys.stderr)

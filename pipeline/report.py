@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from scorelab.config import ConfigError, load_params
+from scorelab.cli import load_or_report
 from scorelab.report import ReportError, build_report
 
 
@@ -27,11 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mlflow", action="store_true", help="neither read from nor log to MLflow")
     args = parser.parse_args(argv)
 
-    try:
-        params = load_params(args.params)
-    except ConfigError as e:
-        print(f"{args.params}: {len(e.problems)} problem(s)", file=sys.stderr)
-        print("\n".join(e.problems), file=sys.stderr)
+    params = load_or_report(args.params)
+    if params is None:
         return 2
     root = Path(args.root).resolve()
     try:

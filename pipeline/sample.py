@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from scorelab.config import ConfigError, load_params
+from scorelab.cli import load_or_report
 from scorelab.generate import GenerateError, generate
 
 
@@ -34,15 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    try:
-        params = load_params(args.params)
-    except ConfigError as e:
-        print(f"{args.params}: {len(e.problems)} problem(s)", file=sys.stderr)
-        print("\n".join(e.problems), file=sys.stderr)
-        return 2
-    if args.variant not in params.variants:
-        print(f"--variant {args.variant!r} is not in {args.params}; valid: {', '.join(params.variants)}",
-              file=sys.stderr)
+    params = load_or_report(args.params, args.variant)
+    if params is None:
         return 2
     if args.n < 1 or args.batch_size < 1 or args.workers < 1:
         print("--n, --batch-size and --workers must be >= 1", file=sys.stderr)

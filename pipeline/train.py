@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from scorelab.config import ConfigError, load_params
+from scorelab.cli import load_or_report
 from scorelab.data import DataError
 from scorelab.tracking import TrackingError
 from scorelab.training import TrainingError, train_variant
@@ -28,15 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".", help="repository root (MLflow store, relative paths)")
     args = parser.parse_args(argv)
 
-    try:
-        params = load_params(args.params)
-    except ConfigError as e:
-        print(f"{args.params}: {len(e.problems)} problem(s)", file=sys.stderr)
-        print("\n".join(e.problems), file=sys.stderr)
-        return 2
-    if args.variant not in params.variants:
-        print(f"--variant {args.variant!r} is not in {args.params}; valid: {', '.join(params.variants)}",
-              file=sys.stderr)
+    params = load_or_report(args.params, args.variant)
+    if params is None:
         return 2
     root = Path(args.root).resolve()
     out = Path(args.out) if args.out else root / "outputs" / "train" / args.variant

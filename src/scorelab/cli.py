@@ -17,19 +17,24 @@ def _summary(path: str, params: Params) -> str:
             f"{settings} sampler settings")
 
 
-def _load(path: str) -> Params | None:
-    """Params, or None after printing every problem to stderr."""
+def load_or_report(path: str, variant: str | None = None) -> Params | None:
+    """Params, or None after printing every problem to stderr (callers exit 2). With `variant`, also
+    refuse a variant the file does not define. Shared by this CLI and the pipeline stage scripts."""
     try:
-        return load_params(path)
+        params = load_params(path)
     except ConfigError as e:
         print(f"{path}: {len(e.problems)} problem(s)", file=sys.stderr)
         for p in e.problems:
             print(p, file=sys.stderr)
         return None
+    if variant is not None and variant not in params.variants:
+        print(f"--variant {variant!r} is not in {path}; valid: {', '.join(params.variants)}", file=sys.stderr)
+        return None
+    return params
 
 
 def _validate(args: argparse.Namespace) -> int:
-    params = _load(args.path)
+    params = load_or_report(args.path)
     if params is None:
         return 2
     print(_summary(args.path, params))
@@ -37,7 +42,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    params = _load(args.params)
+    params = load_or_report(args.params)
     if params is None:
         return 2
     from .demo import run_demo  # lazy: torch-heavy, and `validate` must not need it
