@@ -3,13 +3,18 @@ real-vs-real baseline at the same sample size and the model's bits/dim of test i
 
     python pipeline/evaluate.py --params params.yaml --variant vp [--samples outputs/samples/vp]
         [--featurizer outputs/featurizer] [--model outputs/train/vp/model.pt] [--out outputs/eval/vp]
-        [--root .] [--no-mlflow] [--bpd-samples 64] [--probes 4]
+        [--root .] [--no-mlflow] [--bpd-samples N] [--probes K]
+
+--bpd-samples and --probes override params.evaluate's values. Inception FID is computed when local weights
+exist (params.evaluate.inception_weights, $SCORELAB_INCEPTION_WEIGHTS or the torch hub cache; nothing is
+downloaded), and required when params.evaluate.require_inception is true.
 
 Writes <out>/metrics.json (only once everything is computed) and <out>/fid_vs_nfe.csv (format:
 scorelab.evaluate), and logs the distances at step = NFE, the baseline, bits/dim and the files into the
 variant's MLflow training run. Exit codes: 0 done, 2 invalid params, arguments or unknown variant,
-1 a missing input (the message names the file and the stage that makes it) or samples that fail their
-checks (the message names the setting's folder).
+1 a missing input (the message names the file and the stage that makes it), samples that fail their
+checks (the message names the setting's folder), or Inception weights that are required but absent, or
+invalid (the message names the file or the params field).
 """
 
 from __future__ import annotations
@@ -33,15 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="default: outputs/eval/<variant>")
     parser.add_argument("--root", default=".", help="repository root (dataset, MLflow store, default paths)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to the variant's MLflow run")
-    parser.add_argument("--bpd-samples", type=int, default=64,
-                        help="test images for bits/dim (2-D data: test points for the log-likelihood); 0 skips")
-    parser.add_argument("--probes", type=int, default=4, help="Hutchinson probes per image for bits/dim")
+    parser.add_argument("--bpd-samples", type=int, default=None,
+                        help="test images for bits/dim (2-D data: test points for the log-likelihood); 0 skips "
+                             "(default: params evaluate.bpd_samples)")
+    parser.add_argument("--probes", type=int, default=None,
+                        help="Hutchinson probes per image for bits/dim (default: params evaluate.probes)")
     args = parser.parse_args(argv)
 
     params = load_or_report(args.params, args.variant)
     if params is None:
         return 2
-    if args.bpd_samples < 0 or args.probes < 1:
+    # given flags override params.evaluate (which pydantic has already checked)
+    bpd_samples = params.evaluate.bpd_samples if args.bpd_samples is None else args.bpd_samples
+    probes = params.evaluate.probes if args.probes is None else args.probes
+    if bpd_samples < 0 or probes < 1:
         print("--bpd-samples must be >= 0 and --probes >= 1", file=sys.stderr)
         return 2
     root = Path(args.root).resolve()
@@ -53,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             featurizer_dir=Path(args.featurizer) if args.featurizer else root / "outputs" / "featurizer",
             model_path=Path(args.model) if args.model else root / "outputs" / "train" / name / "model.pt",
             out_dir=(out := Path(args.out) if args.out else root / "outputs" / "eval" / name),
-            root=root, bpd_samples=args.bpd_samples, probes=args.probes, log_to_mlflow=not args.no_mlflow,
+            root=root, bpd_samples=bpd_samples, probes=probes, log_to_mlflow=not args.no_mlflow,
         )
     except (EvaluateError, DataError) as e:
         print(f"evaluate {name}: {e}", file=sys.stderr)
@@ -69,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     for key, r in metrics["settings"].items():
         print(f"  {key:<24} NFE {r['nfe']!s:>6}  {pm(r)}")
     print(f"  {'real-vs-real baseline':<24} {'':>10}  {pm(metrics['baseline'])}")
+    if metrics["inception_fid"] is None:
+        print(f"  Inception FID: not computed ({metrics['inception_fid_reason']})")
+    else:
+        print(f"  Inception FID: {metrics['inception_fid_reason']}")
     lik = metrics.get("bits_per_dim") or metrics.get("test_loglik")
     if lik:
         unit = "bits/dim" if "bits_per_dim" in metrics else "nats (test log-likelihood)"

@@ -4,6 +4,8 @@ samples drawn by scorelab.generate through a real local Ray, and a local sqlite 
 
 A random model is far from the data, so its distances must come out far above the real-vs-real
 baseline at the same N; per-seed values are checked against the metric functions called directly.
+Inception FID runs on a small RGB folder dataset with randomly initialised Inception weights (a forward
+at 299x299 and a 2048-d Frechet distance cost seconds each on one CPU thread).
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ import pytest
 import torch
 import yaml
 
+from PIL import Image
+from test_inception import save_random_inception
+
 from scorelab import tracking
-from scorelab.config import load_params
+from scorelab.config import EvalConfig, load_params
 from scorelab.data import load_manifest, prepare, read_split
-from scorelab.evaluate import EvaluateError, _inception_fid, evaluate_variant
-from scorelab.features import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, domain_frechet, load_classifier
-from scorelab.generate import dequantize, generate, load_samples
-from scorelab.metrics import sliced_wasserstein
+from scorelab.evaluate import INCEPTION_REF_FILE, EvaluateError, _inception_scorer, _inception_weights, evaluate_variant
+from scorelab.features import (INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, domain_frechet, inception_stats,
+                               load_classifier, load_inception)
+from scorelab.generate import _file_sha256, dequantize, generate, load_samples
+from scorelab.metrics import frechet_distance, sliced_wasserstein
 from scorelab.training import build_model, export_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +52,7 @@ def load_stage(name: str):
 featurizer_main, evaluate_main = load_stage("featurizer"), load_stage("evaluate")
 
 
-def make_project(root: Path, data: dict, variant: dict, n: int) -> dict:
+def make_project(root: Path, data: dict, variant: dict, n: int, seeds: tuple[int, ...] = SEEDS) -> dict:
     """params.yaml, the prepared data, an MLflow run, a random-weights model.pt carrying that run's id
     and n samples per seed of every setting: what the earlier stages leave under root."""
     root.mkdir(parents=True, exist_ok=True)
@@ -67,7 +73,7 @@ def make_project(root: Path, data: dict, variant: dict, n: int) -> dict:
              "run_id": run_id}
     model_path = export_model(state, vcfg, manifest.shape, root / "outputs" / "train" / "v" / "model.pt")
     samples = root / "outputs" / "samples" / "v"
-    generate(model_path, samples, n_samples=n, seeds=SEEDS, batch_size=n, num_workers=1, progress=False)
+    generate(model_path, samples, n_samples=n, seeds=seeds, batch_size=n, num_workers=1, progress=False)
     return {"root": root, "params": params, "uri": uri, "exp": exp, "run_id": run_id, "samples": samples,
             "args": ["--params", str(root / "params.yaml"), "--variant", "v", "--root", str(root)]}
 
@@ -79,6 +85,15 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_machine_inception_weights(tmp_path_factory):
+    """Whatever this machine's torch hub cache holds, Inception FID runs only where a test asks for it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+        mp.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +110,34 @@ def toy(tmp_path_factory) -> dict:
                "samplers": [{"method": "ddim", "steps": [4]}, {"method": "ancestral", "steps": [6]}]}
     data = {"source": "toy2d", "toy": {"kind": "gaussian_mixture", "n_train": 2000, "n_test": 500}}
     return make_project(tmp_path_factory.mktemp("toy"), data, variant, 64)
+
+
+@pytest.fixture(scope="module")
+def rgb(tmp_path_factory) -> dict:
+    """A tiny RGB folder dataset (two classes of 10 images; 14 train, 6 test), 4 samples per seed from
+    one DDIM setting, two seeds, and its featurizer: Inception FID's 299x299 forwards stay few."""
+    folder = tmp_path_factory.mktemp("rgb_images")
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 12)
+    for c, name in enumerate(("rows", "cols")):
+        (folder / name).mkdir()
+        for i in range(10):
+            base = np.tile(ramp[:, None], (1, 12)) if c == 0 else np.tile(ramp[None, :], (12, 1))
+            img = np.clip(base[..., None] * rng.uniform(0.5, 1, 3) + rng.normal(0, 20, (12, 12, 3)), 0, 255)
+            Image.fromarray(img.astype(np.uint8), "RGB").save(folder / name / f"{i}.png")
+    variant = {"sde": {"type": "vp"}, "parameterization": {"type": "edm"}, "net": UNET,
+               "samplers": [{"method": "ddim", "steps": [2]}]}
+    data = {"source": "folder", "folder": str(folder), "image_size": 16, "test_fraction": 0.3}
+    project = make_project(tmp_path_factory.mktemp("rgb"), data, variant, 4, seeds=(0, 1))
+    assert featurizer_main(project["args"][:2] + ["--root", str(project["root"])]) == 0
+    return project
+
+
+def _evaluate(project: dict, params, out: Path) -> dict:
+    root = project["root"]
+    return evaluate_variant(params, "v", samples_dir=project["samples"], featurizer_dir=root / "outputs" / "featurizer",
+                            model_path=root / "outputs" / "train" / "v" / "model.pt", out_dir=out, root=root,
+                            bpd_samples=0, log_to_mlflow=False)
 
 
 @pytest.fixture(scope="module")
@@ -134,19 +177,119 @@ def test_featurizer_on_digits_and_toy(featurizer, toy, capsys):
     assert "seed: must be >= 0" in capsys.readouterr().err
 
 
-def test_inception_fid_is_never_downloaded(tmp_path, monkeypatch):
+def test_inception_weights_lookup_never_downloads(rgb, tmp_path, monkeypatch):
+    root, params = rgb["root"], rgb["params"]
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
-    absent = _inception_fid()
-    assert absent["inception_fid"] is None and "no local Inception weights" in absent["inception_fid_reason"]
-    weights = tmp_path / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE
-    weights.parent.mkdir(parents=True)
-    weights.write_bytes(b"not read")
-    found = _inception_fid()
-    assert found["inception_fid"] is None and str(weights) in found["inception_fid_reason"]
-    assert "not implemented" in found["inception_fid_reason"]
-    monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(tmp_path / "typo.pth"))
-    assert "typo.pth: file not found" in _inception_fid()["inception_fid_reason"]
+    path, reason = _inception_weights(params, root, True)
+    assert path is None and "no local Inception weights" in reason and "nothing is downloaded" in reason
+    assert _inception_weights(params, root, False) == (None, "2-D data: there are no images")
+    hub = tmp_path / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    hub.parent.mkdir(parents=True)
+    hub.write_bytes(b"not read here")
+    assert _inception_weights(params, root, True) == (hub, None)
+    monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(tmp_path / "env.pth"))  # a typo in the variable: recorded
+    path, reason = _inception_weights(params, root, True)
+    assert path is None and "env.pth: file not found" in reason
+    (tmp_path / "env.pth").touch()
+    assert _inception_weights(params, root, True) == (tmp_path / "env.pth", None)
+    (root / "weights").mkdir(exist_ok=True)
+    (root / "weights" / "inc.pth").touch()  # params paths are relative to the repository root
+    explicit = params.model_copy(update={"evaluate": EvalConfig(inception_weights="weights/inc.pth")})
+    assert _inception_weights(explicit, root, True) == (root / "weights" / "inc.pth", None)
+
+
+def test_inception_fid_required_absent_or_invalid_fails_cleanly(rgb, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")  # a stale result must not survive a failed evaluation
+    params = rgb["params"]
+
+    required = params.model_copy(update={"evaluate": EvalConfig(require_inception=True)})
+    with pytest.raises(EvaluateError, match=r"evaluate\.require_inception is true, but no local Inception weights .*"
+                                            r"set evaluate\.inception_weights to a local copy of pt_inception"):
+        _evaluate(rgb, required, out)
+    assert not (out / "metrics.json").exists()
+
+    typo = params.model_copy(update={"evaluate": EvalConfig(inception_weights=str(tmp_path / "typo.pth"))})
+    with pytest.raises(EvaluateError, match=r"evaluate\.inception_weights: .*typo\.pth not found"):
+        _evaluate(rgb, typo, out)
+    (tmp_path / "junk.pth").write_bytes(b"\x00" * 100)
+    junk = params.model_copy(update={"evaluate": EvalConfig(inception_weights=str(tmp_path / "junk.pth"))})
+    with pytest.raises(EvaluateError, match=r"junk\.pth: not a readable PyTorch weights file.*"
+                                            r"evaluate\.inception_weights"):
+        _evaluate(rgb, junk, out)
+
+    # the stage: params.evaluate from the file, exit 1, one line naming the field, no metrics.json
+    data = yaml.safe_load((rgb["root"] / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**data, "evaluate": {"require_inception": True}}))
+    args = ["--params", str(tmp_path / "params.yaml"), "--variant", "v", "--root", str(rgb["root"]), "--out", str(out),
+            "--no-mlflow"]
+    assert evaluate_main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("evaluate v: evaluate.require_inception is true") and err.count("\n") == 1
+    assert not (out / "metrics.json").exists()
+
+
+def test_stage_takes_bpd_samples_and_probes_from_params(rgb, tmp_path):
+    data = yaml.safe_load((rgb["root"] / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**data, "evaluate": {"bpd_samples": 3, "probes": 1}}))
+    out = tmp_path / "eval"
+    args = ["--params", str(tmp_path / "params.yaml"), "--variant", "v", "--root", str(rgb["root"]), "--out", str(out),
+            "--no-mlflow"]
+    assert evaluate_main(args) == 0
+    bpd = json.loads((out / "metrics.json").read_text())["bits_per_dim"]
+    assert (bpd["n"], bpd["probes"]) == (3, 1)
+    assert evaluate_main(args + ["--probes", "2"]) == 0  # a flag given overrides params
+    bpd = json.loads((out / "metrics.json").read_text())["bits_per_dim"]
+    assert (bpd["n"], bpd["probes"]) == (3, 2)
+    assert evaluate_main(args + ["--bpd-samples", "0"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["bits_per_dim"] is None
+
+
+def test_inception_fid_with_local_weights(rgb, tmp_path):
+    weights = save_random_inception(tmp_path / "random_inception.pth")
+    params = rgb["params"].model_copy(update={"evaluate": EvalConfig(inception_weights=str(weights))})
+    out = tmp_path / "eval"
+    m = _evaluate(rgb, params, out)
+    assert json.loads((out / "metrics.json").read_text()) == m
+    assert (m["n_per_seed"], m["seeds"]) == (4, 2) and "inception_fid" in m["metrics"]
+    r = m["settings"]["ddim-2"]
+    assert np.isfinite(r["inception_fid_mean"]) and r["inception_fid_mean"] > 0 and r["inception_fid_std"] >= 0
+    fids = [r["per_seed"][s]["inception_fid"] for s in ("0", "1")]
+    assert r["inception_fid_mean"] == pytest.approx(np.mean(fids)) and r["domain_fd_mean"] is not None
+    assert m["inception_fid"] == r["inception_fid_mean"] and m["inception_fid_setting"] == "ddim-2"
+    assert "mean ± std over 2 seed(s), N = 4 per seed" in m["inception_fid_reason"]
+    assert "not the standard file" in m["inception_fid_reason"]
+    info = m["inception"]
+    assert info["weights"] == str(weights) and info["weights_sha256"] == _file_sha256(weights)
+    assert info["standard_weights"] is False and info["reference_n"] == 14 and info["reference_cached"] is False
+
+    base = m["baseline"]  # 4 test images per seed against the train statistics
+    assert np.isfinite(base["inception_fid_mean"]) and base["inception_fid_std"] >= 0
+    assert "inception_fid: 4 random test images per seed" in base["description"]
+    assert base["inception_fid_mean"] < 0.5 * r["inception_fid_mean"]  # real images: closer than noise-like samples
+    assert set(base["per_seed"]["1"]) == {"domain_fd", "kid", "precision", "recall", "inception_fid"}
+    assert "inception_fid_mean" in (out / "fid_vs_nfe.csv").read_text().splitlines()[0]
+
+    # the numbers are pytorch-fid's network on the stored samples against the train split's statistics
+    manifest = load_manifest(rgb["root"] / "data" / "prepared" / "folder")
+    x_train = read_split(manifest.root, "train")
+    net = load_inception(weights)
+    ref = inception_stats(net, x_train)
+    with np.load(out / INCEPTION_REF_FILE) as z:
+        np.testing.assert_allclose(z["mu"], ref[0], rtol=1e-6)
+        assert json.loads(str(z["key"]))["weights_sha256"] == info["weights_sha256"]
+    x = dequantize(load_samples(rgb["samples"], "ddim-2", 1))
+    assert fids[1] == pytest.approx(frechet_distance(*inception_stats(net, x), *ref), rel=1e-6)
+
+    # the reference is cached under the weights' sha256: the same file reuses it, another recomputes it
+    _, again = _inception_scorer(net, weights, manifest, x_train, out / INCEPTION_REF_FILE)
+    assert again["reference_cached"] is True
+    other = save_random_inception(tmp_path / "other.pth", seed=1)
+    _, fresh = _inception_scorer(load_inception(other), other, manifest, x_train, out / INCEPTION_REF_FILE)
+    assert fresh["reference_cached"] is False
+    with np.load(out / INCEPTION_REF_FILE) as z:
+        assert json.loads(str(z["key"]))["weights_sha256"] == _file_sha256(other)
 
 
 def test_evaluate_digits_settings_baseline_bpd_and_mlflow(digits, featurizer, capsys):

@@ -16,6 +16,9 @@ and for 2-D data only metrics.json with {"skipped": ...}: distances are computed
 
 An evaluation folder holds metrics.json (schema in evaluate_variant's docstring) and fid_vs_nfe.csv, one
 row per sampler setting with the mean and std over seeds of every metric, against the setting's NFE.
+Where local Inception weights exist (features.find_inception_weights; never downloaded), it also holds
+inception_ref_train.npz: the Inception statistics of the whole train split, the reference of the standard
+FID, reused while the weights file (by sha256) and the dataset are the same.
 
 Distances are biased at small N (the Frechet distance most of all), so every number comes with the same
 metric for N real training images against the same test split: a model cannot be expected to beat it.
@@ -47,6 +50,7 @@ REF_TEST_FILE = "ref_test.npz"
 REF_TRAIN_FILE = "ref_train.npz"
 METRICS_FILE = "metrics.json"
 CURVE_FILE = "fid_vs_nfe.csv"
+INCEPTION_REF_FILE = "inception_ref_train.npz"
 DEQUANTIZATION = "uniform, y = (x + u)/256, model x = 2y - 1"
 PRIMARY = {True: "domain_fd", False: "sliced_w2"}  # by manifest.is_image
 
@@ -56,10 +60,14 @@ _KID_SUBSET, _KID_SUBSETS = 1000, 100
 _SW_PROJECTIONS = 256
 _MMD_REFERENCE = 2000  # test points MMD compares against: its memory is O((N + M)^2)
 _SEED_DIR = re.compile(r"^seed(\d+)$")
+_INCEPTION_BATCH = 50  # images per Inception forward (299x299): pytorch-fid's default
 
 _DESCRIPTIONS = {
     "domain_fd": "Frechet distance between DigitClassifier features of the samples and of the test split "
                  "(lower is better; biased upwards at small N)",
+    "inception_fid": "standard FID: Frechet distance between pytorch-fid InceptionV3 pool3 features (2048-d, images "
+                     "resized to 299) of the samples and of the whole train split (lower is better; biased upwards "
+                     "at small N)",
     "kid": "kernel distance (unbiased MMD^2, cubic polynomial kernel) between classifier features of the samples "
            "and of the test split, mean over subsets (lower is better; about 0 for real data)",
     "precision": "fraction of samples inside the k=3 nearest-neighbour manifold of test features (higher is better)",
@@ -363,8 +371,9 @@ def evaluate_variant(
     model_path: Path,               # the train stage's model.pt
     out_dir: Path,                  # gets metrics.json and fid_vs_nfe.csv
     root: Path,                     # repository root: the dataset and the MLflow store are relative to it
-    bpd_samples: int = 64,          # test images for bits/dim (2-D: test points for the log-likelihood); 0 skips
-    probes: int = 4,                # Hutchinson probes per image for bits/dim
+    bpd_samples: int | None = None, # test images for bits/dim (2-D: test points for the log-likelihood); 0 skips;
+                                    # None: params.evaluate.bpd_samples
+    probes: int | None = None,      # Hutchinson probes per image for bits/dim; None: params.evaluate.probes
     log_to_mlflow: bool = True,     # log into the variant's training run (its id is in model.pt)
 ) -> dict[str, Any]:
     """Evaluate every sampler setting of the variant on every seed present, write out_dir/metrics.json
@@ -376,20 +385,32 @@ def evaluate_variant(
         baseline: the same metrics for N random train points per seed against the test split (images
                   also domain_fd_train_full: every train image, the distance's floor at full size)
         bits_per_dim (images) or test_loglik (2-D): the model's likelihood of test data
-        inception_fid: null, with inception_fid_reason; classifier (images): its test accuracy and seed
+        inception_fid: the lowest inception_fid_mean over the settings, inception_fid_setting, and
+                  inception_fid_reason saying what it is; null, with the reason, when there are no local
+                  Inception weights (or for 2-D data)
+        inception (when computed): the weights file, its sha256, whether it is the standard file, the network
+                  and the reference (the whole train split); every setting and the baseline then also hold
+                  inception_fid_mean, inception_fid_std and per-seed values
+        classifier (images): its test accuracy and seed
 
     Image metrics: domain_fd, kid, precision, recall; 2-D: sliced_w2, mmd (and data_loglik for mixture
-    data). std is over seeds (ddof 1, null with one seed). EvaluateError for a missing input or
-    samples that fail check_samples; DataError when the dataset is not prepared.
+    data). std is over seeds (ddof 1, null with one seed). EvaluateError for a missing input, samples
+    that fail check_samples, an invalid Inception weights file, a missing evaluate.inception_weights file,
+    or no weights at all with evaluate.require_inception; DataError when the dataset is not prepared.
     """
     root, samples_dir, featurizer_dir = Path(root).resolve(), Path(samples_dir), Path(featurizer_dir)
     model_path, out_dir = Path(model_path), Path(out_dir)
     for name in (METRICS_FILE, CURVE_FILE):  # a failed evaluation must not leave the last one's results
         (out_dir / name).unlink(missing_ok=True)
+    bpd_samples = params.evaluate.bpd_samples if bpd_samples is None else bpd_samples
+    probes = params.evaluate.probes if probes is None else probes
     if bpd_samples < 0 or probes < 1:
         raise ValueError(f"bpd_samples must be >= 0 and probes >= 1, got {bpd_samples} and {probes}")
     vcfg = params.variants[variant]
     manifest = load_manifest(dataset_dir(params, root))
+    # Inception first: required-but-absent or invalid weights fail the stage before anything expensive runs.
+    weights, inception_reason = _inception_weights(params, root, manifest.is_image)
+    inception_net = _load_inception(weights) if weights is not None else None
     trained = _load_model(model_path, params, variant, manifest)
     logger = _mlflow_logger(params, root, trained.run_id, model_path) if log_to_mlflow else None
     data_shape = tuple(manifest.shape)
@@ -407,12 +428,24 @@ def evaluate_variant(
         raise EvaluateError(f"{samples_dir}: {n} samples per seed; the metrics need at least {_MIN_SAMPLES} "
                             "(pipeline/sample.py --n)")
 
-    x_test = read_split(manifest.root, "test")
+    x_test, x_train = read_split(manifest.root, "test"), read_split(manifest.root, "train")
     if manifest.is_image:
-        score, info, fd_train_full = _image_scorer(featurizer_dir, manifest, x_test)
+        domain_score, info, fd_train_full = _image_scorer(featurizer_dir, manifest, x_test)
     else:
-        score, info, fd_train_full = _point_scorer(manifest, x_test), {}, None
+        domain_score, info, fd_train_full = _point_scorer(manifest, x_test), {}, None
     primary = PRIMARY[manifest.is_image]
+    inception_fid: Callable[[torch.Tensor], float] | None = None
+    inception_info: dict[str, Any] = {}
+    if inception_net is not None:
+        inception_fid, inception_info = _inception_scorer(inception_net, weights, manifest, x_train,
+                                                          out_dir / INCEPTION_REF_FILE)
+
+    def score(x: torch.Tensor) -> dict[str, float]:
+        """Every setting and seed: the domain (or point) metrics, and the standard FID where it is computed."""
+        out = domain_score(x)
+        if inception_fid is not None:
+            out["inception_fid"] = inception_fid(x)
+        return out
 
     results: dict[str, Any] = {}
     for s in settings:
@@ -426,15 +459,16 @@ def evaluate_variant(
 
     baseline: dict[str, Any] = {"description": f"{n} random train points per seed (drawn from (params.seed, seed)) "
                                                "against the test split, with the same metrics"}
-    x_train = read_split(manifest.root, "train")
+    train_idx: dict[int, torch.Tensor] | None = None
     if len(x_train) >= n:
-        per_seed = {}
-        for seed in seed_ids:
-            idx = np.random.default_rng([params.seed, seed]).choice(len(x_train), n, replace=False)
-            per_seed[seed] = score(x_train[torch.from_numpy(np.sort(idx))])
-        baseline.update(_summary(per_seed))
+        train_idx = {seed: torch.from_numpy(np.sort(np.random.default_rng([params.seed, seed]).choice(
+            len(x_train), n, replace=False))) for seed in seed_ids}
+        # domain metrics only: Inception FID's reference is the train split itself, its baseline is apart
+        baseline.update(_summary({seed: domain_score(x_train[idx]) for seed, idx in train_idx.items()}))
     else:
         baseline["skipped"] = f"the train split has {len(x_train)} points, fewer than N = {n}"
+    if inception_fid is not None:
+        _inception_baseline(baseline, inception_fid, x_test, x_train, train_idx, seed_ids, n, params.seed)
     if fd_train_full is not None:  # all train images against the test split: the floor at full size
         baseline["domain_fd_train_full"] = _num(fd_train_full)
 
@@ -448,10 +482,12 @@ def evaluate_variant(
     n_lik = min(bpd_samples, len(x_test))
     if manifest.is_image:
         metrics["bits_per_dim"] = _bits_per_dim(trained, x_test, n_lik, probes, params.seed) if n_lik else None
-        metrics.update(_inception_fid())
     else:
         metrics["test_loglik"] = _test_loglik(trained, manifest, x_test, n_lik, params.seed) if n_lik else None
-        metrics.update({"inception_fid": None, "inception_fid_reason": "2-D data: there are no images"})
+    if inception_fid is not None:
+        metrics.update(_inception_summary(results, inception_info, n, metrics["seeds"]))
+    else:
+        metrics.update({"inception_fid": None, "inception_fid_reason": inception_reason})
 
     _write_atomic(out_dir / CURVE_FILE, _curve_csv(variant, results))
     _write_atomic(out_dir / METRICS_FILE, json.dumps(metrics, indent=2))
@@ -460,21 +496,124 @@ def evaluate_variant(
     return metrics
 
 
-def _inception_fid() -> dict[str, Any]:
-    """Never downloaded: FID on Inception features only where the weights are already on disk."""
-    from .features import INCEPTION_WEIGHTS_FILE, find_inception_weights
+# ---------------------------------------------------------------------------------------------
+# Inception FID, from local weights only
 
+
+def _inception_weights(params: Params, root: Path, is_image: bool) -> tuple[Path | None, str | None]:
+    """(the weights file, None), or (None, why there is none). EvaluateError when evaluate.inception_weights
+    names a missing file, or when evaluate.require_inception is set and there are no weights."""
+    from .features import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, find_inception_weights
+
+    if not is_image:
+        return None, "2-D data: there are no images"
+    cfg = params.evaluate
+    explicit = None if cfg.inception_weights is None else root / Path(cfg.inception_weights).expanduser()
     try:
-        path = find_inception_weights(None)
+        path = find_inception_weights(None if explicit is None else str(explicit))
     except ValueError as e:
-        return {"inception_fid": None, "inception_fid_reason": str(e)}
-    if path is None:
-        return {"inception_fid": None,
-                "inception_fid_reason": f"no local Inception weights ({INCEPTION_WEIGHTS_FILE}); nothing is "
-                                        "downloaded: see features.find_inception_weights"}
-    return {"inception_fid": None,
-            "inception_fid_reason": f"Inception weights found at {path}, but Inception FID is not implemented in "
-                                    "this stage yet; domain_fd is the distance reported"}
+        if explicit is not None:  # named in params: a typo must fail, not quietly drop the FID
+            raise EvaluateError(f"evaluate.inception_weights: {e}") from None
+        path, reason = None, str(e)
+    else:
+        reason = None if path is not None else (
+            f"no local Inception weights ({INCEPTION_WEIGHTS_FILE}) at evaluate.inception_weights, "
+            f"${INCEPTION_WEIGHTS_ENV} or in the torch hub cache; nothing is downloaded")
+    if path is None and cfg.require_inception:
+        raise EvaluateError(f"evaluate.require_inception is true, but {reason}: set evaluate.inception_weights to "
+                            f"a local copy of {INCEPTION_WEIGHTS_FILE}")
+    return path, reason
+
+
+def _load_inception(path: Path) -> torch.nn.Module:
+    from .features import load_inception
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # 299x299 forwards: on a GPU where there is one
+    try:
+        return load_inception(path, device)
+    except ValueError as e:
+        raise EvaluateError(f"{e}; replace the file, or set evaluate.inception_weights to another one") from None
+
+
+def _inception_scorer(net: torch.nn.Module, path: Path, manifest: Manifest, x_train: torch.Tensor,
+                      ref_file: Path) -> tuple[Callable[[torch.Tensor], float], dict[str, Any]]:
+    """FID of a set of images against the Inception statistics of the whole train split (cached in
+    ref_file under the weights file's sha256 and the dataset's checksum), and what was used."""
+    import pytorch_fid
+
+    from .features import INCEPTION_WEIGHTS_SHA256_PREFIX, inception_stats
+
+    sha = _file_sha256(path)
+    key = json.dumps({"weights_sha256": sha, "dataset_checksum": manifest.checksum, "split": "train",
+                      "n": len(x_train), "pytorch_fid": pytorch_fid.__version__}, sort_keys=True)
+    try:
+        with np.load(ref_file) as z:
+            cached = str(z["key"]) == key
+            if cached:
+                ref_mu, ref_sigma = z["mu"], z["sigma"]
+    except Exception:  # absent, truncated or foreign: computed again below
+        cached = False
+    if not cached:
+        ref_mu, ref_sigma = inception_stats(net, x_train, _INCEPTION_BATCH)
+        buf = io.BytesIO()
+        np.savez(buf, mu=ref_mu, sigma=ref_sigma, key=np.array(key))
+        _write_atomic(ref_file, buf.getvalue())
+
+    def fid(x: torch.Tensor) -> float:
+        return frechet_distance(*inception_stats(net, x, _INCEPTION_BATCH), ref_mu, ref_sigma)
+
+    info = {"weights": str(path), "weights_sha256": sha,
+            "standard_weights": sha.startswith(INCEPTION_WEIGHTS_SHA256_PREFIX),
+            "network": f"pytorch-fid {pytorch_fid.__version__} InceptionV3 (FID variant), pool3 features (2048-d); "
+                       "images mapped to [0, 1], resized bilinearly to 299x299, grayscale repeated to 3 channels",
+            "reference": f"all {len(x_train)} images of the train split", "reference_n": len(x_train),
+            "reference_file": str(ref_file), "reference_cached": cached}
+    return fid, info
+
+
+def _inception_baseline(baseline: dict[str, Any], fid: Callable[[torch.Tensor], float], x_test: torch.Tensor,
+                        x_train: torch.Tensor, train_idx: dict[int, torch.Tensor] | None, seed_ids: list[int],
+                        n: int, seed: int) -> None:
+    """Add the real-vs-real Inception FID at N to `baseline`: N test images per seed against the train
+    statistics; with fewer than N test images, the N train images of the other baseline metrics, which
+    are part of the reference (what a model that memorised the train split would score: biased low)."""
+    if len(x_test) >= n:
+        images = {s: x_test[torch.from_numpy(np.sort(np.random.default_rng([seed, s]).choice(len(x_test), n,
+                                                                                              replace=False)))]
+                  for s in seed_ids}
+        how = f"{n} random test images per seed (drawn from (params.seed, seed)) against the train statistics"
+    elif train_idx is not None:
+        images = {s: x_train[idx] for s, idx in train_idx.items()}
+        how = (f"the same {n} train images per seed against the train statistics (the test split has only "
+               f"{len(x_test)}): part of the reference, so a memorising model's score, biased low")
+    else:
+        baseline["inception_fid_skipped"] = f"both splits hold fewer than N = {n} images"
+        return
+    summary = _summary({s: {"inception_fid": fid(x)} for s, x in images.items()})
+    baseline["description"] = f"{baseline['description']}; inception_fid: {how}"
+    baseline["inception_fid_mean"] = summary["inception_fid_mean"]
+    baseline["inception_fid_std"] = summary["inception_fid_std"]
+    per_seed = baseline.setdefault("per_seed", {})
+    for s, values in summary["per_seed"].items():
+        per_seed.setdefault(s, {}).update(values)
+
+
+def _inception_summary(results: dict[str, Any], info: dict[str, Any], n: int, seeds: int) -> dict[str, Any]:
+    """The top-level inception_fid: the best setting's mean over seeds (the report shows one number per
+    variant), which setting that is, and what produced it."""
+    scored = {k: r["inception_fid_mean"] for k, r in results.items() if r.get("inception_fid_mean") is not None}
+    if not scored:
+        return {"inception_fid": None, "inception_fid_reason": "not finite for any setting", "inception": info}
+    best = min(scored, key=scored.__getitem__)
+    r = results[best]
+    std = "" if r["inception_fid_std"] is None else f" ± {r['inception_fid_std']:.3g}"
+    reason = (f"best setting {best}: {r['inception_fid_mean']:.4g}{std} (mean ± std over {seeds} seed(s), N = {n} "
+              f"per seed, against {info['reference']})")
+    if not info["standard_weights"]:
+        reason += (f"; the weights (sha256 {info['weights_sha256'][:12]}...) are not the standard file: not "
+                   "comparable with published FIDs")
+    return {"inception_fid": r["inception_fid_mean"], "inception_fid_setting": best, "inception_fid_reason": reason,
+            "inception": info}
 
 
 def _curve_csv(variant: str, results: dict[str, Any]) -> str:
@@ -495,6 +634,10 @@ def _log(logger, metrics: dict[str, Any], primary: str, samples_dir: Path, out_d
     points = [(f"eval_{primary}_{r['method']}", r[f"{primary}_mean"], int(round(r["nfe"])))
               for r in metrics["settings"].values()]
     points.append((f"eval_{primary}_baseline", metrics["baseline"].get(f"{primary}_mean"), 0))
+    if metrics.get("inception"):  # the standard FID against NFE too
+        points += [(f"eval_inception_fid_{r['method']}", r.get("inception_fid_mean"), int(round(r["nfe"])))
+                   for r in metrics["settings"].values()]
+        points.append(("eval_inception_fid_baseline", metrics["baseline"].get("inception_fid_mean"), 0))
     if metrics.get("bits_per_dim"):
         points.append(("eval_bits_per_dim", metrics["bits_per_dim"]["mean"], 0))
     if metrics.get("test_loglik"):
@@ -507,5 +650,5 @@ def _log(logger, metrics: dict[str, Any], primary: str, samples_dir: Path, out_d
             logger.artifact(grid, f"eval/{key}")
 
 
-__all__ = ["CURVE_FILE", "DEQUANTIZATION", "EvaluateError", "METRICS_FILE", "build_featurizer", "dataset_dir",
-           "evaluate_variant", "read_labels"]
+__all__ = ["CURVE_FILE", "DEQUANTIZATION", "EvaluateError", "INCEPTION_REF_FILE", "METRICS_FILE", "build_featurizer",
+           "dataset_dir", "evaluate_variant", "read_labels"]

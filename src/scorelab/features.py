@@ -11,15 +11,24 @@ features instead (a "domain FID"):
     fd = domain_frechet(model, x_fake, ref_mu, ref_sigma)
 
 Numbers from different classifiers are not comparable: keep the classifier file with the results.
-For natural images, find_inception_weights locates a local Inception weights file; nothing is ever
-downloaded (see STACK_NOTES.md, "FID offline").
+
+For natural images, the standard FID uses pytorch-fid's Inception network, built from a local weights
+file (nothing is ever downloaded; see STACK_NOTES.md, "FID offline"):
+
+    path = find_inception_weights(params.evaluate.inception_weights)   # None when there is none
+    net = load_inception(path)                                          # pytorch-fid's InceptionV3, pool3
+    ref_mu, ref_sigma = inception_stats(net, x_train)                   # uint8 pixels or [-1, 1] floats
+    fid = frechet_distance(*inception_stats(net, x_fake), ref_mu, ref_sigma)
 """
 
 from __future__ import annotations
 
 import os
+import re
+import threading
 from pathlib import Path
 from typing import Any, Mapping
+from unittest import mock
 
 import numpy as np
 import torch
@@ -30,6 +39,8 @@ from .metrics import ArrayLike, check_samples, frechet_distance, gaussian_stats
 # pytorch-fid's weights (FID_WEIGHTS_URL), also accepted by torch-fidelity and torchmetrics.
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_ENV = "SCORELAB_INCEPTION_WEIGHTS"
+INCEPTION_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub names files by their sha256's first 8 hex digits
+INCEPTION_FEATURE_DIM = 2048  # pool3: the final average pooling, the layer FID is defined on
 _FILE_FORMAT = 1  # of save_classifier's files
 
 
@@ -235,8 +246,107 @@ def find_inception_weights(explicit_path: str | None = None) -> Path | None:
     return hub if hub.is_file() else None
 
 
+# ---------------------------------------------------------------------------------------------
+# The FID Inception network, from a local file
+
+_BUILD_LOCK = threading.Lock()  # the download hook is patched module-wide while a network is built
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    """The tensors of a weights file, loaded with weights_only=True; ValueError naming the file."""
+    expected = f"expected pytorch-fid's FID Inception state dict ({INCEPTION_WEIGHTS_FILE})"
+    if not path.is_file():
+        raise ValueError(f"{path}: Inception weights file not found ({expected})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code runs
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ... for truncated or foreign bytes
+        raise ValueError(f"{path}: not a readable PyTorch weights file ({' '.join(str(e).split())[:160]}); "
+                         f"{expected}") from None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict; {expected}")
+    bad = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
+    if bad:  # e.g. a training checkpoint {"state_dict": ..., "optimizer": ...}
+        raise ValueError(f"{path}: not a state dict of tensors (entry {bad[0]!r} holds a "
+                         f"{type(state[bad[0]]).__name__}); {expected}")
+    return dict(state)
+
+
+def _mismatch(error: RuntimeError) -> str:
+    """load_state_dict's long message, summarised: counts and the first few names."""
+    text = str(error)
+    parts = []
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*)"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*)")):
+        if m := re.search(pattern, text):
+            keys = re.findall(r'"([^"]+)"', m[1])
+            parts.append(f"{len(keys)} {label} key(s) ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    sizes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                       r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", text)
+    if sizes:
+        name, found, want = sizes[0]
+        parts.append(f"{len(sizes)} shape mismatch(es) ({name}: file {found}, network {want}"
+                     f"{', ...' if len(sizes) > 1 else ''})")
+    return "; ".join(parts) or " ".join(text.split())[:200]
+
+
+def load_inception(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """pytorch-fid's InceptionV3 for FID (its TF-ported blocks, pool3 output, resize_input and
+    normalize_input on: bilinear resize to 299, then [0, 1] -> [-1, 1]) with the weights of `path`, in
+    eval mode on `device`. Nothing is downloaded: pytorch-fid builds the network exactly as it always
+    does, and only the call that would fetch its weights is answered from the file, read with
+    weights_only=True. ValueError, naming the file and what was expected, for a missing or unreadable
+    file or a state dict whose keys or shapes are not the FID Inception's."""
+    try:
+        from pytorch_fid import inception as fid
+    except ImportError:
+        raise ValueError("Inception FID needs the pytorch-fid package (pip install pytorch-fid==0.3.0)") from None
+    path = Path(path)
+    state = _read_state_dict(path)
+
+    def local_weights(url: str, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        if url != fid.FID_WEIGHTS_URL:  # another pytorch-fid version asking for something else: do not guess
+            raise ValueError(f"pytorch-fid asked for {url}, not its FID weights: unsupported pytorch-fid version")
+        return state
+
+    with _BUILD_LOCK, mock.patch.object(fid, "load_state_dict_from_url", local_weights):
+        try:
+            net = fid.InceptionV3([fid.InceptionV3.BLOCK_INDEX_BY_DIM[INCEPTION_FEATURE_DIM]],
+                                  resize_input=True, normalize_input=True, use_fid_inception=True)
+        except RuntimeError as e:  # load_state_dict(strict=True): wrong keys or shapes
+            raise ValueError(f"{path}: not pytorch-fid's FID Inception weights: {_mismatch(e)}; expected the state "
+                             f"dict of {INCEPTION_WEIGHTS_FILE}") from None
+    return net.to(device).eval()
+
+
+def inception_features(model: nn.Module, x: ArrayLike, batch_size: int = 50) -> Tensor:
+    """(N, C, H, W) images -> (N, 2048) float32 pool3 features, on the model's device. uint8 pixels
+    (0..255) or floats in [-1, 1] (model space) are mapped to [0, 1], the range pytorch-fid's network
+    takes (it resizes to 299 and rescales itself); one-channel images are repeated to three."""
+    x = torch.as_tensor(x)
+    if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
+        raise ValueError(f"inception_features: expected (N, 1 or 3, H, W) images with N >= 1, found shape "
+                         f"{tuple(x.shape)}")
+    pixels = x.dtype == torch.uint8
+    if not pixels:
+        check_samples(x, shape=tuple(x.shape[1:]), value_range=(-1, 1), name="inception_features")
+
+    def pool3(b: Tensor) -> Tensor:  # b: float32 on the model's device, still in x's units
+        b = b / 255 if pixels else (b + 1) / 2
+        b = b.clamp(0, 1).expand(-1, 3, -1, -1)  # clamp: check_samples leaves 1e-3 of rounding slack
+        return model(b)[0].flatten(1)
+
+    return _batched(pool3, model, x, batch_size)
+
+
+def inception_stats(model: nn.Module, x: ArrayLike, batch_size: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, covariance) of the Inception pool3 features of x in float64 (metrics.gaussian_stats), the
+    statistics pytorch-fid's FID compares with metrics.frechet_distance."""
+    return gaussian_stats(inception_features(model, x, batch_size))
+
+
 __all__ = [
-    "DigitClassifier", "INCEPTION_WEIGHTS_ENV", "INCEPTION_WEIGHTS_FILE", "accuracy", "domain_frechet",
-    "extract_features", "feature_stats", "find_inception_weights", "load_classifier", "save_classifier",
-    "train_classifier",
+    "DigitClassifier", "INCEPTION_FEATURE_DIM", "INCEPTION_WEIGHTS_ENV", "INCEPTION_WEIGHTS_FILE",
+    "INCEPTION_WEIGHTS_SHA256_PREFIX", "accuracy", "domain_frechet", "extract_features", "feature_stats",
+    "find_inception_weights", "inception_features", "inception_stats", "load_classifier", "load_inception",
+    "save_classifier", "train_classifier",
 ]
