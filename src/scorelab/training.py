@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -65,6 +65,9 @@ class TrainJob:
     status_path: str  # where rank 0 leaves the outcome the driver reads
     threads_per_worker: int
     hflip: bool = False
+    # Optional: rank 0 calls evaluate(ema_model, step) at each checkpoint step; the returned metrics are
+    # logged and reported with the checkpoint (Ray Tune's early stopping reads them). Picklable.
+    evaluate: Callable[[ScoreModel, int], dict[str, float]] | None = None
 
 
 def resolve_train(params: Params, variant: str) -> TrainConfig:
@@ -252,7 +255,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     window: dict[str, list] = {"loss": [], "t": [], "per_sample": []}
     clock, clock_step = time.perf_counter(), start
-    spent = dict.fromkeys(("data", "forward_backward", "optimizer", "log", "checkpoint"), 0.0)  # s per phase
+    phases = ("data", "forward_backward", "optimizer", "log", "checkpoint") + (("evaluate",) if job.evaluate else ())
+    spent = dict.fromkeys(phases, 0.0)  # s per phase
     for step in range(start, train.steps):
         lr = train.lr * min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else train.lr
         for group in optimizer.param_groups:
@@ -306,8 +310,14 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0 and train.sample_every and done % train.sample_every == 0 and done != train.steps:
             _log_samples(ema.module, variant, job, logger, done)
         if done % train.checkpoint_every == 0 or done == train.steps:
+            extra: dict[str, float] = {}
+            if rank == 0 and job.evaluate is not None:  # the other ranks wait at the report's barrier
+                tick = time.perf_counter()
+                extra = job.evaluate(ema.module, done)
+                logger.metrics(extra, step=done)
+                spent["evaluate"] += time.perf_counter() - tick
             tick = time.perf_counter()
-            _report_checkpoint(job, rank, done, step_loss, model, ema, optimizer, accum)
+            _report_checkpoint(job, rank, done, step_loss, model, ema, optimizer, accum, extra)
             spent["checkpoint"] += time.perf_counter() - tick
     if rank == 0:
         _write_status(job, {"status": "finished", "step": train.steps})
@@ -322,10 +332,11 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _report_checkpoint(job: TrainJob, rank: int, step: int, loss: float, model, ema, optimizer, accum: int) -> None:
+def _report_checkpoint(job: TrainJob, rank: int, step: int, loss: float, model, ema, optimizer, accum: int,
+                       extra: dict[str, float] | None = None) -> None:
     import ray.train
 
-    metrics = {"step": step, "loss": loss}
+    metrics = {"step": step, "loss": loss, **(extra or {})}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)  # a barrier: every worker reports each time
         return
