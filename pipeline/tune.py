@@ -1,0 +1,69 @@
+"""DVC stage `tune`: a Ray Tune sweep over SDEs and noise schedules; the winner becomes variant `tuned`.
+
+    python pipeline/tune.py --params params.yaml [--out outputs/tune] [--featurizer outputs/featurizer]
+
+The search space, budget and objective are params.yaml's `tune:` section (scorelab.config.TuneConfig).
+Each trial trains through Ray Train inside Ray Tune; ASHA stops the trials that fall behind. Rerunning
+a sweep that was killed resumes it: finished trials are kept, the others continue from their last
+checkpoint. Writes <out>/best_params.yaml (a params file whose one variant is `tuned`), <out>/model.pt
+(its EMA weights, for pipeline/sample.py --params <out>/best_params.yaml --variant tuned --model
+<out>/model.pt), <out>/trials.csv, <out>/metrics.json and <out>/objective_vs_params.png.
+Exit codes: 0 done, 2 invalid params (or no tune section), 1 the sweep failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scorelab.cli import load_or_report
+from scorelab.config import ConfigError
+from scorelab.data import DataError
+from scorelab.tracking import TrackingError
+from scorelab.training import TrainingError
+from scorelab.tune import TuneError, run_sweep
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default=None, help="default: outputs/tune")
+    parser.add_argument("--featurizer", default=None, help="default: outputs/featurizer (image data only)")
+    parser.add_argument("--root", default=".", help="repository root (MLflow store, relative paths)")
+    args = parser.parse_args(argv)
+
+    params = load_or_report(args.params)
+    if params is None:
+        return 2
+    if params.tune is None:
+        print(f"{args.params}: has no tune: section; nothing to sweep", file=sys.stderr)
+        return 2
+    root = Path(args.root).resolve()
+    out = Path(args.out) if args.out else root / "outputs" / "tune"
+    featurizer = Path(args.featurizer) if args.featurizer else root / "outputs" / "featurizer"
+    data_dir = params.data.dataset_dir if params.data.dataset_dir.is_absolute() else root / params.data.dataset_dir
+    try:
+        result = run_sweep(params, root=root, data_dir=data_dir, featurizer_dir=featurizer, out_dir=out)
+    except ConfigError as e:  # a space that is only invalid once sigma_max "auto" is known
+        print(f"{args.params}: {len(e.problems)} problem(s)", file=sys.stderr)
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        return 2
+    except (TuneError, TrainingError, DataError, TrackingError) as e:
+        print(f"tune: {e}", file=sys.stderr)
+        return 1
+    m, best = result.metrics, result.best
+    print(f"tuned: {m['trials']} trials ({m['finished']} finished, {m['stopped_early']} stopped early by ASHA, "
+          f"{m['failed']} failed) in {m['seconds']:.1f}s" + (" (resumed)" if m["resumed"] else ""))
+    for r in result.rows:
+        obj = "-" if r["objective"] is None else f"{r['objective']:.4g}"
+        print(f"  trial {r['trial']}: {r['label']}, lr {r['lr']:g}, ema {r['ema_decay']:g} -> {m['objective_metric']} "
+              f"{obj} at step {r['steps']}/{r['max_steps']} [{r['status']}]")
+    print(f"best: trial {best['trial']} ({best['label']}), {m['objective_metric']} {best['objective']:.4g}; "
+          f"{out / 'best_params.yaml'}, {out / 'model.pt'}; MLflow run {m['mlflow_run_id']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,568 @@
+"""Ray Tune sweeps over SDEs and their noise schedules: which SDE suits this data, answered by training.
+
+    plan = plan_trials(params, sigma_max_auto=suggest_sigma_max(read_split(data_dir, "train")))
+    result = run_sweep(params, root=root, data_dir=data_dir, featurizer_dir=..., out_dir=root / "outputs/tune")
+
+params.tune (scorelab.config.TuneConfig) names a search space of SDEs, each with its own parameters
+(beta_min/beta_max, the cosine offset, sigma_min/sigma_max, the parameterisation), and learning-rate
+and EMA-decay choices. Every trial is one variant, trained by the loop of scorelab.training through
+Ray Train inside a Ray Tune trial, on tune.workers_per_trial workers, with its own checkpoints.
+
+The objective must rank an eps-predicting VP model against a score-predicting VE model, whose denoising
+losses have different scales; so it is a distance of samples to data: n samples of the EMA model,
+drawn with one sampler at one NFE valid for every SDE family (DDIM by default), against the test split
+(domain Frechet distance on the featurizer stage's classifier features for images, sliced
+Wasserstein-2 for 2-D points). The training loop's rank 0 computes it at every checkpoint, and ASHA
+stops the trials whose objective falls behind at its rungs.
+
+A sweep is named by a hash of everything that decides its trials: rerunning it restores the Tune
+experiment (finished trials are kept, unfinished and errored ones resume from their last Ray Train
+checkpoint), and continues the same MLflow runs: one parent run per sweep, one nested run per trial.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from pydantic import ValidationError
+
+from . import tracking
+from .config import AUTO, ConfigError, Params, TuneConfig, VariantConfig, _describe, parse_params
+from .training import (STATUS_FILE, TrainJob, config_hash, export_model, load_state, ray_session, resolve_train,
+                       train_loop)
+
+OBJECTIVE = "objective"  # the metric Tune minimises
+BEST_TAG = "scorelab.best"
+VARIANT = "tuned"  # the winner's name in best_params.yaml
+PARAMS_FILE, MODEL_FILE, TRIALS_FILE, METRICS_FILE, PLOT_FILE = (
+    "best_params.yaml", "model.pt", "trials.csv", "metrics.json", "objective_vs_params.png")
+
+
+class TuneError(RuntimeError):
+    """The sweep cannot start (missing featurizer, data) or produced no usable trial."""
+
+
+# ---------------------------------------------------------------------------------------------
+# A starting value for sigma_max from the data
+
+
+def suggest_sigma_max(x: torch.Tensor, max_points: int = 4096, seed: int = 0) -> tuple[float, int]:
+    """(largest Euclidean distance between two of the points, how many points were compared).
+
+    Song & Ermon 2020 (technique 1): sigma_max as large as the largest pairwise distance lets the
+    prior's noise move any training point to any other. Exact for up to max_points points; above that, a
+    seeded random subset of max_points (a lower bound, close for data with many near-extreme points)."""
+    x = x.reshape(len(x), -1).double()
+    if len(x) > max_points:
+        g = torch.Generator().manual_seed(seed)
+        x = x[torch.randperm(len(x), generator=g)[:max_points]]
+    best = 0.0
+    for a in range(0, len(x), 1024):  # blocks of rows: memory O(1024 N), not O(N^2)
+        best = max(best, float(torch.cdist(x[a:a + 1024], x).max()))
+    return best, len(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trials
+
+
+@dataclass(frozen=True)
+class Trial:
+    index: int
+    candidate: int  # which entry of tune.space
+    sde: dict[str, Any]  # the SDE setting, "auto" resolved
+    lr: float
+    ema_decay: float
+    variant: dict[str, Any]  # the complete variant, as params.yaml spells it (samplers = tune.samplers)
+
+    @property
+    def label(self) -> str:
+        knobs = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in self.sde.items() if k != "type")
+        return f"{self.sde['type']}/{self.variant['parameterization']['type']}" + (f" ({knobs})" if knobs else "")
+
+
+def plan_trials(params: Params, sigma_max_auto: float | None) -> list[Trial]:
+    """The sweep's trials, in the order they start: every SDE setting of tune.space with the first
+    (lr, ema_decay) pair, then every setting with the second pair, and so on (lr-major, as listed), cut
+    at tune.num_trials; so a sweep shorter than the space still covers every SDE type, with the choices
+    listed first. Raises ConfigError, naming the field, when an SDE setting is invalid once "auto" is
+    resolved: before any trial starts."""
+    tune = _tune(params)
+    errors = [e for i, c in enumerate(tune.space) for e in tune.candidate_errors(i, c, sigma_max_auto)]
+    if errors:
+        found = ValidationError.from_exception_data("TuneConfig", errors).errors(include_url=False)
+        auto = f" (sigma_max auto = {sigma_max_auto:g})" if sigma_max_auto is not None else ""
+        raise ConfigError([_describe({**e, "loc": ("tune", *e["loc"])}) + auto for e in found])
+    arms = [(i, sde) for i, c in enumerate(tune.space) for sde in c.settings(sigma_max_auto)]
+    default_ema = VariantConfig.model_fields["ema"].default_factory().decay
+    pairs = [(lr, ema) for lr in (tune.lr or [params.train.lr]) for ema in (tune.ema_decay or [default_ema])]
+    trials = []
+    for n, ((lr, ema), (cand, sde)) in enumerate([(pair, arm) for pair in pairs for arm in arms][:tune.num_trials]):
+        variant = tune.space[cand].variant(sde, tune.samplers, lr=lr, ema_decay=ema)
+        variant["train"]["steps"] = tune.steps
+        if tune.batch_size is not None:
+            variant["train"]["batch_size"] = tune.batch_size
+        variant = VariantConfig.model_validate(variant).model_dump(mode="json")  # complete, with defaults
+        trials.append(Trial(n, cand, sde, lr, ema, variant))
+    return trials
+
+
+def trial_params(params: Params, trial: Trial) -> Params:
+    """A complete params file whose only variant, `tuned`, is this trial (no tune section)."""
+    data = params.model_dump(mode="json", exclude={"tune"})
+    data["variants"] = {VARIANT: trial.variant}
+    return parse_params(data)
+
+
+def _tune(params: Params) -> TuneConfig:
+    if params.tune is None:
+        raise ConfigError(["tune: missing section; the sweep needs tune.space, tune.samplers and its budget"])
+    return params.tune
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective, computed by rank 0 of each trial at its checkpoints
+
+
+@dataclass
+class Objective:
+    """Called by training.train_loop's rank 0 with the EMA model at each checkpoint step."""
+
+    metric: str  # "domain_fd" (images) or "sliced_w2" (2-D points)
+    data_dir: str  # absolute: workers change directory
+    featurizer_dir: str | None
+    method: str
+    steps: int | None
+    options: dict[str, Any]
+    n_samples: int
+    seed: int
+    data_shape: tuple[int, ...]
+    _reference: Any = field(default=None, repr=False)
+
+    def _load(self) -> Any:
+        from .data import read_split
+
+        if self.metric == "sliced_w2":
+            return read_split(self.data_dir, "test")
+        from .evaluate import CLASSIFIER_FILE, REF_TEST_FILE
+        from .features import load_classifier
+
+        clf, _ = load_classifier(Path(self.featurizer_dir) / CLASSIFIER_FILE)
+        with np.load(Path(self.featurizer_dir) / REF_TEST_FILE) as z:
+            return clf, z["mu"], z["sigma"]
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        from .sampling import sample
+
+        if self._reference is None:
+            self._reference = self._load()
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        start = time.perf_counter()
+        out = sample(model, model.sde, (self.n_samples, *self.data_shape), method=self.method, steps=self.steps,
+                     seed=self.seed, device=device, **self.options)
+        model.train(was_training)
+        # a diverged model still gets a (large) finite distance, which ASHA can rank
+        x = torch.nan_to_num(out.x.float().cpu(), nan=0.0, posinf=1e6, neginf=-1e6)
+        if self.metric == "sliced_w2":
+            from .metrics import sliced_wasserstein
+
+            value = sliced_wasserstein(x, self._reference, n_projections=256, seed=0)
+        else:
+            from .features import domain_frechet
+            from .generate import dequantize, quantize
+
+            clf, mu, sigma = self._reference
+            x = torch.from_numpy(dequantize(quantize(x.numpy())))  # as the sample stage stores images
+            value = domain_frechet(clf, x, mu, sigma)
+        return {OBJECTIVE: float(value), f"objective_{self.metric}": float(value), "objective_nfe": float(out.nfe),
+                "objective_seconds": time.perf_counter() - start}
+
+
+def _check_featurizer(featurizer_dir: Path, checksum: str) -> None:
+    """Fail before any trial when the image objective's classifier is missing or for other data."""
+    from .evaluate import CLASSIFIER_FILE, REF_TEST_FILE
+    from .features import load_classifier
+
+    path = featurizer_dir / CLASSIFIER_FILE
+    if not path.is_file() or not (featurizer_dir / REF_TEST_FILE).is_file():
+        raise TuneError(f"{featurizer_dir}: no {CLASSIFIER_FILE} and {REF_TEST_FILE}; the image objective needs "
+                        "the featurizer stage (python pipeline/featurizer.py)")
+    try:
+        _, meta = load_classifier(path)
+    except ValueError as e:
+        raise TuneError(f"{e}; rerun the featurizer stage") from None
+    if meta.get("dataset_checksum") != checksum:
+        raise TuneError(f"{path} was trained on other data than the prepared dataset: rerun the featurizer stage")
+
+
+# ---------------------------------------------------------------------------------------------
+# One Tune trial: a Ray Train run of the training loop
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every trial function needs, shipped once through the object store."""
+
+    jobs: list[dict[str, Any]]  # TrainJob fields per trial
+    names: list[str]  # the Ray Train run name per trial: the same trial resumes its own checkpoints
+    train_storage: str
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_failures: int
+
+
+def _run_trial(config: dict[str, Any], plan: _Plan) -> None:
+    """Tune calls this; it fits a TorchTrainer whose reports (rank 0's, with the objective) reach Tune."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    index = config["trial"]["index"]
+    job = plan.jobs[index]
+    logger = tracking.RunLogger(job["tracking_uri"], job["run_id"])
+    run = tracking.client(job["tracking_uri"]).get_run(job["run_id"])
+    logger.tags({"scorelab.launches": int(run.data.tags.get("scorelab.launches", 0)) + 1})  # >1: resumed
+    resources = {"CPU": plan.cpus_per_worker, **({"GPU": plan.gpus_per_worker} if plan.gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=job,
+        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=plan.names[index], storage_path=plan.train_storage,
+                             failure_config=FailureConfig(max_failures=plan.max_failures, controller_failure_limit=3),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=[TuneReportCallback()], logging_config=LoggingConfig(log_level="WARNING")),
+    )
+    trainer.fit()
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+
+
+@dataclass
+class SweepResult:
+    best: dict[str, Any]  # the winning row of trials.csv
+    rows: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    out_dir: Path
+
+
+def sweep_key(params: Params, trials: list[Trial], checksum: str) -> str:
+    """What decides the sweep's outcome: its trials, their training, the objective, the data, the seed.
+    Not where things are stored or logged, nor the workers (the batch is global) or the concurrency."""
+    tune = _tune(params)
+    train = params.train.model_dump()
+    for cadence in ("checkpoint_every", "log_every", "sample_every"):
+        train.pop(cadence)
+    blob = json.dumps({"trials": [t.variant for t in trials], "train": train, "data": checksum, "seed": params.seed,
+                       "tune": tune.model_dump(mode="json", include={"steps", "eval_every", "grace_period",
+                                                                    "reduction_factor", "objective"})},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Path, out_dir: Path) -> SweepResult:
+    """Run (or resume) the sweep of params.tune and write out_dir: best_params.yaml, model.pt, trials.csv,
+    metrics.json, objective_vs_params.png (see pipeline/tune.py)."""
+    import ray
+    import ray.train
+    from ray import tune as rtune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from .data import read_split, verify
+
+    start = time.perf_counter()
+    tune = _tune(params)
+    root, data_dir, out_dir = root.resolve(), data_dir.resolve(), out_dir.resolve()
+    manifest = verify(data_dir)
+    uses_auto = any(s.get("sigma_max") == AUTO for c in tune.space for s in c.settings())
+    sigma_auto, sigma_points = suggest_sigma_max(read_split(data_dir, "train"), seed=params.seed) if uses_auto \
+        else (None, 0)
+    trials = plan_trials(params, sigma_auto)
+    metric = "domain_fd" if manifest.is_image else "sliced_w2"
+    if manifest.is_image:
+        _check_featurizer(featurizer_dir.resolve(), manifest.checksum)
+    key = sweep_key(params, trials, manifest.checksum)
+    name = f"tune-{key[:12]}"
+    storage = _storage(params, root)
+    uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, root)
+
+    sampler = tune.objective.sampler
+    objective = Objective(metric, str(data_dir), str(featurizer_dir.resolve()) if manifest.is_image else None,
+                          sampler.method, sampler.step_list()[0], sampler.options(), tune.objective.n_samples,
+                          params.seed, tuple(manifest.shape))
+    needed = tune.max_concurrent * tune.workers_per_trial * tune.cpus_per_worker + 0.01 * tune.max_concurrent
+    with _ray(params.ray.address, num_cpus=max(os.cpu_count() or 1, math.ceil(needed))):
+        tracking.check_reachable_from(uri, len([n for n in ray.nodes() if n.get("Alive")]))
+        exp = tracking.experiment_id(uri, params.mlflow.experiment or f"scorelab-{manifest.source}", root)
+        commit = tracking.git_commit(root)
+        parent = tracking.start_or_resume_run(uri, exp, name, "tune", {
+            "scorelab.kind": "sweep", "git_commit": commit, "dataset_checksum": manifest.checksum,
+            "scorelab.sweep": name})
+        parent_log = tracking.RunLogger(uri, parent)
+        parent_log.params(tracking.flatten({"tune": tune.model_dump(mode="json"), "train": params.train.model_dump(),
+                                            "seed": params.seed, "data": params.data.model_dump(mode="json"),
+                                            "sigma_max_auto": sigma_auto, "objective_metric": metric}))
+        jobs, names, run_ids = [], [], []
+        for t in trials:
+            tp = trial_params(params, t)
+            train = resolve_train(tp, VARIANT).model_copy(update={"checkpoint_every": tune.eval_every,
+                                                                  "sample_every": 0})
+            h = config_hash(tp, VARIANT, manifest.checksum)
+            run_id = tracking.start_or_resume_run(uri, exp, f"{name}-trial{t.index:03d}", f"tune-trial{t.index:03d}", {
+                "mlflow.parentRunId": parent, "variant": VARIANT, "sde": t.sde["type"],
+                "parameterization": t.variant["parameterization"]["type"], "scorelab.trial": str(t.index),
+                "scorelab.sweep": name, "git_commit": commit, "dataset_checksum": manifest.checksum,
+                "scorelab.config_hash": h})
+            tracking.RunLogger(uri, run_id).params(tracking.flatten({
+                "variant": t.variant, "train": train.model_dump(), "seed": params.seed, "trial": t.index,
+                "candidate": t.candidate}))
+            names.append(f"{name}-trial{t.index:03d}-{h[:8]}")
+            status = (root / "outputs" / "status" / f"{names[-1]}.json" if "://" in storage
+                      else Path(storage) / f"{name}-trials" / names[-1] / STATUS_FILE)
+            job = TrainJob(
+                variant=f"trial{t.index}", variant_config=t.variant, train=train.model_dump(), data_dir=str(data_dir),
+                data_shape=list(manifest.shape), seed=params.seed, config_hash=h, tracking_uri=uri, run_id=run_id,
+                status_path=str(status), threads_per_worker=max(1, int(tune.cpus_per_worker)),
+                hflip=params.data.hflip)
+            jobs.append({**asdict(job), "evaluate": objective})  # not through asdict, which would flatten it
+            run_ids.append(run_id)
+        plan = _Plan(jobs, names, _join(storage, f"{name}-trials"), tune.workers_per_trial, tune.cpus_per_worker,
+                     tune.gpus_per_worker, params.ray.max_failures)
+        trainable = rtune.with_resources(rtune.with_parameters(_run_trial, plan=plan), {"cpu": 0.01})
+        path = _join(storage, name)
+        resumed = rtune.Tuner.can_restore(path)
+        if resumed:
+            tuner = rtune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        else:
+            scheduler = ASHAScheduler(time_attr="step", max_t=tune.steps, grace_period=tune.grace_period,
+                                      reduction_factor=tune.reduction_factor, stop_last_trials=False)
+            tuner = rtune.Tuner(
+                trainable,
+                param_space={"trial": rtune.grid_search([{"index": t.index, "label": t.label} for t in trials])},
+                tune_config=rtune.TuneConfig(metric=OBJECTIVE, mode="min", scheduler=scheduler,
+                                             max_concurrent_trials=tune.max_concurrent),
+                run_config=rtune.RunConfig(name=name, storage_path=storage, verbose=1),
+            )
+        grid = tuner.fit()
+
+    rows = _rows(grid, trials, jobs, run_ids, tune.steps)
+    done = [r for r in rows if r["status"] == "finished" and r["objective"] is not None]
+    if not done:
+        for run_id in [parent, *run_ids]:
+            tracking.RunLogger(uri, run_id).finish("FAILED")
+        errors = "; ".join(f"trial {r['trial']}: {r['error']}" for r in rows if r["error"])
+        raise TuneError(f"no trial reached tune.steps={tune.steps} with a finite objective" +
+                        (f" ({errors})" if errors else ""))
+    best = min(done, key=lambda r: r["objective"])
+    winner = trials[best["trial"]]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ray.train.Checkpoint(best["checkpoint_path"]).as_directory() as d:  # also fetches a URI's
+        state = load_state(Path(d), jobs[winner.index]["config_hash"])
+    model_path = export_model(state, VariantConfig.model_validate(winner.variant), tuple(manifest.shape),
+                              out_dir / MODEL_FILE)
+    best_params = trial_params(params, winner)
+    header = (f"# The winner of sweep {name} (trial {winner.index}: {winner.label}), objective "
+              f"{metric} = {best['objective']:.4g}; written by pipeline/tune.py. Its weights: {MODEL_FILE}.\n")
+    (out_dir / PARAMS_FILE).write_text(header + yaml.safe_dump(best_params.model_dump(mode="json"), sort_keys=False))
+    _write_csv(out_dir / TRIALS_FILE, rows)
+    plot_objective(rows, out_dir / PLOT_FILE, metric)
+    seconds = time.perf_counter() - start
+    metrics = {
+        "best_objective": best["objective"], "objective_metric": metric, "best_trial": winner.index,
+        "best_label": winner.label, "best_sde": winner.sde["type"], "trials": len(rows),
+        "finished": len(done), "stopped_early": sum(r["status"] == "stopped_early" for r in rows),
+        "failed": sum(r["status"] in ("error", "nonfinite") for r in rows),
+        "objective_sampler": sampler.method, "objective_nfe": best["objective_nfe"],
+        "objective_n_samples": tune.objective.n_samples, "sigma_max_auto": sigma_auto,
+        "sigma_max_auto_points": sigma_points or None, "seconds": round(seconds, 2), "resumed": resumed,
+        "sweep": name, "mlflow_run_id": parent,
+    }
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+
+    for r, run_id in zip(rows, run_ids):
+        log = tracking.RunLogger(uri, run_id)
+        log.tags({"scorelab.status": r["status"], "scorelab.steps": r["steps"], BEST_TAG: str(r is best).lower()})
+        log.finish("FAILED" if r["status"] in ("error", "nonfinite") else "FINISHED")
+    parent_log.tags({"scorelab.best_trial": winner.index, "scorelab.best_run_id": best["mlflow_run_id"],
+                     "scorelab.best_sde": winner.sde["type"]})
+    parent_log.metrics({k: v for k, v in metrics.items() if k in ("best_objective", "trials", "finished",
+                                                                   "stopped_early", "failed", "seconds")}, step=0)
+    parent_log.artifacts([out_dir / PARAMS_FILE, out_dir / TRIALS_FILE, out_dir / METRICS_FILE, out_dir / PLOT_FILE])
+    parent_log.artifact(model_path, "model")
+    parent_log.finish()
+    return SweepResult(best, rows, metrics, out_dir)
+
+
+@contextmanager
+def _ray(address: str, num_cpus: int):
+    """training.ray_session, except that a local Ray tells its processes where its dashboard is. Ray
+    Train's placement-group cleaner, which frees the resources of a trial that ASHA stops, asks the state
+    API for "the" local Ray otherwise, and fails when the machine runs several (then the next trials
+    wait for those resources forever)."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized() or address or os.environ.get("RAY_ADDRESS"):
+        with ray_session(address, num_cpus=num_cpus):
+            yield
+        return
+    with socket.socket() as s:  # a free port for the dashboard, named before Ray starts
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+             logging_level=logging.WARNING, log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _storage(params: Params, root: Path) -> str:
+    """ray.storage_path, absolute (Tune and the workers run elsewhere) unless a URI."""
+    if "://" in params.ray.storage_path:
+        return params.ray.storage_path
+    p = Path(params.ray.storage_path)
+    return str(p if p.is_absolute() else (root / p).resolve())
+
+
+def _join(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}" if "://" in storage else str(Path(storage) / name)
+
+
+def _rows(grid: Any, trials: list[Trial], jobs: list[dict], run_ids: list[str], steps: int) -> list[dict[str, Any]]:
+    """One row per trial: its configuration, last and best objective, steps reached and how it ended."""
+    by_index: dict[int, Any] = {}
+    for result in grid:
+        by_index[int(result.config["trial"]["index"])] = result
+    rows = []
+    for t in trials:
+        result = by_index.get(t.index)
+        m = dict(result.metrics or {}) if result is not None else {}
+        history = result.metrics_dataframe if result is not None else None
+        curve = []
+        if history is not None and OBJECTIVE in history:
+            curve = [(int(s), float(v)) for s, v in zip(history["step"], history[OBJECTIVE]) if not math.isnan(v)]
+        reached = int(m.get("step", 0) or 0)
+        status_file = Path(jobs[t.index]["status_path"])
+        nonfinite = status_file.is_file() and json.loads(status_file.read_text()).get("status") == "nonfinite"
+        error = None if result is None or result.error is None else " ".join(str(result.error).split())[:300]
+        status = ("error" if error or result is None else "nonfinite" if nonfinite
+                  else "finished" if reached >= steps else "stopped_early")
+        rows.append({
+            "trial": t.index, "label": t.label, "sde": t.sde["type"],
+            "parameterization": t.variant["parameterization"]["type"],
+            "sde_params": json.dumps({k: v for k, v in t.sde.items() if k != "type"}, sort_keys=True),
+            "lr": t.lr, "ema_decay": t.ema_decay,
+            "objective": m.get(OBJECTIVE), "best_objective": min((v for _, v in curve), default=None),
+            "objective_nfe": m.get("objective_nfe"), "steps": reached, "max_steps": steps,
+            "stopped_early": status == "stopped_early", "status": status,
+            "seconds": round(float(m.get("time_total_s", 0.0)), 2), "mlflow_run_id": run_ids[t.index],
+            "checkpoint_path": m.get("checkpoint_path"), "curve": json.dumps(curve), "error": error,
+        })
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    columns = [c for c in rows[0] if c != "checkpoint_path"]
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buf.getvalue())
+
+
+def read_trials(path: Path) -> list[dict[str, str]]:
+    """trials.csv back as rows of strings."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------------
+# The picture: objective against each swept parameter, per SDE type
+
+
+def plot_objective(rows: list[dict[str, Any]], path: Path, metric: str) -> Path:
+    """The objective of every trial by SDE type, then against each parameter that varies within a type
+    (its SDE parameters, parameterisation, lr, ema_decay), all on one y axis. Filled: ran to the end;
+    hollow: stopped early by ASHA (its last objective, at fewer steps). Failed trials are only in
+    trials.csv."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    def knobs(r: dict[str, Any]) -> dict[str, Any]:
+        return {**json.loads(r["sde_params"]), "parameterization": r["parameterization"], "lr": r["lr"],
+                "ema_decay": r["ema_decay"]}
+
+    rows = [r for r in rows if r["objective"] is not None]
+    types = list(dict.fromkeys(r["sde"] for r in rows))
+    panels: list[tuple[str, str | None]] = [("", None)]  # first: all trials by SDE type
+    for ty in types:
+        mine = [knobs(r) for r in rows if r["sde"] == ty]
+        keys = dict.fromkeys(k for m in mine for k in m)
+        panels += [(ty, k) for k in keys if len({json.dumps(m.get(k)) for m in mine}) > 1]
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), squeeze=False, sharey=True)
+    for ax, (ty, key) in zip(axes.flat, panels):
+        mine = rows if key is None else [r for r in rows if r["sde"] == ty]
+        for r in mine:
+            x = types.index(r["sde"]) if key is None else knobs(r).get(key)
+            ax.scatter([x if isinstance(x, (int, float)) else str(x)], [r["objective"]], s=40,
+                       facecolors="tab:blue" if r["status"] == "finished" else "none", edgecolors="tab:blue")
+        if key is None:
+            ax.set_xticks(range(len(types)), types)
+            ax.set_xlim(-0.5, len(types) - 0.5)
+            ax.set_title("all trials, by SDE", fontsize=9)
+            ax.legend(handles=[Line2D([], [], marker="o", ls="", color="tab:blue", label="ran to the end"),
+                               Line2D([], [], marker="o", ls="", mfc="none", color="tab:blue",
+                                      label="stopped early (ASHA)")], fontsize=7)
+        else:
+            values = [knobs(r).get(key) for r in mine]
+            if key in ("lr", "sigma_min", "sigma_max", "beta_min", "beta_max") and \
+                    all(isinstance(v, (int, float)) and v > 0 for v in values):
+                ax.set_xscale("log")
+            ax.set_title(ty, fontsize=9)
+            ax.set_xlabel(key)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for row in axes:
+        row[0].set_ylabel(f"{metric} (lower is better)")
+    objectives = [r["objective"] for r in rows]
+    if objectives and min(objectives) > 0 and max(objectives) > 20 * min(objectives):
+        axes[0][0].set_yscale("log")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["Objective", "SweepResult", "Trial", "TuneError", "plan_trials", "plot_objective", "read_trials",
+           "run_sweep", "suggest_sigma_max", "sweep_key", "trial_params"]

@@ -1,0 +1,218 @@
+"""The Ray Tune sweep: real Ray Tune running real Ray Train trials, tracked in a real MLflow store.
+
+Each sweep starts its own local Ray (its start-up and Ray Train's per-trial start-up are most of the
+time), on toy 2-D data whose objective is the sliced W2 distance to the test split.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from scorelab.config import ConfigError, load_params, parse_params
+from scorelab.data import prepare, read_split
+from scorelab.sampling import sample
+from scorelab.training import load_trained
+from scorelab.tune import plan_trials, run_sweep, suggest_sigma_max
+
+REPO = Path(__file__).resolve().parents[1]
+
+VP = {"sde": {"type": "vp", "beta_max": 20.0}}
+VE_AUTO = {"sde": {"type": "ve", "sigma_min": 0.01, "sigma_max": "auto"},
+           "parameterization": {"type": "score", "scale_by_sigma": True}}
+
+
+def make_params(tmp: Path, tune: dict) -> dict:
+    return {
+        "seed": 0,
+        "data": {"source": "toy2d", "out_dir": str(tmp / "data"),
+                 "toy": {"kind": "gaussian_mixture", "n_train": 2000, "n_test": 500}},
+        "train": {"steps": 10, "batch_size": 64, "warmup_steps": 0, "log_every": 25},
+        "ray": {"num_workers": 1, "storage_path": str(tmp / "ray"), "max_failures": 0},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+        "variants": {"vp": {**VP, "parameterization": {"type": "eps"}, "samplers": [{"method": "ddim", "steps": [10]}]}},
+        "tune": {"ema_decay": [0.9], "max_concurrent": 2, "steps": 150, "eval_every": 50, "grace_period": 50,
+                 "reduction_factor": 2, "objective": {"sampler": {"method": "ddim", "steps": [10]}, "n_samples": 500},
+                 "samplers": [{"method": "ddim", "steps": [10, 20]}], **tune},
+    }
+
+
+def mlflow_runs(tmp: Path):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    return c, [r for e in c.search_experiments() for r in c.search_runs([e.experiment_id])]
+
+
+# -- the search space, refused before any trial ---------------------------------------------------
+
+
+def test_invalid_space_is_refused_before_any_trial_naming_the_field(tmp_path):
+    bad = make_params(tmp_path, {"space": [VP, {"sde": {"type": "ve", "sigma_min": 2.0, "sigma_max": [1.0, 50.0]}}],
+                                 "num_trials": 2})
+    with pytest.raises(ConfigError, match=r"tune\.space\.1\.sde\.sigma_max: must be > sigma_min \(2\.0\)"):
+        parse_params(bad)
+
+    # the stage refuses it the same way (exit 2), and no trial or Ray storage was made
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "tune.py"), "--params", str(path),
+                           "--root", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "tune.space.1.sde.sigma_max: must be > sigma_min (2.0)" in proc.stderr
+    assert not (tmp_path / "ray").exists()
+
+    # other fields are named too: a sampler the objective cannot use on an SDE, a budget shorter than ASHA's
+    with pytest.raises(ConfigError) as e:
+        parse_params(make_params(tmp_path, {"space": [VP, {"sde": {"type": "vp", "sigma_max": 3.0}}],
+                                            "objective": {"sampler": {"method": "ald", "steps": [10]}},
+                                            "grace_period": 500}))
+    text = str(e.value)
+    assert "tune.space.1.sde.sigma_max: unknown key 'sigma_max'" in text
+    assert "tune.objective.sampler.method: sampling method 'ald' is not defined for 'vp' SDEs" in text
+    assert "tune.grace_period: must be <= tune.steps (150)" in text
+
+
+def test_sigma_max_auto_is_checked_once_known(tmp_path):
+    """"auto" passes validation; once the data gives its value, a sigma_min above it is refused."""
+    p = parse_params(make_params(tmp_path, {"space": [{**VE_AUTO, "sde": {**VE_AUTO["sde"], "sigma_min": 5.0}}],
+                                            "num_trials": 1}))
+    assert plan_trials(p, sigma_max_auto=8.0)[0].sde["sigma_max"] == 8.0
+    with pytest.raises(ConfigError, match=r"tune\.space\.0\.sde\.sigma_max: must be > sigma_min \(5\.0\).*auto = 3"):
+        plan_trials(p, sigma_max_auto=3.0)
+
+
+def test_suggest_sigma_max_is_the_largest_pairwise_distance():
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [-3.0, -4.0]])
+    assert suggest_sigma_max(x) == (10.0, 4)
+    big = torch.randn(5000, 3, generator=torch.Generator().manual_seed(0))
+    exact = float(torch.cdist(big.double(), big.double()).max())
+    value, used = suggest_sigma_max(big, max_points=1000)
+    assert used == 1000 and 0.6 * exact < value <= exact  # a subset gives a lower bound
+
+
+def test_plan_covers_every_sde_setting_before_the_second_choices(tmp_path):
+    p = parse_params(make_params(tmp_path, {"space": [{"sde": {"type": "vp", "beta_max": [10.0, 20.0]}}, VE_AUTO],
+                                            "lr": [1e-2, 1e-3], "num_trials": 4}))
+    plan = plan_trials(p, sigma_max_auto=6.0)
+    assert [(t.sde["type"], t.sde.get("beta_max"), t.lr) for t in plan] == [
+        ("vp", 10.0, 1e-2), ("vp", 20.0, 1e-2), ("ve", None, 1e-2), ("vp", 10.0, 1e-3)]
+    assert plan[2].sde["sigma_max"] == 6.0 and plan[0].variant["train"] == {
+        "steps": 150, "lr": 1e-2, "batch_size": None, "micro_batch_size": None, "warmup_steps": None,
+        "grad_clip": None, "weight_decay": None}
+
+
+# -- a real sweep -----------------------------------------------------------------------------------
+
+
+def test_sweep_stops_trials_early_tracks_them_and_writes_a_valid_winner(tmp_path):
+    """Two SDE types x two learning rates; 1e-6 barely trains, so ASHA stops those trials at its first
+    rung (they start after the good ones have recorded their objective there)."""
+    p = make_params(tmp_path, {"space": [VP, VE_AUTO], "lr": [1e-2, 1e-6], "num_trials": 4})
+    params = parse_params(p)
+    prepare(params.data, params.seed)
+    out = tmp_path / "outputs" / "tune"
+    result = run_sweep(params, root=tmp_path, data_dir=params.data.dataset_dir, featurizer_dir=tmp_path / "none",
+                       out_dir=out)
+
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [r["sde"] for r in rows] == ["vp", "ve", "vp", "ve"]
+    assert {r["status"] for r in rows[:2]} == {"finished"}
+    stopped = [r for r in rows if r["stopped_early"] == "True"]
+    assert stopped and all(int(r["steps"]) < 150 for r in stopped), rows
+    assert all(r["lr"] == "1e-06" for r in stopped)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["trials"] == 4 and metrics["stopped_early"] == len(stopped) and not metrics["resumed"]
+    assert metrics["objective_metric"] == "sliced_w2" and metrics["best_trial"] in (0, 1)
+    x_train = read_split(params.data.dataset_dir, "train")
+    assert metrics["sigma_max_auto"] == pytest.approx(suggest_sigma_max(x_train)[0])
+    assert (out / "objective_vs_params.png").stat().st_size > 5000
+
+    # the winner: a params file that validates like params.yaml, and its EMA weights
+    best = load_params(out / "best_params.yaml")
+    assert list(best.variants) == ["tuned"] and best.tune is None
+    tuned = best.variants["tuned"]
+    assert tuned.sde.type == rows[metrics["best_trial"]]["sde"] and tuned.train.lr == 1e-2
+    assert [s.method for s in tuned.samplers] == ["ddim"] and tuned.ema.decay == 0.9
+    trained = load_trained(out / "model.pt")
+    assert trained.variant.model_dump() == tuned.model_dump() and trained.step == 150
+    with torch.no_grad():
+        x = sample(trained.model, trained.model.sde, (500, 2), method="ddim", steps=10, seed=0).x
+    assert torch.isfinite(x).all()
+
+    # MLflow: one parent run, one nested run per trial with its params and objective curve, the winner tagged
+    client, runs = mlflow_runs(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("scorelab.kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.data.params["tune.num_trials"] == "4" and float(parent.data.params["sigma_max_auto"]) > 0
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "best_params.yaml", "trials.csv", "metrics.json", "objective_vs_params.png", "model"}
+    nested = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                    key=lambda r: int(r.data.tags["scorelab.trial"]))
+    assert len(nested) == 4 and len(runs) == 5
+    for run, row in zip(nested, rows):
+        assert run.data.tags["sde"] == row["sde"] == run.data.params["variant.sde.type"]
+        assert float(run.data.params["train.lr"]) == float(row["lr"])
+        curve = [m.step for m in client.get_metric_history(run.info.run_id, "objective")]
+        assert curve[:1] == [50] and max(curve) >= int(row["steps"])
+        assert client.get_metric_history(run.info.run_id, "loss")
+    best_runs = [r for r in nested if r.data.tags.get("scorelab.best") == "true"]
+    assert [int(r.data.tags["scorelab.trial"]) for r in best_runs] == [metrics["best_trial"]]
+    assert result.best["trial"] == metrics["best_trial"]
+
+
+def _finished_trials(storage: Path) -> int:
+    """Trials the Tune experiment state records as TERMINATED (what a restore keeps)."""
+    done = 0
+    for state in storage.glob("tune-*/experiment_state-*.json"):
+        try:
+            trials = json.loads(state.read_text())["trial_data"]
+        except (ValueError, KeyError):  # being written
+            continue
+        done = max(done, sum(json.loads(t[0])["status"] == "TERMINATED" for t in trials))
+    return done
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    p = make_params(tmp_path, {"space": [VP], "lr": [1e-2, 5e-3, 2e-3], "num_trials": 3, "max_concurrent": 1})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(p, sort_keys=False))
+    prepare(parse_params(p).data, 0)
+    cmd = [sys.executable, str(REPO / "pipeline" / "tune.py"), "--params", str(params_file), "--root", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while _finished_trials(tmp_path / "ray") < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    finished_before = _finished_trials(tmp_path / "ray")
+    assert 1 <= finished_before < 3, "the sweep was not killed midway"
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "(resumed)" in second.stdout
+    metrics = json.loads((tmp_path / "outputs" / "tune" / "metrics.json").read_text())
+    assert metrics["resumed"] and metrics["trials"] == 3
+    rows = list(csv.DictReader((tmp_path / "outputs" / "tune" / "trials.csv").open()))
+    assert all(r["objective"] for r in rows)
+
+    # every trial ran once, except one caught running by the kill, which resumed from its checkpoint
+    client, runs = mlflow_runs(tmp_path)
+    nested = sorted((r for r in runs if "scorelab.trial" in r.data.tags), key=lambda r: int(r.data.tags["scorelab.trial"]))
+    assert len(nested) == 3 and len(runs) == 4
+    launches = [int(r.data.tags["scorelab.launches"]) for r in nested]
+    assert launches[:finished_before] == [1] * finished_before, launches
+    assert all(n in (1, 2) for n in launches)
+    assert len(list((tmp_path / "ray").glob("tune-*/experiment_state-*.json"))) >= 1
+    assert len([d for d in (tmp_path / "ray").iterdir() if not d.name.endswith("-trials")]) == 1
