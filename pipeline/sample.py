@@ -1,8 +1,9 @@
 """DVC stage `sample`: draw samples of one trained variant with each of its configured samplers.
 
     python pipeline/sample.py --params params.yaml --variant vp [--model outputs/train/vp/model.pt]
-        [--out outputs/samples/vp] [--n 256] [--seeds 0 1 2] [--batch-size 256] [--workers 2]
+        [--out outputs/samples/vp] [--n N] [--seeds S ...] [--batch-size B] [--workers W]
 
+n, seeds, batch size and workers come from the `sample:` section of params; the flags override them.
 The samplers are those of the variant in params (they do not change the trained weights, so editing
 them needs no retraining). Resumes an interrupted run: complete chunks are kept. Writes
 <out>/<setting>/seed<k>/chunk-*.npz and manifest.json, <out>/<setting>/grid.png and <out>/summary.json
@@ -27,17 +28,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", required=True)
     parser.add_argument("--model", default=None, help="default: outputs/train/<variant>/model.pt")
     parser.add_argument("--out", default=None, help="default: outputs/samples/<variant>")
-    parser.add_argument("--n", type=int, default=256, help="samples per setting and seed")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--batch-size", type=int, default=256, help="samples per chunk (one Ray task)")
-    parser.add_argument("--workers", type=int, default=2, help="Ray tasks in flight, 1 CPU each")
+    parser.add_argument("--n", type=int, default=None, help="samples per setting and seed (sample.n)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="sample.seeds")
+    parser.add_argument("--batch-size", type=int, default=None, help="samples per chunk, one Ray task (sample.batch_size)")
+    parser.add_argument("--workers", type=int, default=None, help="Ray tasks in flight, 1 CPU each (sample.workers)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     params = load_or_report(args.params, args.variant)
     if params is None:
         return 2
-    if args.n < 1 or args.batch_size < 1 or args.workers < 1:
+    cfg = params.sample
+    n = cfg.n if args.n is None else args.n
+    seeds = list(cfg.seeds) if args.seeds is None else args.seeds
+    batch_size = cfg.batch_size if args.batch_size is None else args.batch_size
+    workers = cfg.workers if args.workers is None else args.workers
+    if n < 1 or batch_size < 1 or workers < 1:
         print("--n, --batch-size and --workers must be >= 1", file=sys.stderr)
         return 2
     model = Path(args.model or Path("outputs") / "train" / args.variant / "model.pt")
@@ -48,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     try:
-        rows = generate(model, out, n_samples=args.n, seeds=args.seeds, batch_size=args.batch_size,
-                        num_workers=args.workers, progress=not args.no_progress,
-                        variant=params.variants[args.variant])
+        rows = generate(model, out, n_samples=n, seeds=seeds, batch_size=batch_size, num_workers=workers,
+                        progress=not args.no_progress, variant=params.variants[args.variant])
     except GenerateError as e:
         print(f"sample {args.variant}: {e}", file=sys.stderr)
         return 1
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         nfe_text = str(nfes[0]) if len(set(nfes)) == 1 else f"{sum(nfes) / len(nfes):.0f} (mean per chunk)"
         drawn = sum(r["chunks_drawn"] for r in mine)
         reused = sum(r["chunks_reused"] for r in mine)
-        print(f"{key}: {len(mine)} seed(s) x {args.n} samples, NFE {nfe_text}, "
+        print(f"{key}: {len(mine)} seed(s) x {n} samples, NFE {nfe_text}, "
               f"{sum(r['seconds'] for r in mine):.2f}s sampling, {drawn} chunk(s) drawn, {reused} reused "
               f"-> {out / key}")
     return 0

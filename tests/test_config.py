@@ -154,7 +154,7 @@ def test_sampler_options_and_steps():
 # Bad configurations: (edits, exact location, substring of the message). Each edit makes one problem.
 
 BAD = {
-    "top-level typo": (rename("seed", "sed"), "sed", "unknown key 'sed'; did you mean 'seed'? valid keys: data, demo, mlflow, ray, seed, train, variants"),
+    "top-level typo": (rename("seed", "sed"), "sed", "unknown key 'sed'; did you mean 'seed'? valid keys: data, demo, evaluate, mlflow, ray, sample, seed, train, tune, variants"),
     "sigma_mn": (rename("variants.ve.sde.sigma_min", "sigma_mn"), "variants.ve.sde.sigma_mn",
                  "unknown key 'sigma_mn'; did you mean 'sigma_min'? valid keys: eps, sigma_max, sigma_min, type"),
     "continuouse": ([("variants.vp.continuouse", True)], "variants.vp.continuouse",
@@ -358,7 +358,7 @@ def test_cli_validate_bad_file_lists_every_problem(tmp_path):
     head, *lines = r.stderr.splitlines()
     assert head == f"{bad}: 2 problem(s)"
     assert sorted(lines) == [
-        "sed: unknown key 'sed'; did you mean 'seed'? valid keys: data, demo, mlflow, ray, seed, train, variants",
+        "sed: unknown key 'sed'; did you mean 'seed'? valid keys: data, demo, evaluate, mlflow, ray, sample, seed, train, tune, variants",
         "variants.ve.sde.sigma_min: must be > 0 (got -1.0)",
     ]
 

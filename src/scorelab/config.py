@@ -314,6 +314,37 @@ class MLflowConfig(_Model):
     experiment: str | None = None  # None = "scorelab-<data.source>"
 
 
+class EvalConfig(_Model):
+    """The evaluate stage: Inception FID from local weights only, and the bits/dim estimate."""
+
+    # pytorch-fid's weights file (relative to the repository root); None: $SCORELAB_INCEPTION_WEIGHTS, then the
+    # torch hub cache. Never downloaded.
+    inception_weights: str | None = None
+    require_inception: bool = False  # fail the stage when no Inception weights are found (else FID is skipped)
+    bpd_samples: int = Field(64, ge=0)  # test images for bits/dim (2-D: points for the log-likelihood); 0 skips
+    probes: int = Field(4, ge=1)  # Hutchinson probes per image for bits/dim
+    # the probability-flow ODE's tolerances for bits/dim (score_sde's 1e-5 costs ~1000 NFE with backward
+    # passes; 1e-4 moved digits' bits/dim by 0.005, a tenth of its standard error, at a quarter of the NFE)
+    bpd_rtol: float = Field(1e-5, gt=0, lt=1)
+    bpd_atol: float = Field(1e-5, gt=0, lt=1)
+
+
+class SampleConfig(_Model):
+    """The sample stage: how many samples per sampler setting, from which seeds, in what chunks."""
+
+    n: int = Field(256, ge=1, le=1_000_000)  # per setting and seed; FID-like numbers are biased at small n
+    seeds: tuple[Annotated[int, Field(ge=0)], ...] = Field((0, 1, 2), min_length=1)
+    batch_size: int = Field(256, ge=1)  # samples per chunk: one Ray task, and the unit of resumption
+    workers: int = Field(2, ge=1)  # chunks in flight, 1 CPU each (or ray.use_gpu: 1 GPU each)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct (got {list(seeds)})")
+        return seeds
+
+
 class VariantConfig(_Model):
     sde: SDEConfig
     parameterization: ParamConfig
@@ -345,6 +376,155 @@ def _line_error(loc: tuple[str | int, ...], message: str, value: Any) -> InitErr
                             loc=loc, input=value)
 
 
+# ---------------------------------------------------------------------------------------------
+# The Ray Tune sweep (scorelab.tune): a search space of SDEs, each candidate checked as a variant.
+
+TUNED_VARIANT = "tuned"  # the sweep's winner, a variant of outputs/tune/best_params.yaml (never of params.yaml)
+AUTO = "auto"  # tune.space.*.sde.sigma_max: resolved from the data by scorelab.tune.suggest_sigma_max
+_INF = float("inf")  # stands for "auto" while the data is unknown: passes sigma_min < sigma_max
+
+
+class TuneCandidate(_Model):
+    """One part of the search space: an SDE with its parameterisation, network and loss. Any value under
+    `sde` may be a list of choices (the candidate is then the grid over them), and `sigma_max` may be
+    "auto": the largest distance between two training points (Song & Ermon 2020, technique 1),
+    computed from the prepared data before the sweep starts."""
+
+    sde: dict[str, Any] = Field(min_length=1)
+    parameterization: ParamConfig = Field(default_factory=EpsParam)
+    net: NetConfig | None = None
+    loss: LossConfig = Field(default_factory=LossConfig)
+
+    def settings(self, sigma_max_auto: float | None = None) -> list[dict[str, Any]]:
+        """Every SDE setting of the grid, in order; "auto" replaced by sigma_max_auto when given."""
+        from itertools import product
+
+        keys = list(self.sde)
+        choices = [v if isinstance(v, list) else [v] for v in self.sde.values()]
+        out = [dict(zip(keys, combo)) for combo in product(*choices)]
+        if sigma_max_auto is not None:
+            out = [{**s, "sigma_max": sigma_max_auto} if s.get("sigma_max") == AUTO else s for s in out]
+        return out
+
+    def variant(self, sde: dict[str, Any], samplers: list[Any], lr: float | None = None,
+                ema_decay: float | None = None) -> dict[str, Any]:
+        """The variant (as params.yaml would spell it) of one SDE setting of this candidate."""
+        out: dict[str, Any] = {"sde": sde, "parameterization": self.parameterization.model_dump(mode="json"),
+                               "net": self.net.model_dump(mode="json") if self.net else None,
+                               "loss": self.loss.model_dump(mode="json"),
+                               "samplers": [s.model_dump(mode="json") for s in samplers]}
+        if ema_decay is not None:
+            out["ema"] = {"decay": ema_decay}
+        if lr is not None:
+            out["train"] = {"lr": lr}
+        return out
+
+
+class TuneObjective(_Model):
+    """What ranks the trials: the distance to the test split of n_samples samples of the EMA model drawn
+    with one sampler at one NFE (domain Frechet distance for images, sliced W2 for 2-D points)."""
+
+    sampler: SamplerConfig = Field(default_factory=lambda: DDIMSampler(steps=[20]))
+    n_samples: int = Field(256, ge=4, le=100_000)
+
+    @model_validator(mode="after")
+    def _one_nfe(self) -> TuneObjective:
+        if self.sampler.method == "ode":
+            raise ValidationError.from_exception_data(type(self).__name__, [_line_error(
+                ("sampler", "method"), "the objective needs a fixed NFE; 'ode' is adaptive: choose a grid sampler "
+                "such as ddim", "ode")])
+        if len(self.sampler.step_list()) != 1:
+            raise ValidationError.from_exception_data(type(self).__name__, [_line_error(
+                ("sampler", "steps"), "needs exactly one value, the objective's NFE",
+                self.sampler.steps)])
+        return self
+
+
+class TuneConfig(_Model):
+    """The sweep: which variants to train (space x lr x ema_decay), for how long, and how ASHA stops them."""
+
+    space: list[TuneCandidate] = Field(min_length=1)
+    lr: list[Annotated[float, Field(gt=0, le=1)]] | None = Field(None, min_length=1)  # choices; None: train.lr
+    ema_decay: list[Annotated[float, Field(ge=0, lt=1)]] | None = Field(None, min_length=1)  # None: ema default
+    num_trials: int = Field(4, ge=1)
+    max_concurrent: int = Field(2, ge=1)  # trials training at once
+    workers_per_trial: int = Field(1, ge=1)  # Ray Train workers of each trial
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    steps: int = Field(300, ge=1)  # training steps of a trial that ASHA lets finish
+    batch_size: int | None = Field(None, ge=1)  # global, per step; None: train.batch_size
+    eval_every: int = Field(100, ge=1)  # checkpoint and objective cadence: where ASHA can stop a trial
+    grace_period: int = Field(100, ge=1)  # steps every trial gets before ASHA may stop it
+    reduction_factor: float = Field(2.0, gt=1)  # at each rung ASHA keeps the best 1/reduction_factor
+    objective: TuneObjective = Field(default_factory=TuneObjective)
+    samplers: list[SamplerConfig] = Field(min_length=1)  # the `tuned` variant's, for the sample/evaluate stages
+
+    def size(self) -> int:
+        """Distinct configurations in the space: SDE settings x lr choices x ema_decay choices."""
+        return (sum(len(c.settings()) for c in self.space) * len(self.lr or [None])
+                * len(self.ema_decay or [None]))
+
+    @model_validator(mode="after")
+    def _space_is_valid(self) -> TuneConfig:
+        errors = [e for i, c in enumerate(self.space) for e in self.candidate_errors(i, c, None)]
+        if self.grace_period > self.steps:
+            errors.append(_line_error(("grace_period",), f"must be <= tune.steps ({self.steps})", self.grace_period))
+        if self.eval_every > self.steps:
+            errors.append(_line_error(("eval_every",), f"must be <= tune.steps ({self.steps})", self.eval_every))
+        if not errors and self.num_trials > self.size():
+            errors.append(_line_error(("num_trials",), f"must be <= {self.size()}, the number of distinct "
+                                      "configurations in tune.space x lr x ema_decay", self.num_trials))
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        return self
+
+    def candidate_errors(self, i: int, cand: TuneCandidate, sigma_max_auto: float | None) -> list[InitErrorDetails]:
+        """Every problem of candidate i, each at its own field: each SDE setting is built as the real variant
+        (with the tuned samplers, and with the objective's sampler) and, once "auto" is known, as the SDE."""
+        settings = cand.settings(sigma_max_auto)
+        if not settings:
+            return [_described(("space", i, "sde"), "a list of choices is empty")]
+        errors: dict[tuple, InitErrorDetails] = {}  # keyed by (loc, message): a grid repeats its problems
+        for sde in settings:
+            if sde.get("sigma_max") == AUTO:  # known once the data is: checked again then
+                sde = {**sde, "sigma_max": _INF}
+            for samplers, where in ((self.samplers, ("samplers",)), ([self.objective.sampler], ("objective",))):
+                for parts, message in _variant_problems(cand.variant(sde, samplers)):
+                    if parts[0] != "samplers":
+                        loc = ("space", i, *parts)
+                    elif where == ("samplers",):
+                        loc, message = ("samplers", *parts[1:]), f"{message} (for tune.space.{i}, {sde.get('type')})"
+                    else:
+                        loc, message = ("objective", "sampler", *parts[2:]), f"{message} (for tune.space.{i})"
+                    errors.setdefault((loc, message), _described(loc, message))
+            if not errors and _INF not in sde.values():
+                try:
+                    VariantConfig.model_validate(cand.variant(sde, self.samplers)).sde.build()
+                except ValueError as e:
+                    errors.setdefault((("space", i, "sde"), str(e)), _described(("space", i, "sde"), str(e)))
+        return list(errors.values())
+
+
+def _described(loc: tuple[str | int, ...], message: str) -> InitErrorDetails:
+    """An error whose message is already complete (written as _describe writes them)."""
+    return InitErrorDetails(type=PydanticCustomError("described", "{message}", {"message": message}), loc=loc,
+                            input=None)
+
+
+def _variant_problems(data: dict[str, Any]) -> list[tuple[list[str], str]]:
+    """(location parts inside the variant, message) for each problem of a variant dict, as _describe
+    writes them for params.yaml's variants."""
+    try:
+        VariantConfig.model_validate(data)
+    except ValidationError as e:
+        out = []
+        for err in e.errors(include_url=False):
+            where, _, message = _describe({**err, "loc": ("variants", "v", *err["loc"])}).partition(": ")
+            out.append((where.split(".")[2:] or ["sde"], message))
+        return out
+    return []
+
+
 VariantName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
 
 
@@ -361,8 +541,11 @@ class Params(_Model):
     train: TrainConfig = Field(default_factory=TrainConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
     variants: dict[VariantName, VariantConfig] = Field(min_length=1)
     demo: DemoConfig = Field(default_factory=DemoConfig)
+    tune: TuneConfig | None = None  # the Ray Tune sweep of pipeline/tune.py; None: no sweep
 
     @model_validator(mode="after")
     def _batches_fit_workers(self) -> Params:
@@ -380,6 +563,16 @@ class Params(_Model):
             elif batch % (workers * rows):
                 errors.append(_line_error((*where, "batch_size"), f"must be a multiple of ray.num_workers x "
                                           f"micro_batch_size = {workers} x {rows} (got {batch})", batch))
+        if self.tune is not None:  # every trial trains with this batch on tune.workers_per_trial workers
+            workers, micro = self.tune.workers_per_trial, self.train.micro_batch_size
+            batch = self.tune.batch_size or self.train.batch_size
+            rows = micro or batch // workers
+            if batch < workers or batch % (workers * rows):
+                errors.append(_line_error(("tune", "workers_per_trial"), f"must divide the batch ({batch}) into "
+                                          f"micro-batches of {rows} rows per worker (got {workers})", workers))
+        if self.tune is not None and TUNED_VARIANT in self.variants:
+            errors.append(_line_error(("variants", TUNED_VARIANT), f"the name {TUNED_VARIANT!r} is the tune stage's "
+                                      "winner's; rename this variant", TUNED_VARIANT))
         if self.train.bf16 and not self.ray.use_gpu:
             errors.append(_line_error(("train", "bf16"), "needs ray.use_gpu: true (bf16 autocast is GPU only)",
                                       True))
@@ -566,7 +759,7 @@ def _describe(err: dict) -> str:
         valid = re.findall(r"'([^']*)'", ctx.get("expected", ""))
         hint = _suggest(value, valid) if isinstance(value, str) else ""
         return f"{where}: must be one of {', '.join(valid)}{got}" + (f"; {hint.strip()}" if hint else "")
-    if kind == "sampler_sde":
+    if kind in ("sampler_sde", "described"):  # the message is complete as it is
         return f"{where}: {err['msg']}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"{where}: must be a mapping{got}"
