@@ -332,15 +332,17 @@ def _log_new_metrics(logger, points: list[tuple[str, float | None, int]]) -> Non
 # Likelihood of test data under the model
 
 
-def _bits_per_dim(trained, x_test: torch.Tensor, n: int, probes: int, seed: int) -> dict[str, Any]:
+def _bits_per_dim(trained, x_test: torch.Tensor, n: int, probes: int, seed: int, rtol: float,
+                  atol: float) -> dict[str, Any]:
     from .likelihood import bits_per_dim
 
     x_int = torch.round((x_test[:n].double() + 1) * 127.5).to(torch.uint8)  # the stored pixels, exactly
     res = bits_per_dim(trained.model, trained.model.sde, x_int, bits=8, scale=2.0, shift=-1.0, probes=probes,
-                       seed=seed)
+                       seed=seed, rtol=rtol, atol=atol)
     bpd = res.bpd.cpu()
     return {"mean": _num(bpd.mean()), "stderr": _num(bpd.std() / math.sqrt(n)) if n > 1 else None,
             "n": n, "split": "test", "probes": probes, "estimator": "Hutchinson, Rademacher probes",
+            "ode_rtol": rtol, "ode_atol": atol,
             "hutchinson_stderr_mean": _num(res.stderr.mean()), "nfe": res.nfe, "dequantization": DEQUANTIZATION,
             "note": "stderr is over test images (probe noise included); a one-draw upper bound on the discrete NLL"}
 
@@ -481,7 +483,9 @@ def evaluate_variant(
     }
     n_lik = min(bpd_samples, len(x_test))
     if manifest.is_image:
-        metrics["bits_per_dim"] = _bits_per_dim(trained, x_test, n_lik, probes, params.seed) if n_lik else None
+        ev = params.evaluate
+        metrics["bits_per_dim"] = (_bits_per_dim(trained, x_test, n_lik, probes, params.seed, ev.bpd_rtol, ev.bpd_atol)
+                                   if n_lik else None)
     else:
         metrics["test_loglik"] = _test_loglik(trained, manifest, x_test, n_lik, params.seed) if n_lik else None
     if inception_fid is not None:
