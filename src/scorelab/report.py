@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from . import tracking
+from .config import TUNED_VARIANT as TUNED
 
 if TYPE_CHECKING:
     import numpy as np
@@ -173,7 +174,7 @@ def _load_train(path: Path, root: Path) -> dict[str, Any]:
     for key in ("steps", "seconds"):
         if key not in data:
             raise ReportError(f"{where}: missing key {key!r}")
-    run_id = data.get("mlflow_run_id")
+    run_id = data.get("best_run_id", data.get("mlflow_run_id"))  # a sweep: the winning trial's run
     if run_id is not None and not isinstance(run_id, str):
         raise ReportError(f"{where}.mlflow_run_id: must be a string, got {run_id!r}")
     return {"steps": _integer(data["steps"], f"{where}.steps"), "seconds": _number(data["seconds"], f"{where}.seconds"),
@@ -272,8 +273,10 @@ def load_inputs(params: Params, root: Path) -> tuple[list[VariantResult], str]:
     root = root.resolve()
     missing: list[tuple[Path, str]] = []
     variants: list[VariantResult] = []
-    for name in params.variants:
-        train_path = root / "outputs" / "train" / name / "metrics.json"
+    # the tune stage's winner joins as variant `tuned`: its "training" is the sweep (outputs/tune/metrics.json
+    # holds its steps and the winning trial's MLflow run, as a train stage's metrics.json does)
+    for name in [*params.variants, *([TUNED] if params.tune is not None else [])]:
+        train_path = root / "outputs" / ("tune" if name == TUNED else f"train/{name}") / "metrics.json"
         eval_path = root / "outputs" / "eval" / name / "metrics.json"
         if not train_path.is_file():
             missing.append((train_path, _stage_hint("train", name)))

@@ -41,13 +41,13 @@ import yaml
 from pydantic import ValidationError
 
 from . import tracking
-from .config import AUTO, ConfigError, Params, TuneConfig, VariantConfig, _describe, parse_params
+from .config import AUTO, TUNED_VARIANT, ConfigError, Params, TuneConfig, VariantConfig, _describe, parse_params
 from .training import (STATUS_FILE, TrainJob, config_hash, export_model, load_state, ray_session, resolve_train,
                        train_loop)
 
 OBJECTIVE = "objective"  # the metric Tune minimises
 BEST_TAG = "scorelab.best"
-VARIANT = "tuned"  # the winner's name in best_params.yaml
+VARIANT = TUNED_VARIANT  # the winner's name in best_params.yaml
 PARAMS_FILE, MODEL_FILE, TRIALS_FILE, METRICS_FILE, PLOT_FILE = (
     "best_params.yaml", "model.pt", "trials.csv", "metrics.json", "objective_vs_params.png")
 
@@ -398,6 +398,8 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
         "objective_n_samples": tune.objective.n_samples, "sigma_max_auto": sigma_auto,
         "sigma_max_auto_points": sigma_points or None, "seconds": round(seconds, 2), "resumed": resumed,
         "sweep": name, "mlflow_run_id": parent,
+        # the winner as the report reads a train stage's metrics.json: its steps, run (loss curves) and loss
+        "steps": int(best["steps"]), "best_run_id": best["mlflow_run_id"],
     }
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
 
