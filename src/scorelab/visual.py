@@ -32,12 +32,19 @@ def save_samples(model, variant: VariantConfig, data_shape: tuple[int, ...], pat
     return save_image_grid(x, path, title) if len(data_shape) == 3 else save_scatter(x, path, title)
 
 
+GRID_MIN_SIDE = 32  # pixels per image in a saved grid: smaller images (8x8 digits) are enlarged
+
+
 def save_image_grid(x: torch.Tensor, path: Path, title: str = "", nrow: int = 8) -> Path:
-    """x in model space [-1, 1], (N, C, H, W)."""
+    """x in model space [-1, 1], (N, C, H, W). Images under GRID_MIN_SIDE pixels are enlarged by an
+    integer factor with nearest-neighbour (every pixel stays a visible square, nothing is invented)."""
     from torchvision.utils import save_image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(((x.clamp(-1, 1) + 1) / 2), path, nrow=nrow, padding=1, pad_value=1.0)
+    factor = -(-GRID_MIN_SIDE // x.shape[-1])
+    if factor > 1:
+        x = torch.nn.functional.interpolate(x.float(), scale_factor=factor, mode="nearest")
+    save_image(((x.clamp(-1, 1) + 1) / 2), path, nrow=nrow, padding=2, pad_value=1.0)
     return path
 
 
