@@ -1,10 +1,14 @@
-# Two commands: `make run` (the main job) and `make test`. Both create .venv on first use.
+# Two commands: `make run` (the whole DAG: dvc repro) and `make test`. Both create .venv on first use.
+# `make run PRESET=toy2d` first validates presets/toy2d.yaml and copies it over params.yaml
+# (presets: digits = the committed default, toy2d, mnist, cifar10); `make demo` is the 2-D sampler demo.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup lock
+PRESET ?=
+
+.PHONY: run demo test setup lock
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +19,13 @@ $(STAMP): requirements.lock pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
+ifneq ($(PRESET),)
+	$(PY) -m scorelab validate presets/$(PRESET).yaml
+	cp presets/$(PRESET).yaml params.yaml
+endif
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DVC_NO_ANALYTICS=1 $(VENV)/bin/dvc repro
+
+demo: $(STAMP)
 	$(PY) -m scorelab demo --params params.yaml --out outputs/demo
 
 test: $(STAMP)

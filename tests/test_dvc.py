@@ -43,6 +43,15 @@ def test_dvc_repro_runs_the_whole_dag_then_is_a_no_op(tmp_path):
         "vp": {**params["variants"]["vp"], "net": mlp, "samplers": [{"method": "dpm_solver", "steps": [5, 10]}]},
         "ve": {**params["variants"]["ve"], "net": mlp, "samplers": [{"method": "heun", "steps": [5]}]},
     }
+    params["tune"] = {
+        "space": [{"sde": {"type": "vp", "beta_min": 0.1, "beta_max": 20.0}, "parameterization": {"type": "eps"},
+                   "net": mlp},
+                  {"sde": {"type": "ve", "sigma_min": 0.01, "sigma_max": "auto"},
+                   "parameterization": {"type": "score", "scale_by_sigma": True}, "net": mlp}],
+        "lr": [1.0e-3], "num_trials": 2, "max_concurrent": 2, "steps": 6, "batch_size": 16, "eval_every": 3,
+        "grace_period": 3, "objective": {"sampler": {"method": "ddim", "steps": [5]}, "n_samples": 200},
+        "samplers": [{"method": "ddim", "steps": [5]}],
+    }
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     first = _dvc(repo, "repro")
@@ -56,20 +65,27 @@ def test_dvc_repro_runs_the_whole_dag_then_is_a_no_op(tmp_path):
         assert evaluation["seeds"] >= 3 and evaluation["baseline"]["sliced_w2_mean"] > 0
     assert set(json.loads((repo / "outputs" / "eval" / "vp" / "metrics.json").read_text())["settings"]) == {
         "dpm_solver-5", "dpm_solver-10"}
+    for f in ("best_params.yaml", "model.pt", "trials.csv", "metrics.json", "objective_vs_params.png"):
+        assert (repo / "outputs" / "tune" / f).exists(), f
+    assert set(json.loads((repo / "outputs" / "eval" / "tuned" / "metrics.json").read_text())["settings"]) == {
+        "ddim-5"}
     for f in ("comparison.md", "fid_vs_nfe.png", "samples.png", "metrics.json", "fid_vs_nfe.csv"):
         assert (repo / "reports" / f).exists(), f
     table = (repo / "reports" / "comparison.md").read_text()
-    assert "dpm_solver" in table and "heun" in table
+    assert "dpm_solver" in table and "heun" in table and "tuned" in table
 
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert {"prepare", "featurizer", "train@vp", "sample@ve", "evaluate@vp", "report"} <= set(lock["stages"])
+    assert {"prepare", "featurizer", "train@vp", "sample@ve", "evaluate@vp", "tune", "sample_tuned",
+            "evaluate_tuned", "report"} <= set(lock["stages"])
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     by_name = {r.info.run_name: r for r in runs}
-    assert set(by_name) == {"vp", "ve", "comparison"}, "one run per variant plus the comparison"
+    assert set(by_name) == {"vp", "ve", "comparison", "tune", "tune-trial000", "tune-trial001"}, \
+        "one run per variant, the sweep with a nested run per trial, and the comparison"
+    assert by_name["tune-trial000"].data.tags["mlflow.parentRunId"] == by_name["tune"].info.run_id
     history = client.get_metric_history(by_name["vp"].info.run_id, "eval_sliced_w2_dpm_solver")
     assert sorted(m.step for m in history) == [5, 10], "evaluation logged against NFE on the training run"
 
