@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from scorelab.cli import print_problems
 from scorelab.config import ConfigError
 from scorelab.data import DataError, parse_data_config, prepare
 
@@ -40,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         problems += e.problems
     if problems:
-        print(f"{args.params}: {len(problems)} problem(s)", file=sys.stderr)
-        print("\n".join(problems), file=sys.stderr)
+        print_problems(args.params, problems)
         return 2
 
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from scorelab.cli import load_or_report
 from scorelab.generate import GenerateError, generate
+from scorelab.training import TrainingError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = generate(model, out, n_samples=n, seeds=seeds, batch_size=batch_size, num_workers=workers,
                         progress=not args.no_progress, variant=params.variants[args.variant])
-    except GenerateError as e:
+    except (GenerateError, TrainingError) as e:  # TrainingError: an unreadable or mismatched model file
         print(f"sample {args.variant}: {e}", file=sys.stderr)
         return 1
     (out / "summary.json").write_text(json.dumps(rows, indent=2))

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from scorelab.cli import load_or_report
+from scorelab.cli import load_or_report, print_problems
 from scorelab.config import ConfigError
 from scorelab.data import DataError
 from scorelab.tracking import TrackingError
@@ -46,9 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_sweep(params, root=root, data_dir=data_dir, featurizer_dir=featurizer, out_dir=out)
     except ConfigError as e:  # a space that is only invalid once sigma_max "auto" is known
-        print(f"{args.params}: {len(e.problems)} problem(s)", file=sys.stderr)
-        for p in e.problems:
-            print(p, file=sys.stderr)
+        print_problems(args.params, e.problems)
         return 2
     except (TuneError, TrainingError, DataError, TrackingError) as e:
         print(f"tune: {e}", file=sys.stderr)

@@ -17,15 +17,22 @@ def _summary(path: str, params: Params) -> str:
             f"{settings} sampler settings")
 
 
+def print_problems(path: str, problems: list[str]) -> None:
+    """Every problem of a params file to stderr, one a line, after a first line that names the file, the
+    count and the first problem (its field and message): what a log or CI summary shows of the failure."""
+    print(f"{path}: {len(problems)} problem(s); first: {problems[0]}" if problems else f"{path}: invalid",
+          file=sys.stderr)
+    for p in problems:
+        print(p, file=sys.stderr)
+
+
 def load_or_report(path: str, variant: str | None = None) -> Params | None:
     """Params, or None after printing every problem to stderr (callers exit 2). With `variant`, also
     refuse a variant the file does not define. Shared by this CLI and the pipeline stage scripts."""
     try:
         params = load_params(path)
     except ConfigError as e:
-        print(f"{path}: {len(e.problems)} problem(s)", file=sys.stderr)
-        for p in e.problems:
-            print(p, file=sys.stderr)
+        print_problems(path, e.problems)
         return None
     if variant is not None and variant not in params.variants:
         print(f"--variant {variant!r} is not in {path}; valid: {', '.join(params.variants)}", file=sys.stderr)

@@ -307,11 +307,13 @@ class RayConfig(_Model):
     placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     storage_path: str = "outputs/ray"  # checkpoints: a local folder, a shared filesystem or a URI
     max_failures: int = Field(2, ge=0)  # worker or node failures survived by restarting from a checkpoint
+    connect_timeout_s: float = Field(10.0, gt=0)  # a host:port address that does not answer by then is an error
 
 
 class MLflowConfig(_Model):
     tracking_uri: str = ""  # "" = sqlite:///<repo>/mlflow.db with artifacts under <repo>/mlruns
     experiment: str | None = None  # None = "scorelab-<data.source>"
+    connect_timeout_s: float = Field(10.0, gt=0)  # an http(s) server that does not answer by then is an error
 
 
 class EvalConfig(_Model):
@@ -559,17 +561,17 @@ class Params(_Model):
             rows = micro or batch // workers
             if batch < workers:
                 errors.append(_line_error((*where, "batch_size"),
-                                          f"must be >= ray.num_workers ({workers}) (got {batch})", batch))
+                                          f"must be >= ray.num_workers ({workers})", batch))
             elif batch % (workers * rows):
                 errors.append(_line_error((*where, "batch_size"), f"must be a multiple of ray.num_workers x "
-                                          f"micro_batch_size = {workers} x {rows} (got {batch})", batch))
+                                          f"micro_batch_size = {workers} x {rows}", batch))
         if self.tune is not None:  # every trial trains with this batch on tune.workers_per_trial workers
             workers, micro = self.tune.workers_per_trial, self.train.micro_batch_size
             batch = self.tune.batch_size or self.train.batch_size
             rows = micro or batch // workers
             if batch < workers or batch % (workers * rows):
                 errors.append(_line_error(("tune", "workers_per_trial"), f"must divide the batch ({batch}) into "
-                                          f"micro-batches of {rows} rows per worker (got {workers})", workers))
+                                          f"micro-batches of {rows} rows per worker", workers))
         if self.tune is not None and TUNED_VARIANT in self.variants:
             errors.append(_line_error(("variants", TUNED_VARIANT), f"the name {TUNED_VARIANT!r} is the tune stage's "
                                       "winner's; rename this variant", TUNED_VARIANT))

@@ -310,7 +310,10 @@ def _mlflow_logger(params: Params, root: Path, run_id: str, model_path: Path):
 
     uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, root)
     try:
+        tracking.check_server(uri, params.mlflow.connect_timeout_s)  # MLflow's client retries for minutes
         tracking.client(uri).get_run(run_id)
+    except tracking.TrackingError as e:
+        raise EvaluateError(f"{e}; or pass --no-mlflow") from None
     except Exception as e:  # MlflowException for an unknown run, others for an unreachable store
         raise EvaluateError(f"MLflow run {run_id!r} (from {model_path}) is not in {uri} "
                             f"({' '.join(str(e).split())[:160]}); rerun the train stage, or pass --no-mlflow") from None

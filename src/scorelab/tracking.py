@@ -48,6 +48,25 @@ def check_reachable_from(uri: str, num_nodes: int) -> None:
         )
 
 
+def check_server(uri: str, timeout_s: float = 10.0) -> None:
+    """Refuse an http(s) tracking URI where no server answers within timeout_s (MLflow's own client
+    retries a dead server for minutes). Any HTTP answer counts: only the network failing is an error."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:  # it answered (auth, a proxy, no /health): reachable
+        return
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = " ".join(str(getattr(e, "reason", None) or e).split())[:160]
+        raise TrackingError(f"mlflow.tracking_uri {uri}: no server answers ({reason}) within {timeout_s:g}s "
+                            "(mlflow.connect_timeout_s): start the MLflow server or fix mlflow.tracking_uri") from None
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 

@@ -168,6 +168,13 @@ class PartitionLoader:
 # Model and checkpoints
 
 
+def _state_dict_mismatch(error: Exception) -> str:
+    """load_state_dict's long message in one line: counts and the first few names."""
+    from .features import _mismatch
+
+    return _mismatch(error) if isinstance(error, RuntimeError) else f"{type(error).__name__}: {error}"
+
+
 def build_model(variant: VariantConfig, data_shape: tuple[int, ...]) -> ScoreModel:
     from .nets import MLPNetConfig, UNetConfig, build_net
 
@@ -237,9 +244,15 @@ def train_loop(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_state(Path(d), job.config_hash)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+            try:
+                model.load_state_dict(state["model"])
+                ema.load_state_dict(state["ema"])
+                optimizer.load_state_dict(state["optimizer"])
+            except (RuntimeError, KeyError, ValueError) as e:  # e.g. the default net changed since it was written
+                raise CheckpointMismatchError(
+                    f"checkpoint {Path(d) / STATE_FILE} holds weights of another architecture than variant "
+                    f"{job.variant!r} builds ({_state_dict_mismatch(e)}): it cannot be resumed; change "
+                    "ray.storage_path or remove the old run to start fresh") from None
         start = int(state["step"])
     ddp = ray.train.torch.prepare_model(model)
     ema.to(device)
@@ -376,10 +389,27 @@ def _log_samples(ema_model: ScoreModel, variant: VariantConfig, job: TrainJob, l
 # The driver
 
 
+def _check_ray_address(address: str, where: str, timeout_s: float) -> None:
+    """A TCP connect to a "host:port" or "ray://host:port" address ("auto" and the like are left to Ray)."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        reason = " ".join(str(e.strerror or e).split()) if not isinstance(e, TimeoutError) else "timed out"
+        raise TrainingError(f"{where} {address}: no Ray cluster answers there ({reason}) within {timeout_s:g}s "
+                            "(ray.connect_timeout_s): start it (ray start --head) or fix the address") from None
+
+
 @contextmanager
-def ray_session(address: str, num_cpus: float | None = None):
+def ray_session(address: str, num_cpus: float | None = None, connect_timeout_s: float = 10.0):
     """Attach to the cluster named by `address` (or RAY_ADDRESS), else start a local Ray with explicit
-    CPUs; never silently attach to a stale cluster of an earlier `ray start`."""
+    CPUs; never silently attach to a stale cluster of an earlier `ray start`. A host:port where nothing
+    answers within connect_timeout_s is a TrainingError (ray.init would wait far longer)."""
     import logging
 
     import ray
@@ -387,9 +417,11 @@ def ray_session(address: str, num_cpus: float | None = None):
     if ray.is_initialized():
         yield
         return
+    where = "ray.address" if address else "$RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS", "")
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address:
+        _check_ray_address(address, where, connect_timeout_s)
         ray.init(address=address, **kwargs)
     else:
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
@@ -397,6 +429,16 @@ def ray_session(address: str, num_cpus: float | None = None):
         yield
     finally:
         ray.shutdown()
+
+
+def _worker_error(error: BaseException) -> BaseException:
+    """The exception a Ray Train worker (lowest rank) or the controller raised, unwrapped from Ray's
+    error and its traceback wrapper; `error` itself when it holds none."""
+    failures = getattr(error, "worker_failures", None)
+    inner = failures[min(failures)] if failures else getattr(error, "controller_failure", None)
+    if inner is None:
+        return error
+    return getattr(inner, "_base_exc", inner)
 
 
 @dataclass
@@ -430,7 +472,9 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
 
     cfg = params.ray
     needed = cfg.num_workers * cfg.cpus_per_worker
-    with ray_session(cfg.address, num_cpus=max(float(os.cpu_count() or 1), needed)):
+    tracking.check_server(uri, params.mlflow.connect_timeout_s)  # before Ray starts: seconds, not minutes
+    with ray_session(cfg.address, num_cpus=max(float(os.cpu_count() or 1), needed),
+                     connect_timeout_s=cfg.connect_timeout_s):
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         tracking.check_reachable_from(uri, len(nodes))
         if cfg.use_gpu and not ray.cluster_resources().get("GPU"):
@@ -469,7 +513,11 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
             result = trainer.fit()
         except Exception as e:
             logger.finish("FAILED")
-            raise TrainingError(f"training {variant!r} failed: {e}") from e
+            cause = _worker_error(e)
+            if isinstance(cause, TrainingError):  # ours, already one line naming the file or field
+                raise type(cause)(f"training {variant!r} failed: {cause}") from e
+            raise TrainingError(f"training {variant!r} failed: {type(cause).__name__}: "
+                                f"{' '.join(str(cause).split())[:300]}") from e
         seconds = time.perf_counter() - start
 
     status = json.loads(Path(status_path).read_text()) if Path(status_path).exists() else {}
@@ -531,6 +579,11 @@ def load_trained(path: Path | str, device: str | torch.device = "cpu") -> Traine
     variant = VariantConfig.model_validate(blob["variant"])
     shape = tuple(blob["data_shape"])
     model = build_model(variant, shape)
-    model.load_state_dict(blob["weights"])
+    try:
+        model.load_state_dict(blob["weights"])
+    except RuntimeError as e:
+        raise CheckpointMismatchError(f"model file {path} holds weights of another architecture than its variant "
+                                      f"config builds ({_state_dict_mismatch(e)}): rerun the stage that wrote it"
+                                      ) from None
     model.to(device).eval()
     return TrainedModel(model, variant, shape, blob["step"], blob["config_hash"], blob["run_id"])

@@ -306,6 +306,7 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
     name = f"tune-{key[:12]}"
     storage = _storage(params, root)
     uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, root)
+    tracking.check_server(uri, params.mlflow.connect_timeout_s)  # before Ray starts: seconds, not minutes
 
     sampler = tune.objective.sampler
     objective = Objective(metric, str(data_dir), str(featurizer_dir.resolve()) if manifest.is_image else None,
