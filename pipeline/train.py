@@ -4,7 +4,8 @@
 
 Resumes the variant's run from its latest checkpoint when one exists. Writes <out>/model.pt
 (load with scorelab.training.load_trained), <out>/config.json, <out>/samples_final.png and
-<out>/metrics.json. Exit codes: 0 done, 2 invalid params, 1 training failed.
+<out>/metrics.json. Exit codes: 0 done, 2 invalid params, 1 training failed, 143 stopped by SIGTERM
+(preemption) after checkpointing the step it was at: run it again to resume from there.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from scorelab.cli import load_or_report
 from scorelab.data import DataError
 from scorelab.tracking import TrackingError
-from scorelab.training import TrainingError, train_variant
+from scorelab.training import TrainingError, TrainingPreempted, train_variant
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = params.data.dataset_dir if params.data.dataset_dir.is_absolute() else root / params.data.dataset_dir
     try:
         result = train_variant(params, args.variant, root=root, data_dir=data_dir, out_dir=out)
+    except TrainingPreempted as e:
+        print(f"train {args.variant}: {e}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as if the signal had ended it: schedulers read it as preempted
     except (TrainingError, DataError, TrackingError) as e:
         print(f"train {args.variant}: {e}", file=sys.stderr)
         return 1

@@ -37,6 +37,7 @@ from .parameterization import ScoreModel
 
 STATE_FILE = "state.pt"
 STATUS_FILE = "scorelab_status.json"
+DIGEST_KEY = "sha256"  # in state.pt and model.pt: the sha256 of the rest of the file's contents
 
 
 class TrainingError(RuntimeError):
@@ -45,6 +46,15 @@ class TrainingError(RuntimeError):
 
 class CheckpointMismatchError(TrainingError):
     pass
+
+
+class CheckpointCorruptError(CheckpointMismatchError):
+    """A checkpoint or model file that is truncated, unreadable, or whose contents no longer match the
+    sha256 recorded in it when it was written."""
+
+
+class TrainingPreempted(TrainingError):
+    """SIGTERM reached the driver: the workers checkpointed the step they were at and stopped."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,6 +75,9 @@ class TrainJob:
     status_path: str  # where rank 0 leaves the outcome the driver reads
     threads_per_worker: int
     hflip: bool = False
+    # Preemption: when this file exists the workers checkpoint the step they are at and stop (the driver
+    # writes it on SIGTERM; rank 0 checks it every step). "" = never.
+    stop_path: str = ""
     # Optional: rank 0 calls evaluate(ema_model, step) at each checkpoint step; the returned metrics are
     # logged and reported with the checkpoint (Ray Tune's early stopping reads them). Picklable.
     evaluate: Callable[[ScoreModel, int], dict[str, float]] | None = None
@@ -184,23 +197,79 @@ def build_model(variant: VariantConfig, data_shape: tuple[int, ...]) -> ScoreMod
     return ScoreModel(build_net(net_cfg, data_shape), variant.sde.build(), kind=kind, **param)
 
 
-def save_state(directory: Path, **state: Any) -> Path:
-    """Write atomically: a crash mid-write leaves the previous checkpoint, never a truncated one."""
-    path = directory / STATE_FILE
-    tmp = directory / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def content_sha256(obj: Any) -> str:
+    """sha256 of a checkpoint's contents (nested dicts, lists, tensors with their dtypes and shapes,
+    numbers, strings). Stored in the file it describes, so the file stays one atomic write, and a file
+    that still loads after being damaged or altered is caught when the digest is recomputed."""
+    h = hashlib.sha256()
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            h.update(b"D%d" % len(o))
+            for k in sorted(o, key=repr):
+                h.update(repr(k).encode())
+                walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            h.update(b"L%d" % len(o))
+            for v in o:
+                walk(v)
+        else:
+            h.update(f"S{type(o).__name__}:{o!r}".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def _save_atomic(obj: dict[str, Any], path: Path) -> Path:
+    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash mid-write
+    leaves the previous file, never a truncated one. The contents' sha256 goes in with them."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save({**obj, DIGEST_KEY: content_sha256(obj)}, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def _load_verified(path: Path, what: str, hint: str, map_location: Any = "cpu") -> dict[str, Any]:
+    """torch.load(weights_only=True), then the recorded sha256 checked against the contents. Files
+    written before digests were recorded load unchecked."""
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated or tampered files fail in many ways
+        raise CheckpointCorruptError(f"{what} {path} is unreadable ({type(e).__name__}: {e}): {hint}") from None
+    if not isinstance(blob, dict):
+        raise CheckpointCorruptError(f"{what} {path} is not a scorelab file (holds {type(blob).__name__}): {hint}")
+    recorded = blob.pop(DIGEST_KEY, None)
+    if recorded is not None and recorded != content_sha256(blob):
+        raise CheckpointCorruptError(
+            f"{what} {path} is unreadable: its contents do not match the sha256 recorded when it was written "
+            f"(damaged or modified on disk): {hint}")
+    return blob
+
+
+def save_state(directory: Path, **state: Any) -> Path:
+    """Write atomically, with the contents' sha256 (see _save_atomic)."""
+    return _save_atomic(state, Path(directory) / STATE_FILE)
 
 
 def load_state(directory: Path, expected_hash: str | None) -> dict[str, Any]:
     path = Path(directory) / STATE_FILE
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _load_verified(path, "checkpoint", "remove this checkpoint folder to resume from the one before "
+                               "it, or the run's folder to start fresh")
     except FileNotFoundError:
         raise CheckpointMismatchError(f"checkpoint {directory} has no {STATE_FILE}") from None
-    except Exception as e:  # truncated or tampered pickles fail in many ways
-        raise CheckpointMismatchError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
     if expected_hash is not None and state.get("config_hash") != expected_hash:
         raise CheckpointMismatchError(
             f"checkpoint {path} was written for configuration {str(state.get('config_hash'))[:12]}, "
@@ -332,6 +401,13 @@ def train_loop(config: dict[str, Any]) -> None:
             tick = time.perf_counter()
             _report_checkpoint(job, rank, done, step_loss, model, ema, optimizer, accum, extra)
             spent["checkpoint"] += time.perf_counter() - tick
+        if job.stop_path and done < train.steps and _stop_requested(job.stop_path, rank, world, device):
+            if done % train.checkpoint_every:  # unless this step's checkpoint was just reported
+                _report_checkpoint(job, rank, done, step_loss, model, ema, optimizer, accum)
+            if rank == 0:
+                _write_status(job, {"status": "preempted", "step": done})
+                _say(f"[{job.variant}] stop requested: checkpointed step {done}/{train.steps}, stopping")
+            return
     if rank == 0:
         _write_status(job, {"status": "finished", "step": train.steps})
 
@@ -360,6 +436,17 @@ def _report_checkpoint(job: TrainJob, rank: int, step: int, loss: float, model, 
                    step=step, data_position={"micro_batches_per_worker": step * accum}, config_hash=job.config_hash,
                    run_id=job.run_id, rng=_rng_states())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _stop_requested(stop_path: str, rank: int, world: int, device: torch.device) -> bool:
+    """Whether the driver asked to stop. Rank 0 looks for the file and all ranks agree through an
+    all-reduce, so they stop at the same step (a rank that stopped alone would hang the others)."""
+    flag = rank == 0 and os.path.exists(stop_path)
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _stop_nonfinite(job: TrainJob, rank: int, step: int, loss: float, grad_norm: float) -> None:
@@ -431,6 +518,37 @@ def ray_session(address: str, num_cpus: float | None = None, connect_timeout_s: 
         ray.shutdown()
 
 
+@contextmanager
+def checkpoint_on_sigterm(stop_path: Path, variant: str):
+    """Preemption: the first SIGTERM writes stop_path, and the workers (which look for it every step)
+    checkpoint the step they are at and stop; the driver then raises TrainingPreempted. A second SIGTERM
+    exits at once (status 143), keeping the last registered checkpoint. Signals reach only the main thread,
+    so elsewhere this does nothing."""
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        if stop_path.exists():
+            sys.stderr.write(f"train {variant}: second SIGTERM: exiting now; the last registered checkpoint is "
+                             "kept, the steps since it are lost\n")
+            raise SystemExit(128 + signum)
+        stop_path.parent.mkdir(parents=True, exist_ok=True)
+        stop_path.write_text(json.dumps({"signal": "SIGTERM", "time": time.time()}))
+        sys.stderr.write(f"train {variant}: SIGTERM: asking the workers to checkpoint and stop\n")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _worker_error(error: BaseException) -> BaseException:
     """The exception a Ray Train worker (lowest rank) or the controller raised, unwrapped from Ray's
     error and its traceback wrapper; `error` itself when it holds none."""
@@ -469,6 +587,7 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
     storage = storage if "://" in params.ray.storage_path or storage.is_absolute() else root / storage
     name = f"{variant}-{key[:12]}"
     status_path = (root / "outputs" / "status" / f"{name}.json") if "://" in str(storage) else storage / name / STATUS_FILE
+    stop_path = Path(status_path).with_suffix(".stop")
 
     cfg = params.ray
     needed = cfg.num_workers * cfg.cpus_per_worker
@@ -490,11 +609,13 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
         logger.params(tracking.flatten({"variant": vcfg.model_dump(mode="json"), "train": train.model_dump(),
                                         "seed": params.seed, "data": params.data.model_dump(mode="json")}))
         Path(status_path).unlink(missing_ok=True)
+        stop_path.unlink(missing_ok=True)  # a stop request of an earlier, preempted launch
         job = TrainJob(
             variant=variant, variant_config=vcfg.model_dump(mode="json"), train=train.model_dump(),
             data_dir=str(data_dir), data_shape=list(manifest.shape), seed=params.seed, config_hash=key,
             tracking_uri=uri, run_id=run_id, status_path=str(status_path),
             threads_per_worker=max(1, int(cfg.cpus_per_worker)), hflip=params.data.hflip,
+            stop_path=str(stop_path),
         )
         trainer = TorchTrainer(
             train_loop,
@@ -510,7 +631,8 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
         )
         start = time.perf_counter()
         try:
-            result = trainer.fit()
+            with checkpoint_on_sigterm(stop_path, variant):
+                result = trainer.fit()
         except Exception as e:
             logger.finish("FAILED")
             cause = _worker_error(e)
@@ -527,6 +649,12 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
             f"training {variant!r} stopped at step {status['step']}: non-finite loss ({status['loss']}) or "
             f"gradient norm ({status['grad_norm']}); the last good checkpoint is kept in {storage / name}. "
             "Lower train.lr or enable train.grad_clip."
+        )
+    if status.get("status") == "preempted":
+        logger.finish("KILLED")
+        raise TrainingPreempted(
+            f"training {variant!r} stopped by SIGTERM at step {status['step']} of {train.steps}, after "
+            f"checkpointing that step in {storage / name} (no steps lost): rerun to resume from it"
         )
     if result.checkpoint is None:
         raise TrainingError(f"training {variant!r} ended without a checkpoint")
@@ -567,15 +695,14 @@ def export_model(state: dict[str, Any], variant: VariantConfig, data_shape: tupl
     """model.pt: the EMA weights of the ScoreModel plus what is needed to rebuild it."""
     ema_weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"weights": ema_weights, "variant": variant.model_dump(mode="json"), "data_shape": list(data_shape),
-                "step": int(state["step"]), "config_hash": state["config_hash"], "run_id": state["run_id"]}, tmp)
-    os.replace(tmp, path)
-    return path
+    return _save_atomic({"weights": ema_weights, "variant": variant.model_dump(mode="json"),
+                         "data_shape": list(data_shape), "step": int(state["step"]),
+                         "config_hash": state["config_hash"], "run_id": state["run_id"]}, Path(path))
 
 
 def load_trained(path: Path | str, device: str | torch.device = "cpu") -> TrainedModel:
-    blob = torch.load(path, map_location=device, weights_only=True)
+    """Raises CheckpointCorruptError (naming the file) for a truncated, unreadable or altered file."""
+    blob = _load_verified(Path(path), "model file", "rerun the stage that wrote it", map_location=device)
     variant = VariantConfig.model_validate(blob["variant"])
     shape = tuple(blob["data_shape"])
     model = build_model(variant, shape)
