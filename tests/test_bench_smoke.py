@@ -19,3 +19,39 @@ def test_gpu_train_runs_on_cpu(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "gpu_train.csv").exists()
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_quality_vs_diffusers_runs(tmp_path):
+    _run("quality_vs_diffusers.py", "--budget", "1", "--slice", "0.5", "--nfe", "2", "--seeds", "0", "--n", "16",
+         "--threads", "1", "--classifier-epochs", "1", "--save-model", str(tmp_path / "model.pt"),
+         "--out", str(tmp_path))
+    lines = (tmp_path / "quality_vs_diffusers.csv").read_text().splitlines()
+    # header, 2 samplers x 2 sides, the baseline, 2 matched ratios + the best-vs-best ratio
+    assert len(lines) == 1 + 4 + 1 + 3
+    assert (tmp_path / "quality_vs_diffusers_train.csv").read_text().count("\n") == 3
+    from scorelab.training import load_trained
+
+    assert load_trained(tmp_path / "model.pt").variant.sde.type == "ddpm"
+
+
+def test_overheads_runs(tmp_path):
+    _run("overheads.py", "--variants", "ddpm", "--sample-batch", "4", "--steps", "2", "--methods", "ddim", "heun",
+         "--train-steps", "2", "--repeats", "1", "--matmul-seconds", "0.02", "--threads", "1", "--out", str(tmp_path))
+    text = (tmp_path / "overheads.csv").read_text()
+    # peak, 2 FLOP counts, the training step with the fused and the per-tensor Adam, 2 samplers
+    assert text.count("\n") == 1 + 1 + 2 + 2 + 2
+
+
+def test_samplers_one_net_runs(tmp_path):
+    _run("samplers_one_net.py", "--train-seconds", "1", "--nfe", "3", "--seeds", "0", "--n", "16", "--ode-tol", "0.1",
+         "--scorelab-methods", "ddim", "heun", "pc", "--diffusers-schedulers", "ddim", "euler", "heun",
+         "--threads", "1", "--classifier-epochs", "1", "--out", str(tmp_path))
+    rows = (tmp_path / "samplers_one_net.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 + 1 + 3 + 1  # scorelab methods, the ODE, diffusers schedulers, the baseline
