@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 PRESET ?=
 
-.PHONY: run demo test setup lock
+.PHONY: run demo test setup lock bench
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The benchmarks of docs/BENCHMARKS.md, one after another (long; not run by CI); CSVs into docs/bench/.
+bench: $(STAMP)
+	$(PY) bench/quality_vs_diffusers.py --save-model outputs/bench/ddpm_model.pt
+	$(PY) bench/samplers_one_net.py --model outputs/bench/ddpm_model.pt
+	$(PY) bench/overheads.py
+	$(PY) bench/train_throughput.py
+	$(PY) bench/samplers_exact.py
+	$(PY) bench/dag_end_to_end.py
+
 # Re-pin every package after changing pyproject.toml's dependencies.
 lock: $(STAMP)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench,cluster]'
 	$(PY) -m pip freeze --exclude-editable | sed '1i # Exact versions installed together on Python 3.11.\n# Regenerate: make lock' > requirements.lock

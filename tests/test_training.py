@@ -319,3 +319,34 @@ def test_killed_driver_rerun_resumes(tmp_path):
     assert first_step_logged > 20, "the rerun started over instead of resuming"
     _, runs = mlflow_runs(tmp_path)
     assert len(runs) == 1
+
+
+def test_same_params_and_seed_give_bit_identical_weights_and_checkpoints(ray_local, tmp_path):
+    """Two fresh runs of one configuration (separate storage, data and MLflow store) on CPU: the exported
+    EMA weights and the final checkpoint's model and optimizer state are equal bit for bit."""
+    states = []
+    for k in range(2):
+        tmp = tmp_path / f"run{k}"
+        p = make_params(tmp, "toy2d", {"vp": VARIANTS["vp"]}, {"steps": 12, "batch_size": 32,
+                                                                 "checkpoint_every": 6})
+        _, result = run(p, tmp, "vp")
+        trained = torch.load(result.model_path, map_location="cpu", weights_only=True)
+        ckpts = sorted((tmp / "ray").glob("vp-*/checkpoint_*/state.pt"))
+        final = [s for s in (torch.load(c, map_location="cpu", weights_only=True) for c in ckpts) if s["step"] == 12]
+        assert final, f"no step-12 checkpoint among {ckpts}"
+        states.append((trained, final[0]))
+    (model_a, ckpt_a), (model_b, ckpt_b) = states
+    def same(a, b) -> bool:
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        if isinstance(a, dict):
+            return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same, a, b))
+        return a == b
+
+    for key in ("model", "ema", "optimizer"):
+        assert same(ckpt_a[key], ckpt_b[key]), f"checkpoint {key} differs between runs"
+    assert model_a["weights"].keys() == model_b["weights"].keys()
+    for name, tensor in model_a["weights"].items():
+        assert torch.equal(tensor, model_b["weights"][name]), f"model.pt {name} differs between runs"
