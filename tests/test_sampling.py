@@ -271,23 +271,33 @@ def test_heun_first_stage_is_ddim():
 @pytest.mark.parametrize("name", ["vp", "vp_cosine", "subvp", "ve"])
 @pytest.mark.parametrize("grid", ["uniform", "log_snr", "edm"])
 def test_time_grid_endpoints_and_spacing(name, grid):
+    """12 evaluations spaced over 13 nodes from T to t_min; the last step skips t_min and lands on 0."""
     sde = get_sde(name)
     g = time_grid(sde, 12, grid)
     assert len(g) == 13 and g[0] == sde.T and g[-1] == 0
     t_lo = torch.tensor(sde.eps, dtype=torch.float64)
     if grid != "uniform":  # these stop at sigma_hat = 0.01 where eps lies below it
         t_lo = torch.maximum(t_lo, sde.t_from_log_snr(torch.tensor(-math.log(0.01), dtype=torch.float64)))
-    assert torch.allclose(g[-2], t_lo, rtol=1e-6)
-    assert (g[1:] < g[:-1]).all()
-    inner = g[:-1]
+    assert (g[1:] < g[:-1]).all() and g[-2] > t_lo
+    nodes = torch.cat([g[:-1], t_lo.reshape(1)])
     if grid == "uniform":
-        spacing = inner[:-1] - inner[1:]
+        spacing = nodes[:-1] - nodes[1:]
     elif grid == "log_snr":
-        spacing = sde.log_snr(inner[1:]) - sde.log_snr(inner[:-1])
+        spacing = sde.log_snr(nodes[1:]) - sde.log_snr(nodes[:-1])
     else:
-        sig = torch.exp(-sde.log_snr(inner)) ** (1 / 7)
+        sig = torch.exp(-sde.log_snr(nodes)) ** (1 / 7)
         spacing = sig[:-1] - sig[1:]
     assert torch.allclose(spacing, spacing.mean().expand_as(spacing), rtol=1e-6)
+
+
+def test_time_grid_few_steps_spends_no_evaluation_at_the_clean_end():
+    """Five DDPM-chain steps evaluate at 999, 799, 599, 399, 199 (0-based chain index) and then jump to 0,
+    the spacing diffusers' DPM-Solver++ uses; all 1000 steps are the whole chain."""
+    sde = get_sde("ddpm")
+    idx = (time_grid(sde, 5)[:-1] * 1000).round().long() - 1
+    assert idx.tolist() == [999, 799, 599, 399, 199]
+    assert torch.equal(time_grid(sde, 1000)[:-1], sde.discrete_times().flip(0))
+    assert time_grid(get_sde("vp"), 1).tolist() == [1.0, 0.0]
 
 
 def test_time_grid_on_a_chain_uses_distinct_chain_times():

@@ -1,7 +1,7 @@
 """Samplers for every SDE of scorelab, driven only by a score function score(x, t).
 
-All grid samplers walk a descending time grid t_0 = T > t_1 > ... > t_{N-1} >= t_min, then a last
-step to t_N = 0, where alpha = 1 and std = 0: that last step lands on the clean data (for ancestral
+All grid samplers walk a descending time grid t_0 = T > t_1 > ... > t_{N-1} > t_min, then a last
+step to t_N = 0 (see `time_grid`), where alpha = 1 and std = 0: that last step lands on the clean data (for ancestral
 sampling, DDIM, Heun and DPM-Solver it is exactly the Tweedie estimate E[x_0 | x_t]). The adaptive
 ODE and annealed Langevin stop at a positive noise level and add the Tweedie step when `denoise`.
 
@@ -60,13 +60,21 @@ class CountingScore:
 
 
 def time_grid(sde: SDE, steps: int, grid: str = "uniform", t_min: float | None = None, rho: float = 7.0) -> Tensor:
-    """steps evaluation times from T down to t_min, then 0: a float64 tensor of length steps + 1.
+    """steps evaluation times from T down, then 0: a float64 tensor of length steps + 1.
+
+    The spacing places steps + 1 nodes from T to t_min; the sampler evaluates at the first `steps` and
+    its last step goes from there straight to t = 0 (the Tweedie estimate) instead of spending an
+    evaluation at t_min, where the sample is already as clean as that step makes it. With five steps
+    that evaluation is a fifth of the budget; with many steps the last evaluation approaches t_min.
+    (DPM-Solver's own grid ends the same way at t_end, and diffusers' final sigma "zero" likewise.)
 
     uniform: equal steps in t (DDPM, score_sde).  log_snr: equal steps in lambda = log(alpha/std)
     (DPM-Solver).  edm: sigma_hat = std/alpha spaced as EDM's rho-schedule. t_min defaults to
     sde.eps, raised for log_snr and edm to where sigma_hat = SIGMA_HAT_MIN.
-    A discrete chain (DDPM, NCSN) is only evaluated at its own times: uniform takes `steps` of them
-    evenly spaced in index; the other spacings are snapped to the nearest distinct chain times.
+    A discrete chain (DDPM, NCSN; times (k+1)/N) is only evaluated at its own times: uniform spaces
+    the nodes from T to 0 (one index below the chain), so `steps` of them are evenly spaced in index
+    and steps = N is the whole chain; the other spacings end at the chain's first time and are
+    snapped to the nearest distinct chain times.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -76,12 +84,12 @@ def time_grid(sde: SDE, steps: int, grid: str = "uniform", t_min: float | None =
     if chain is not None:
         if steps > len(chain):
             raise ValueError(f"steps={steps} exceeds the {len(chain)} steps of the {sde.name} chain")
-        t_min = float(chain[0])
+        t_min = 0.0 if grid == "uniform" else float(chain[0])
     t_hi = torch.tensor(sde.T, dtype=torch.float64)
     t_lo = torch.tensor(sde.eps if t_min is None else t_min, dtype=torch.float64)
     if t_min is None and grid != "uniform":
         t_lo = torch.maximum(t_lo, sde.t_from_log_snr(torch.tensor(-math.log(SIGMA_HAT_MIN), dtype=torch.float64)))
-    frac = torch.linspace(0, 1, steps, dtype=torch.float64)
+    frac = torch.linspace(0, 1, steps + 1, dtype=torch.float64)[:-1]
     if grid == "uniform":
         times = t_hi + frac * (t_lo - t_hi)
     elif grid == "log_snr":
@@ -91,7 +99,7 @@ def time_grid(sde: SDE, steps: int, grid: str = "uniform", t_min: float | None =
         s_hi, s_lo = torch.exp(-sde.log_snr(t_hi)), torch.exp(-sde.log_snr(t_lo))
         sig = (s_hi ** (1 / rho) + frac * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
         times = sde.t_from_log_snr(-torch.log(sig))
-    times[0] = t_hi  # exact endpoints despite round trips through lambda
+    times[0] = t_hi  # exact endpoint despite round trips through lambda
     if chain is not None:
         times = chain[_snap_to_chain(times, chain)]
     return torch.cat([times, torch.zeros(1, dtype=torch.float64)])
@@ -115,12 +123,11 @@ def _snap_to_chain(times: Tensor, chain: Tensor) -> Tensor:
 
 
 def _coeffs(sde: SDE, *times: float) -> list[tuple[float, float]]:
-    return [tuple(float(v) for v in sde.alpha_std(torch.tensor(u, dtype=torch.float64))) for u in times]
+    return [sde.alpha_std_at(u) for u in times]
 
 
 def _transition(sde: SDE, t: float, s: float) -> tuple[float, float]:
-    a, sig = sde.transition(torch.tensor(s, dtype=torch.float64), torch.tensor(t, dtype=torch.float64))
-    return float(a), float(sig)
+    return sde.transition_at(s, t)
 
 
 def ancestral_step(score, sde, x, t, s, noise, noise_kind="posterior"):
