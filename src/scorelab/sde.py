@@ -372,6 +372,28 @@ class SDE(ABC):
         a = alpha_t / alpha_s
         return a, torch.sqrt((std_t**2 - (a * std_s) ** 2).clamp(min=0))
 
+    # -- the same at single times, as python floats, memoised: samplers ask for the coefficients of
+    # the same grid times at every step and every call, and recomputing a piecewise schedule from
+    # tensors each time was a measurable share of a small batch's step (docs/BENCHMARKS.md)
+    def alpha_std_at(self, t: float) -> tuple[float, float]:
+        """(alpha(t), std(t)) at one time, as float64 python floats."""
+        return self._memoised(("alpha_std", t), lambda: self.alpha_std(torch.tensor(t, dtype=torch.float64)))
+
+    def transition_at(self, s: float, t: float) -> tuple[float, float]:
+        """`transition` between two single times, as float64 python floats."""
+        f64 = torch.float64
+        return self._memoised(("transition", s, t), lambda: self.transition(torch.tensor(s, dtype=f64),
+                                                                              torch.tensor(t, dtype=f64)))
+
+    def _memoised(self, key: tuple, compute) -> tuple[float, float]:
+        memo = self.__dict__.setdefault("_float_memo", {})
+        hit = memo.get(key)
+        if hit is None:
+            if len(memo) >= 1 << 16:  # adaptive callers could ask for ever new times: stay bounded
+                memo.clear()
+            hit = memo[key] = tuple(float(v) for v in compute())
+        return hit
+
     # -- the prior ------------------------------------------------------------------------------
     @property
     def prior_std(self) -> float:
