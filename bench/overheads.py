@@ -9,12 +9,14 @@ beyond the bare network.
 - FLOPs: torch.utils.flop_counter.FlopCounterMode over one forward of the U-Net (matmuls, convolutions,
   attention; not norms or activations), per image; a training step is counted forward + backward.
 - sampling: scorelab.sampling.sample(method, steps) against a bare loop of the same number of
-  net(x, noise_cond) calls on the same batch (no_grad, the same shapes); overhead = sample / bare - 1.
+  x = net(x, noise_cond) calls (no_grad, the same shapes; each call on the previous output, so that
+  neither side reads a cache-hot input); overhead = sample / bare - 1.
 - training: the body of scorelab.training.train_loop's step (data, lr, dsm_loss forward + backward with
   its generator, the loss window's copies, clipping, the finiteness check, Adam, EMA) timed piece by
   piece, against a bare forward + MSE + backward of the network on the same batch; overhead = step / bare - 1.
-Times are CPU seconds of the process divided by its threads (on shared cores the other processes' time is
-not counted), the minimum over --repeats alternating repetitions. Writes <out>/overheads.csv and prints markdown tables.
+Times are the minimum over --repeats alternating repetitions, by --clock: wall (default; for a quiet
+machine) or cpu, CPU seconds of the process divided by its threads (for shared cores: the other
+processes' time is not counted, but idle intra-op threads spinning between small ops are). Writes <out>/overheads.csv and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -57,11 +59,15 @@ def count_flops(fn) -> int:
 
 
 _THREADS = [1]
+_CLOCK = ["wall"]
 
 
 def CLOCK() -> float:
-    """CPU seconds of this process divided by its threads: on shared cores, the time the other processes
-    take is not counted (wall-clock repeats on an oversubscribed machine varied by 2x)."""
+    """Wall-clock seconds, or with --clock cpu the CPU seconds of this process divided by its threads: on
+    shared cores the time the other processes take is then not counted (wall-clock repeats on an
+    oversubscribed machine varied by 2x), but threads spinning while they wait for work are."""
+    if _CLOCK[0] == "wall":
+        return time.perf_counter()
     return time.process_time() / _THREADS[0]
 
 
@@ -124,12 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="*", default=METHODS, help="none: training only")
     parser.add_argument("--train-steps", type=int, default=30, help="steps per timed repetition")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall on a quiet machine; cpu on a shared one")
     parser.add_argument("--matmul-seconds", type=float, default=1.0)
     parser.add_argument("--out", default=str(benchlib.REPO / "docs" / "bench"))
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    _THREADS[0] = args.threads
+    _THREADS[0], _CLOCK[0] = args.threads, args.clock
     from scorelab.sampling import sample
 
     m = benchlib.machine()
@@ -207,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                     nfe = sample(model, sde, (batch, *shape), method=method, steps=steps, seed=0).nfe
 
                     def bare(nfe=nfe):
+                        x = xb
                         with torch.no_grad():
-                            for _ in range(nfe):
-                                net(xb, cb)
+                            for _ in range(nfe):  # each call on the last one's output, as a sampler's calls are
+                                x = net(x, cb)
 
                     def full(method=method, steps=steps):
                         sample(model, sde, (batch, *shape), method=method, steps=steps, seed=0)
