@@ -350,3 +350,25 @@ def test_same_params_and_seed_give_bit_identical_weights_and_checkpoints(ray_loc
     assert model_a["weights"].keys() == model_b["weights"].keys()
     for name, tensor in model_a["weights"].items():
         assert torch.equal(tensor, model_b["weights"][name]), f"model.pt {name} differs between runs"
+
+
+def test_background_metrics_land_on_flush_and_failed_batches_are_resent_then_reported(tmp_path, capsys):
+    from scorelab import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    run_id = client.create_run(client.create_experiment("background")).info.run_id
+    logger = tracking.RunLogger(uri, run_id)
+    for step in range(1, 6):
+        logger.metrics({"loss": 1.0 / step}, step=step, background=True)
+    logger.flush()
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss")) == \
+        [(k, 1.0 / k) for k in range(1, 6)]
+    assert logger.dropped == 0
+
+    lost = tracking.RunLogger(uri, "0" * 32, retries=2, backoff=0.01)  # no such run: every try fails
+    lost.metrics({"loss": 1.0}, step=7, background=True)
+    lost.flush()
+    err = capsys.readouterr().err
+    assert lost.dropped == 1
+    assert "1 metric batch(es) logged in the background failed (steps 7" in err and "giving up" in err

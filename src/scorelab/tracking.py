@@ -118,13 +118,20 @@ def git_commit(root: Path) -> str:
 
 class RunLogger:
     """Logs to one MLflow run. Calls are retried for a while, so a tracking server that restarts
-    costs a pause, not the training run; what still fails is reported and dropped."""
+    costs a pause, not the training run; what still fails is reported and dropped.
+
+    metrics(..., background=True) hands the batch to MLflow's asynchronous logging queue instead, so a
+    training loop does not wait while the server is away (MLflow's HTTP layer retries each request for
+    about 4 minutes); flush() waits for those batches, sends the ones that failed again in the
+    foreground, and reports what still could not land. finish() flushes first.
+    """
 
     def __init__(self, uri: str, run_id: str, retries: int = 5, backoff: float = 1.0):
         self.uri, self.run_id = uri, run_id
         self.retries, self.backoff = retries, backoff
         self._client = client(uri)
         self.dropped = 0
+        self._pending: list[tuple[int, list, Any]] = []  # (step, metrics, MLflow's RunOperations)
 
     def _call(self, fn, *args, **kwargs) -> bool:
         for attempt in range(self.retries):
@@ -140,6 +147,22 @@ class RunLogger:
                 time.sleep(self.backoff * 2**attempt)
         return False
 
+    def flush(self) -> None:
+        """Wait for the metrics logged in the background; resend in the foreground the batches that failed."""
+        pending, self._pending = self._pending, []
+        failed = []
+        for step, batch, operations in pending:
+            try:
+                operations.wait()
+            except Exception as e:
+                failed.append((step, batch, e))
+        if failed:
+            steps = ", ".join(str(step) for step, _, _ in failed)
+            sys.stderr.write(f"mlflow: {len(failed)} metric batch(es) logged in the background failed (steps "
+                             f"{steps}; {' '.join(str(failed[0][2]).split())[:200]}); sending them again\n")
+        for _, batch, _ in failed:
+            self._call(self._client.log_batch, self.run_id, metrics=batch)
+
     def params(self, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
 
@@ -147,12 +170,19 @@ class RunLogger:
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self._call(self._client.log_batch, self.run_id, params=items[i:i + 100])
 
-    def metrics(self, values: Mapping[str, float], step: int) -> None:
+    def metrics(self, values: Mapping[str, float], step: int, background: bool = False) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._call(self._client.log_batch, self.run_id,
-                   metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+        batch = [Metric(k, float(v), now, step) for k, v in values.items()]
+        if background:
+            try:
+                self._pending.append((step, batch, self._client.log_batch(self.run_id, metrics=batch,
+                                                                          synchronous=False)))
+                return
+            except Exception:  # the queue itself refused: log in the foreground instead
+                pass
+        self._call(self._client.log_batch, self.run_id, metrics=batch)
 
     def tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -167,4 +197,5 @@ class RunLogger:
             self.artifact(p, artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
+        self.flush()
         self._call(self._client.set_terminated, self.run_id, status)

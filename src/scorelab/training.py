@@ -367,6 +367,8 @@ def train_loop(config: dict[str, Any]) -> None:
         tick = time.perf_counter()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or math.inf)
         if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
+            if logger is not None:
+                logger.flush()
             _stop_nonfinite(job, rank, step, step_loss, float(grad_norm))
             return
         optimizer.step()
@@ -384,7 +386,7 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics.update(loss_per_bin(torch.cat(window["t"]), torch.cat(window["per_sample"]), sde))
             # where the wall time went; DDP's gradient all-reduce is inside forward_backward
             metrics.update({f"time_frac_{k}": v / max(elapsed, 1e-9) for k, v in spent.items()})
-            logger.metrics(metrics, step=done)
+            logger.metrics(metrics, step=done, background=True)  # a tracking server away must not stall steps
             eta = (train.steps - done) * elapsed / max(done - clock_step, 1)
             _say(f"[{job.variant}] step {done}/{train.steps} | loss {mean_loss:.4f} | "
                  f"{images_per_s:.0f} img/s | ETA {eta:.0f}s")
@@ -399,7 +401,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0 and job.evaluate is not None:  # the other ranks wait at the report's barrier
                 tick = time.perf_counter()
                 extra = job.evaluate(ema.module, done)
-                logger.metrics(extra, step=done)
+                logger.metrics(extra, step=done, background=True)
                 spent["evaluate"] += time.perf_counter() - tick
             tick = time.perf_counter()
             _report_checkpoint(job, rank, done, step_loss, model, ema, optimizer, accum, extra)
@@ -408,10 +410,12 @@ def train_loop(config: dict[str, Any]) -> None:
             if done % train.checkpoint_every:  # unless this step's checkpoint was just reported
                 _report_checkpoint(job, rank, done, step_loss, model, ema, optimizer, accum)
             if rank == 0:
+                logger.flush()
                 _write_status(job, {"status": "preempted", "step": done})
                 _say(f"[{job.variant}] stop requested: checkpointed step {done}/{train.steps}, stopping")
             return
     if rank == 0:
+        logger.flush()  # the metrics still in MLflow's background queue land before the run is finished
         _write_status(job, {"status": "finished", "step": train.steps})
 
 
