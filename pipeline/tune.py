@@ -8,7 +8,8 @@ a sweep that was killed resumes it: finished trials are kept, the others continu
 checkpoint. Writes <out>/best_params.yaml (a params file whose one variant is `tuned`), <out>/model.pt
 (its EMA weights, for pipeline/sample.py --params <out>/best_params.yaml --variant tuned --model
 <out>/model.pt), <out>/trials.csv, <out>/metrics.json and <out>/objective_vs_params.png.
-Exit codes: 0 done, 2 invalid params (or no tune section), 1 the sweep failed.
+Exit codes: 0 done, 2 invalid params (or no tune section), 1 the sweep failed, 143 stopped by SIGTERM
+(130 by SIGINT): Ray Tune saved the sweep's state, and rerunning the stage resumes it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from scorelab.config import ConfigError
 from scorelab.data import DataError
 from scorelab.tracking import TrackingError
 from scorelab.training import TrainingError
-from scorelab.tune import TuneError, run_sweep
+from scorelab.tune import SweepInterrupted, TuneError, run_sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # a space that is only invalid once sigma_max "auto" is known
         print_problems(args.params, e.problems)
         return 2
+    except SweepInterrupted as e:
+        print(f"tune: {e}", file=sys.stderr)
+        return e.exit_code
     except (TuneError, TrainingError, DataError, TrackingError) as e:
         print(f"tune: {e}", file=sys.stderr)
         return 1

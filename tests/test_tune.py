@@ -188,7 +188,10 @@ def _finished_trials(storage: Path) -> int:
     return done
 
 
-def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, how):
+    """SIGKILL of the driver and its Ray (a lost machine), or SIGTERM to the driver (preemption: Tune stops
+    the trials and saves its state, the stage exits 143 and writes nothing)."""
     p = make_params(tmp_path, {"space": [VP], "lr": [1e-2, 5e-3, 2e-3], "num_trials": 3, "max_concurrent": 1})
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(p, sort_keys=False))
@@ -198,8 +201,13 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     deadline = time.time() + 300
     while _finished_trials(tmp_path / "ray") < 1 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.wait()
+    if how == "SIGKILL":
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    else:
+        proc.terminate()
+        assert proc.wait(timeout=120) == 143
+        assert not (tmp_path / "outputs" / "tune").exists()
     finished_before = _finished_trials(tmp_path / "ray")
     assert 1 <= finished_before < 3, "the sweep was not killed midway"
 

@@ -56,6 +56,15 @@ class TuneError(RuntimeError):
     """The sweep cannot start (missing featurizer, data) or produced no usable trial."""
 
 
+class SweepInterrupted(TuneError):
+    """SIGTERM (or Ray Tune's own SIGINT/SIGUSR1) stopped the sweep before every trial ended; Tune saved
+    its state, and rerunning the stage resumes it. exit_code: 143 for SIGTERM, 130 otherwise."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 # ---------------------------------------------------------------------------------------------
 # A starting value for sigma_max from the data
 
@@ -365,7 +374,16 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
                                              max_concurrent_trials=tune.max_concurrent),
                 run_config=rtune.RunConfig(name=name, storage_path=storage, verbose=1),
             )
-        grid = tuner.fit()
+        with _graceful_sigterm() as sigterm:
+            grid = tuner.fit()
+
+    ended = grid.num_terminated + grid.num_errors
+    if sigterm.is_set() or ended < len(trials):  # interrupted: never take the trials so far for the result
+        raise SweepInterrupted(
+            f"sweep {name} stopped by {'SIGTERM' if sigterm.is_set() else 'an interrupt'} with {ended} of "
+            f"{len(trials)} trials ended; Ray Tune saved its state under {path}: rerun the stage to resume it "
+            "(the trials that were running continue from their last checkpoint)",
+            143 if sigterm.is_set() else 130)
 
     rows = _rows(grid, trials, jobs, run_ids, tune.steps)
     done = [r for r in rows if r["status"] == "finished" and r["objective"] is not None]
@@ -416,6 +434,39 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
     parent_log.artifact(model_path, "model")
     parent_log.finish()
     return SweepResult(best, rows, metrics, out_dir)
+
+
+@contextmanager
+def _graceful_sigterm():
+    """Preemption of the sweep's driver: the first SIGTERM becomes Ray Tune's own graceful stop (it
+    listens for SIGUSR1 as for Ctrl-C: the trials are stopped and the experiment state is saved); a
+    second SIGTERM, or one before Tune has installed its handler, exits at once (143). Yields an Event
+    that is set once a SIGTERM arrived. Signals reach only the main thread; elsewhere this does nothing."""
+    import signal
+    import sys
+    import threading
+
+    received = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        if received.is_set() or not tune_listens:
+            sys.stderr.write("tune: SIGTERM: exiting now; rerunning the stage resumes the sweep from its last "
+                             "saved state\n")
+            raise SystemExit(128 + signum)
+        received.set()
+        sys.stderr.write("tune: SIGTERM: stopping the trials and saving the sweep's state\n")
+        signal.raise_signal(signal.SIGUSR1)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
