@@ -23,6 +23,8 @@ export DVC_NO_ANALYTICS=1
 mkdir -p "$SHARED/ray" "$SHARED/mlartifacts" "$RAY_TMP"
 
 say() { printf '[cluster] %s\n' "$*"; }
+# as the postgres user, from a folder it can read (runuser keeps the caller's cwd, which it may not)
+as_postgres() { (cd "$WORK/pgsock" && runuser -u postgres -- "$@"); }
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 PG_PID="" MLFLOW_PID=""
@@ -34,7 +36,7 @@ teardown() {
   pkill -TERM -f "$RAY_TMP" 2>/dev/null || true
   sleep 2
   pkill -KILL -f "$RAY_TMP" 2>/dev/null || true
-  if [ -n "$PG_PID" ]; then runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$WORK/pgdata" -m fast stop >/dev/null 2>&1 || true; fi
+  if [ -n "$PG_PID" ]; then as_postgres "$PG_BIN/pg_ctl" -D "$WORK/pgdata" -m fast stop >/dev/null 2>&1 || true; fi
   if [ "${KEEP:-0}" = 1 ]; then say "kept $WORK"; else rm -rf "$WORK"; fi
   exit $rc
 }
@@ -50,11 +52,11 @@ fi
 "$PY" -c "import psycopg2" 2>/dev/null || "$PY" -m pip install -q "psycopg2-binary==2.9.13"
 PG_PORT="$(free_port)"
 install -d -o postgres -g postgres "$WORK/pgdata" "$WORK/pgsock"
-runuser -u postgres -- "$PG_BIN/initdb" -D "$WORK/pgdata" -A trust -U postgres >/dev/null
-runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$WORK/pgdata" -l "$WORK/pgdata/postgres.log" -w \
+as_postgres "$PG_BIN/initdb" -D "$WORK/pgdata" -A trust -U postgres >/dev/null
+as_postgres "$PG_BIN/pg_ctl" -D "$WORK/pgdata" -l "$WORK/pgdata/postgres.log" -w \
   -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $WORK/pgsock" start >/dev/null
 PG_PID=1
-runuser -u postgres -- "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" mlflow
+as_postgres "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" mlflow
 say "PostgreSQL on 127.0.0.1:$PG_PORT"
 
 # --- MLflow tracking server on PostgreSQL, artifacts on the shared folder ---------------------------
