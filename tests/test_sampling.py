@@ -312,6 +312,33 @@ def test_time_grid_on_a_chain_uses_distinct_chain_times():
         time_grid(sde, 1001)
 
 
+@pytest.mark.parametrize("steps", [5, 20])
+def test_ddim_on_the_ddpm_chain_is_diffusers_euler_with_trailing_spacing(steps):
+    """An independent implementation of the same step on the same times: diffusers' EulerDiscreteScheduler
+    with timestep_spacing "trailing" evaluates at 999, 799, ... (for 5 steps), steps in sigma = std/alpha
+    and ends at sigma 0, which is scorelab's DDIM (eta 0) on its grid for the 1000-step chain."""
+    diffusers = pytest.importorskip("diffusers")
+    from scorelab.parameterization import ScoreModel
+
+    class Net(torch.nn.Module):  # any eps-network of (x, timestep index) will do
+        def forward(self, x, k):
+            return torch.tanh(x * (1 + k.float()[:, None] / 500) + 0.1)
+
+    sde, net, n = get_sde("ddpm"), Net(), 64
+    ours = sample(ScoreModel(net, sde, "eps"), sde, (n, 2), method="ddim", steps=steps, seed=3, dtype=torch.float64).x
+    scheduler = diffusers.EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                                 timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    assert [round(float(t)) for t in scheduler.timesteps] == \
+        ((time_grid(sde, steps)[:-1] * 1000).round().long() - 1).tolist()
+    x = sde.prior_std * SampleNoise(3, torch.arange(n)).randn((2,), dtype=torch.float64)
+    x = x * scheduler.init_noise_sigma / sde.prior_std  # its x lives in x / alpha coordinates
+    for t in scheduler.timesteps:
+        eps = net(scheduler.scale_model_input(x, t), t.expand(n))
+        x = scheduler.step(eps, t, x).prev_sample
+    assert torch.allclose(ours, x.to(ours.dtype), atol=1e-4), (ours - x).abs().max()
+
+
 # -- bad input ------------------------------------------------------------------------------
 
 
