@@ -116,6 +116,35 @@ class DomainFD:
         return out
 
 
+def peak_matmul(sizes=(512, 1024, 2048), seconds: float = 1.0, device: str = "cpu", dtype=torch.float32,
+                clock: Callable[[], float] = time.perf_counter) -> tuple[float, int]:
+    """(best GFLOP/s, at size) of square torch.mm on `device` in `dtype`: the machine's practical peak."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    best = (0.0, 0)
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        torch.mm(a, b)
+        sync()
+        reps, start = 0, clock()
+        while clock() - start < seconds or reps < 3:
+            torch.mm(a, b)
+            reps += 1
+            if reps % 16 == 0:
+                sync()
+        sync()
+        best = max(best, (2 * n**3 * reps / (clock() - start) / 1e9, n))
+    return best
+
+
+def count_flops(fn) -> int:
+    """FLOPs of fn() by torch.utils.flop_counter (matmuls, convolutions, attention; not norms or activations)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def prior_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """The standard normals scorelab.sampling.sample starts sample i of `seed` from (x_T = prior_std * this):
     handed to diffusers' schedulers too, so both sides start from the same x_T (common random numbers)."""

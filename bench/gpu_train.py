@@ -1,9 +1,14 @@
 """One GPU through Ray Train: the default digits variant for a few hundred steps, bf16 off and on.
 
-    .venv/bin/python bench/gpu_train.py [--steps 300] [--variant vp] [--cpu-smoke]
+    .venv/bin/python bench/gpu_train.py [--steps 300] [--variant vp] [--sample-batch 1024] [--cpu-smoke]
 
-Prints images/s for fp32 and bf16 autocast and writes <out>/gpu_train.csv. --cpu-smoke runs the
-same path on the CPU for a few steps (no bf16), so the script is exercised where no GPU exists.
+For fp32 and for bf16 autocast: training images/s through `TorchTrainer` (the mean of the logging
+windows after the first), the model FLOP utilisation (images/s x the U-Net's forward+backward FLOPs per
+image from torch's flop counter, against the card's measured bf16 torch.mm rate, and the fp32 rate),
+then sampling with DDIM-20 and DPM-Solver++-20 from the trained EMA weights (images/s, counted NFE,
+forward FLOP utilisation). Writes <out>/gpu_train.csv and prints a markdown table. --cpu-smoke runs the
+same path on the CPU for a few steps (fp32 only, small batches), so the script is exercised where no
+GPU exists.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import csv
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--variant", default="vp")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--sample-batch", type=int, default=1024)
+    parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--out", default=str(REPO / "docs" / "bench"))
     parser.add_argument("--cpu-smoke", action="store_true", help="CPU, fp32 only, for testing the script")
     args = parser.parse_args(argv)
@@ -33,11 +41,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from scorelab.config import parse_params
     from scorelab.data import prepare
-    from scorelab.training import train_variant
+    from scorelab.sampling import sample
+    from scorelab.training import load_trained, train_variant
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import benchlib
 
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("no CUDA device: run with --cpu-smoke to exercise the script on the CPU", file=sys.stderr)
         return 2
+    device = "cpu" if args.cpu_smoke else "cuda"
+    sizes = (256,) if args.cpu_smoke else (2048, 4096, 8192)
+    seconds = 0.2 if args.cpu_smoke else 1.0
+    peak_fp32 = benchlib.peak_matmul(sizes, seconds, device, torch.float32)[0]
+    peak_bf16 = peak_fp32 if args.cpu_smoke else benchlib.peak_matmul(sizes, seconds, device, torch.bfloat16)[0]
+    print(f"{device}: torch.mm peak fp32 {peak_fp32:.0f} GFLOP/s, bf16 {peak_bf16:.0f} GFLOP/s", flush=True)
+    sample_batch = 8 if args.cpu_smoke else args.sample_batch
+    sample_steps = 2 if args.cpu_smoke else args.sample_steps
     raw = yaml.safe_load(Path(args.params).read_text())
     modes = [False] if args.cpu_smoke else [False, True]
     rows = []
@@ -62,17 +82,54 @@ def main(argv: list[str] | None = None) -> int:
                 history = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").get_metric_history(result.run_id,
                                                                                              "images_per_s")
                 steady = [m.value for m in history[1:]] or [m.value for m in history]
-                rows.append({"bf16": bf16, "images_per_s": sum(steady) / len(steady),
-                             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"})
-                print(rows[-1], flush=True)
+                train_rate = sum(steady) / len(steady)
+                trained = load_trained(result.model_path, device=device)
+                model, shape = trained.model, tuple(trained.data_shape)
+                model.train()
+                x = torch.randn(8, *shape, device=device)
+                flops_train = benchlib.count_flops(lambda: model.net(x, torch.full((8,), 0.5, device=device)).square()
+                                                   .mean().backward()) / 8
+                model.eval()
+                flops_fwd = benchlib.count_flops(lambda: model.net(x, torch.full((8,), 0.5, device=device))) / 8
+                name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+                rows.append({"what": "train", "bf16": bf16, "method": "", "batch": params.train.batch_size, "nfe": "",
+                             "images_per_s": train_rate, "gflops": train_rate * flops_train / 1e9,
+                             "mfu_bf16_peak": train_rate * flops_train / 1e9 / peak_bf16,
+                             "frac_fp32_peak": train_rate * flops_train / 1e9 / peak_fp32, "device": name})
+                for method in ("ddim", "dpm_solver"):
+                    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                        run = lambda: sample(model, model.sde, (sample_batch, *shape), method=method,  # noqa: E731
+                                             steps=sample_steps, seed=0, device=device)
+                        run()  # warm-up: kernels chosen, memory allocated
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                        tick = time.perf_counter()
+                        out = run()
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                    rate = sample_batch / (time.perf_counter() - tick)
+                    rows.append({"what": "sample", "bf16": bf16, "method": method, "batch": sample_batch,
+                                 "nfe": out.nfe, "images_per_s": rate, "gflops": rate * out.nfe * flops_fwd / 1e9,
+                                 "mfu_bf16_peak": rate * out.nfe * flops_fwd / 1e9 / peak_bf16,
+                                 "frac_fp32_peak": rate * out.nfe * flops_fwd / 1e9 / peak_fp32, "device": name})
+                for r in rows[-3:]:
+                    print(r, flush=True)
     finally:
         ray.shutdown()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        r.update({"peak_fp32_gflops": round(peak_fp32, 1), "peak_bf16_gflops": round(peak_bf16, 1)})
     with open(out / "gpu_train.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    print(f"\n{rows[0]['device']}; torch.mm peak fp32 {peak_fp32:.0f}, bf16 {peak_bf16:.0f} GFLOP/s\n")
+    print("| what | bf16 | method | batch | NFE | images/s | GFLOP/s | of bf16 peak (MFU) | of fp32 peak |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['what']} | {r['bf16']} | {r['method']} | {r['batch']} | {r['nfe']} | {r['images_per_s']:.0f} | "
+              f"{r['gflops']:.0f} | {r['mfu_bf16_peak']:.1%} | {r['frac_fp32_peak']:.1%} |")
     return 0
 
 

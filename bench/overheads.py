@@ -35,29 +35,6 @@ import benchlib  # noqa: E402
 METHODS = ["ddim", "dpm_solver", "ancestral", "euler_maruyama", "heun"]
 
 
-def peak_matmul(sizes=(512, 1024, 2048), seconds: float = 1.0) -> tuple[float, int]:
-    """(best GFLOP/s, at size) of fp32 torch.mm."""
-    best = (0.0, 0)
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a, b)
-        reps, start = 0, CLOCK()
-        while CLOCK() - start < seconds or reps < 3:
-            torch.mm(a, b)
-            reps += 1
-        rate = 2 * n**3 * reps / (CLOCK() - start) / 1e9
-        best = max(best, (rate, n))
-    return best
-
-
-def count_flops(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 _THREADS = [1]
 _CLOCK = ["wall"]
 
@@ -142,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     m = benchlib.machine()
     print(benchlib.machine_line(m), flush=True)
-    peak, peak_n = peak_matmul(seconds=args.matmul_seconds)
+    peak, peak_n = benchlib.peak_matmul(seconds=args.matmul_seconds, clock=CLOCK)
     print(f"peak fp32 matmul: {peak:.1f} GFLOP/s (n = {peak_n})", flush=True)
     rows = [{"kind": "peak_matmul", "variant": "", "what": f"torch.mm fp32 {peak_n}x{peak_n}", "batch": "",
              "nfe": "", "seconds": "", "bare_seconds": "", "overhead": "", "gflops": round(peak, 2),
@@ -158,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 for p in net.conv_out.parameters():
                     p.normal_(0, 1e-2)
             shape = tuple(trainer.loader.x.shape[1:])
-            flops_img = count_flops(lambda: net(torch.randn(8, *shape), torch.full((8,), 500.0))) / 8
+            flops_img = benchlib.count_flops(lambda: net(torch.randn(8, *shape), torch.full((8,), 500.0))) / 8
             x = trainer.loader.batch(0)
             bsz = x.shape[0]
             cond = torch.full((bsz,), 500.0)
@@ -168,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.nn.functional.mse_loss(out, x).backward()
                 net.zero_grad(set_to_none=True)
 
-            flops_train = count_flops(bare_train) / bsz
+            flops_train = benchlib.count_flops(bare_train) / bsz
             rows.append({"kind": "flops", "variant": variant, "what": "forward per image", "batch": "", "nfe": "",
                          "seconds": "", "bare_seconds": "", "overhead": "", "gflops": flops_img / 1e9, "frac_of_peak": ""})
             rows.append({"kind": "flops", "variant": variant, "what": "training forward+backward per image",

@@ -18,7 +18,8 @@ def test_gpu_train_runs_on_cpu(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_train.py"), "--steps", "2", "--cpu-smoke",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (tmp_path / "gpu_train.csv").exists()
+    rows = (tmp_path / "gpu_train.csv").read_text().splitlines()
+    assert rows[0].startswith("what,bf16,method") and len(rows) == 1 + 3  # training + DDIM + DPM-Solver++
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
