@@ -205,8 +205,10 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, how):
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
     else:
+        tick = time.perf_counter()
         proc.terminate()
         assert proc.wait(timeout=120) == 143
+        print(f"fault: SIGTERM to the tune stage: exit 143 after {time.perf_counter() - tick:.1f}s")
         assert not (tmp_path / "outputs" / "tune").exists()
     finished_before = _finished_trials(tmp_path / "ray")
     assert 1 <= finished_before < 3, "the sweep was not killed midway"
