@@ -14,7 +14,6 @@ GPU exists.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import tempfile
 import time
@@ -117,13 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for r in rows:
         r.update({"peak_fp32_gflops": round(peak_fp32, 1), "peak_bf16_gflops": round(peak_bf16, 1)})
-    with open(out / "gpu_train.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    benchlib.write_csv(out / "gpu_train.csv", rows)
     print(f"\n{rows[0]['device']}; torch.mm peak fp32 {peak_fp32:.0f}, bf16 {peak_bf16:.0f} GFLOP/s\n")
     print("| what | bf16 | method | batch | NFE | images/s | GFLOP/s | of bf16 peak (MFU) | of fp32 peak |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from scorelab.tracking import TrackingError
 from scorelab.training import load_trained, train_variant
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import wait_for_mlflow  # noqa: E402
 from test_training import VARIANTS, make_params  # noqa: E402
 
 
@@ -37,17 +36,11 @@ def mlflow_server(tmp_path_factory):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
+    try:
+        wait_for_mlflow(url, proc, timeout=90)
+    except BaseException:
         proc.kill()
-        pytest.fail("mlflow server did not start in 90 s")
+        raise
     yield url
     proc.terminate()
     proc.wait(timeout=30)

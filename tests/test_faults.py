@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ from scorelab.training import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import wait_for_mlflow  # noqa: E402
 from test_training import VARIANTS, _wait_for_registered_checkpoint, make_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -479,18 +479,6 @@ def _start_mlflow(port: int, store: Path) -> subprocess.Popen:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    pytest.fail(f"mlflow server at {url} did not come up in {timeout} s")
-
-
 def test_mlflow_server_restart_mid_run_loses_no_metrics_and_no_run(tmp_path):
     """The tracking server is killed (SIGKILL) once training has logged, and started again on the same
     port and store: training goes on while the metrics wait in MLflow's background queue and its
@@ -502,7 +490,7 @@ def test_mlflow_server_restart_mid_run_loses_no_metrics_and_no_run(tmp_path):
     server = _start_mlflow(port, store)
     proc = None
     try:
-        _wait_healthy(url, server)
+        wait_for_mlflow(url, server)
         steps, log_every, batch = 600, 10, 64
         p = make_params(tmp_path, "toy2d", {"vp": {**VARIANTS["vp"], "net": TINY}},
                         {"steps": steps, "batch_size": batch, "checkpoint_every": 100, "log_every": log_every})
@@ -526,7 +514,7 @@ def test_mlflow_server_restart_mid_run_loses_no_metrics_and_no_run(tmp_path):
         server.wait(timeout=30)
         time.sleep(15)  # an outage long enough that waiting for the server would show in the step times
         server = _start_mlflow(port, store)
-        _wait_healthy(url, server)
+        wait_for_mlflow(url, server)
         downtime = time.perf_counter() - down
         proc.wait(timeout=600)
         output = log.read_text()
@@ -575,7 +563,7 @@ def test_ray_node_removed_mid_training_resumes_on_the_remaining_node(tmp_path):
     try:
         ray.init(address=cluster.address, logging_level="WARNING")
         cluster.wait_for_nodes()
-        _wait_healthy(url, server)
+        wait_for_mlflow(url, server)
         steps = 1500
         p = make_params(tmp_path, "toy2d", {"vp": {**VARIANTS["vp"], "net": TINY}},
                         {"steps": steps, "batch_size": 64, "checkpoint_every": 50, "log_every": 10},
