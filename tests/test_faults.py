@@ -32,6 +32,7 @@ from scorelab.config import VariantConfig, parse_params
 from scorelab.data import prepare
 from scorelab.training import (
     STATE_FILE,
+    STOP_FILE,
     CheckpointCorruptError,
     build_model,
     export_model,
@@ -94,10 +95,13 @@ def logged_steps(client, run_id: str, key: str = "loss") -> list[int]:
 
 def test_sigterm_checkpoints_the_current_step_and_the_rerun_resumes_there(tmp_path):
     """SIGTERM to the driver: the workers checkpoint the step they are at, the stage exits 143 with one
-    line naming that step; the rerun resumes from exactly that step, in the same MLflow run."""
+    line naming that step; the rerun resumes from exactly that step, in the same MLflow run. The storage is
+    given as a URI (file://, as s3:// or gs:// would be): the stop request and the outcome travel through it,
+    not through the driver's disk, which workers on other machines would not see."""
     steps, every = 3000, 1000
     p = make_params(tmp_path, "toy2d", {"vp": {**VARIANTS["vp"], "net": TINY}},
-                    {"steps": steps, "batch_size": 64, "checkpoint_every": every, "log_every": 10})
+                    {"steps": steps, "batch_size": 64, "checkpoint_every": every, "log_every": 10},
+                    ray={"storage_path": (tmp_path / "ray").as_uri()})
     cmd = train_cmd(write_params(tmp_path, p), tmp_path)
     out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
     with open(out, "w") as fo, open(err, "w") as fe:  # files: a full pipe would stall the driver
@@ -121,11 +125,12 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_resumes_there(tmp_pa
     assert m, said[0]
     stopped = int(m[1])
     assert registered + 20 <= stopped < steps and stopped % every, "an extra checkpoint, at the step reached"
-    stop_file = next((tmp_path / "ray").rglob("*.stop"))
+    stop_file = next((tmp_path / "ray").rglob(STOP_FILE))
     seen_s = json.loads(stop_file.read_text())["time"] - sent  # SIGTERM to the stop request on disk
     on_disk = {int(load_state(s.parent, None)["step"]) for s in (tmp_path / "ray").rglob(STATE_FILE)}
     assert stopped in on_disk, (stopped, on_disk)
     assert not (tmp_path / "outputs" / "train" / "vp" / "model.pt").exists()
+    assert not (tmp_path / "outputs" / "status").exists(), "nothing of the run on the driver's own disk"
     client, runs = runs_in(p["mlflow"]["tracking_uri"])
     assert len(runs) == 1 and runs[0].info.status == "KILLED"
 
@@ -144,6 +149,39 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_resumes_there(tmp_pa
            "signal; "
            f"0 steps and 0 metric points lost; rerun resumed at step {stopped} and finished "
            f"{steps - stopped} steps in {rerun_s:.1f}s (incl. Ray start-up)")
+
+
+def test_second_sigterm_exits_at_once_keeping_the_registered_checkpoint(tmp_path):
+    """A scheduler that follows SIGTERM with another (or an impatient user): the driver exits 143 at once,
+    saying so, without waiting for the workers; the registered checkpoint stays and the rerun resumes."""
+    # steps of about a second, so that the workers are still at work when the second signal comes
+    p = make_params(tmp_path, "toy2d", {"vp": {**VARIANTS["vp"], "net": {"type": "mlp", "hidden": 1024, "layers": 4}}},
+                    {"steps": 100000, "batch_size": 2000, "checkpoint_every": 2, "log_every": 1})
+    cmd = train_cmd(write_params(tmp_path, p), tmp_path)
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, start_new_session=True)
+    try:
+        registered = _wait_for_registered_checkpoint(tmp_path / "ray")
+        assert registered, out.read_text()[-3000:]
+        first = time.time()
+        proc.send_signal(signal.SIGTERM)
+        # once the first is handled (two signals pending at once are one to Python)
+        assert _wait_until(lambda: "SIGTERM: asking" in err.read_text(), proc, 60), err.read_text()[-3000:]
+        handled_s = time.time() - first
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        exit_s = time.time() - sent
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 143, err.read_text()[-3000:]
+    assert "second SIGTERM: exiting now" in err.read_text(), err.read_text()[-3000:]
+    assert "stopped by SIGTERM at step" not in err.read_text(), "it waited for the workers' checkpoint"
+    on_disk = {int(load_state(s.parent, None)["step"]) for s in (tmp_path / "ray").rglob(STATE_FILE)}
+    assert registered in on_disk
+    report(f"second SIGTERM: the first was handled in {handled_s:.2f}s; the driver exited 143 {exit_s:.2f}s after "
+           f"the second; checkpoints kept {sorted(on_disk)}")
 
 
 # -- 2. checkpoint integrity --------------------------------------------------------------------

@@ -4,10 +4,10 @@ The same code runs on a laptop's CPUs, one GPU or a multi-node cluster; params.y
 decides. What makes it exact and resumable:
 - the global batch is fixed: each worker takes micro_batch_size rows per pass and accumulates
   gradients, so the number of workers changes the speed, not the optimisation;
-- every random draw derives from (seed, rank, micro-batch counter) and every data position from the
-  step, so a checkpoint needs only the step to continue the same stream; the RNG states are saved
-  as well, for completeness;
-- checkpoints (model, EMA, optimizer, step, RNG, config hash) are reported through Ray Train every
+- every random draw (data order, flips, t, noise, dropout) derives from (seed, rank, micro-batch counter)
+  and every data position from the step, so a checkpoint needs only the step to continue the same stream:
+  a resumed run equals an uninterrupted one bit for bit;
+- checkpoints (model, EMA, optimizer, step, config hash) are reported through Ray Train every
   `checkpoint_every` steps; relaunching the same configuration resumes from the latest, and Ray's
   FailureConfig restarts a run whose worker or node dies;
 - only rank 0 logs to MLflow, into the run that the driver created or found for this configuration.
@@ -21,7 +21,7 @@ import math
 import os
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,14 +29,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import tracking
+from . import storage, tracking
 from .config import Params, TrainConfig, VariantConfig
 from .ema import EMA
 from .losses import dsm_loss, loss_per_bin
 from .parameterization import ScoreModel
 
 STATE_FILE = "state.pt"
-STATUS_FILE = "scorelab_status.json"
+STATUS_FILE = "scorelab_status.json"  # in the run's folder under ray.storage_path: rank 0's outcome of a launch
+STOP_FILE = "scorelab_stop.json"  # beside it: the driver's request to checkpoint and stop (preemption)
 DIGEST_KEY = "sha256"  # in state.pt and model.pt: the sha256 of the rest of the file's contents
 
 
@@ -72,11 +73,11 @@ class TrainJob:
     config_hash: str
     tracking_uri: str
     run_id: str
-    status_path: str  # where rank 0 leaves the outcome the driver reads
+    status_path: str  # where rank 0 leaves the outcome the driver reads: a path or URI in the run's storage
     threads_per_worker: int
     hflip: bool = False
-    # Preemption: when this file exists the workers checkpoint the step they are at and stop (the driver
-    # writes it on SIGTERM; rank 0 checks it every step). "" = never.
+    # Preemption: when this file (path or URI in the run's storage) exists the workers checkpoint the step they
+    # are at and stop (the driver writes it on SIGTERM; rank 0 watches for it). "" = never.
     stop_path: str = ""
     # Optional: rank 0 calls evaluate(ema_model, step) at each checkpoint step; the returned metrics are
     # logged and reported with the checkpoint (Ray Tune's early stopping reads them). Picklable.
@@ -279,13 +280,6 @@ def load_state(directory: Path, expected_hash: str | None) -> dict[str, Any]:
     return state
 
 
-def _rng_states() -> dict[str, Any]:
-    states = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop each Ray Train worker runs
 
@@ -335,88 +329,95 @@ def train_loop(config: dict[str, Any]) -> None:
     logger = tracking.RunLogger(job.tracking_uri, job.run_id) if rank == 0 else None
     if logger is not None:
         logger.tags({"ray.num_workers": world, "ray.num_nodes": len(set(nodes)), "resumed_from_step": start})
-    sde = model.sde
     use_bf16 = train.bf16 and device.type == "cuda"
 
-    window: dict[str, list] = {"loss": [], "t": [], "per_sample": []}
-    clock, clock_step = time.perf_counter(), start
-    phases = ("data", "forward_backward", "optimizer", "log", "checkpoint") + (("evaluate",) if job.evaluate else ())
-    spent = dict.fromkeys(phases, 0.0)  # s per phase
-    for step in range(start, train.steps):
-        lr = train.lr * min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else train.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for a in range(accum):
-            k = step * accum + a
-            tick = time.perf_counter()
-            x0 = loader.batch(k).to(device)
-            spent["data"] += time.perf_counter() - tick
-            tick = time.perf_counter()
-            gen = torch.Generator(device=device).manual_seed(_mix(job.seed, rank, k, 2))
-            sync = nullcontext() if (a == accum - 1 or world == 1) else ddp.no_sync()
-            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = dsm_loss(ddp, sde, x0, weighting=variant.loss.weighting,
-                               reduction=variant.loss.reduction, generator=gen)
-                (out.loss / accum).backward()
-            step_loss += out.loss.item() / accum
-            window["t"].append(out.t.detach().float().cpu())
-            window["per_sample"].append(out.per_sample.detach().float().cpu())
-            spent["forward_backward"] += time.perf_counter() - tick
-        tick = time.perf_counter()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or math.inf)
-        if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
-            if logger is not None:
-                logger.flush()
-            _stop_nonfinite(job, rank, step, step_loss, float(grad_norm))
-            return
-        optimizer.step()
-        ema.update(model)
-        window["loss"].append(step_loss)
-        spent["optimizer"] += time.perf_counter() - tick  # clipping, Adam and EMA
-
-        done = step + 1
-        if rank == 0 and (done % train.log_every == 0 or done == train.steps):
-            tick = time.perf_counter()
-            elapsed = tick - clock
-            images_per_s = (done - clock_step) * train.batch_size / max(elapsed, 1e-9)
-            mean_loss = sum(window["loss"]) / len(window["loss"])
-            metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "images_per_s": images_per_s}
-            metrics.update(loss_per_bin(torch.cat(window["t"]), torch.cat(window["per_sample"]), sde))
-            # where the wall time went; DDP's gradient all-reduce is inside forward_backward
-            metrics.update({f"time_frac_{k}": v / max(elapsed, 1e-9) for k, v in spent.items()})
-            logger.metrics(metrics, step=done, background=True)  # a tracking server away must not stall steps
-            eta = (train.steps - done) * elapsed / max(done - clock_step, 1)
-            _say(f"[{job.variant}] step {done}/{train.steps} | loss {mean_loss:.4f} | "
-                 f"{images_per_s:.0f} img/s | ETA {eta:.0f}s")
-            window = {"loss": [], "t": [], "per_sample": []}
-            spent = dict.fromkeys(spent, 0.0)
-            spent["log"] += time.perf_counter() - tick
-            clock, clock_step = tick, done
-        if rank == 0 and train.sample_every and done % train.sample_every == 0 and done != train.steps:
-            _log_samples(ema.module, variant, job, logger, done)
-        if done % train.checkpoint_every == 0 or done == train.steps:
-            extra: dict[str, float] = {}
-            if rank == 0 and job.evaluate is not None:  # the other ranks wait at the report's barrier
+    sde = model.sde
+    # rank 0 watches for the driver's stop request in a thread: the step only reads a flag
+    stop = storage.StopWatch(job.stop_path) if job.stop_path and rank == 0 else None
+    with closing(stop) if stop is not None else nullcontext():
+        window: dict[str, list] = {"loss": [], "t": [], "per_sample": []}
+        clock, clock_step = time.perf_counter(), start
+        phases = ("data", "forward_backward", "optimizer", "log", "checkpoint") + ("evaluate",) * bool(job.evaluate)
+        spent = dict.fromkeys(phases, 0.0)  # s per phase
+        for step in range(start, train.steps):
+            lr = train.lr * min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else train.lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for a in range(accum):
+                k = step * accum + a
                 tick = time.perf_counter()
-                extra = job.evaluate(ema.module, done)
-                logger.metrics(extra, step=done, background=True)
-                spent["evaluate"] += time.perf_counter() - tick
+                x0 = loader.batch(k).to(device)
+                spent["data"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                gen = torch.Generator(device=device).manual_seed(_mix(job.seed, rank, k, 2))
+                # Dropout draws from the global generator: reseeded from (seed, rank, k) so that its masks, like the
+                # noise above, depend on nothing but the micro-batch. A resumed run then equals an uninterrupted
+                # one bit for bit (the generator's state at a checkpoint is not needed), and ranks differ.
+                torch.manual_seed(_mix(job.seed, rank, k, 4))
+                sync = nullcontext() if (a == accum - 1 or world == 1) else ddp.no_sync()
+                with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    out = dsm_loss(ddp, sde, x0, weighting=variant.loss.weighting,
+                                   reduction=variant.loss.reduction, generator=gen)
+                    (out.loss / accum).backward()
+                step_loss += out.loss.item() / accum
+                window["t"].append(out.t.detach().float().cpu())
+                window["per_sample"].append(out.per_sample.detach().float().cpu())
+                spent["forward_backward"] += time.perf_counter() - tick
             tick = time.perf_counter()
-            _report_checkpoint(job, rank, done, step_loss, model, ema, optimizer, accum, extra)
-            spent["checkpoint"] += time.perf_counter() - tick
-        if job.stop_path and done < train.steps and _stop_requested(job.stop_path, rank, world, device):
-            if done % train.checkpoint_every:  # unless this step's checkpoint was just reported
-                _report_checkpoint(job, rank, done, step_loss, model, ema, optimizer, accum)
-            if rank == 0:
-                logger.flush()
-                _write_status(job, {"status": "preempted", "step": done})
-                _say(f"[{job.variant}] stop requested: checkpointed step {done}/{train.steps}, stopping")
-            return
-    if rank == 0:
-        logger.flush()  # the metrics still in MLflow's background queue land before the run is finished
-        _write_status(job, {"status": "finished", "step": train.steps})
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or math.inf)
+            if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
+                if logger is not None:
+                    logger.flush()
+                _stop_nonfinite(job, rank, step, step_loss, float(grad_norm))
+                return
+            optimizer.step()
+            ema.update(model)
+            window["loss"].append(step_loss)
+            spent["optimizer"] += time.perf_counter() - tick  # clipping, Adam and EMA
+
+            done = step + 1
+            if rank == 0 and (done % train.log_every == 0 or done == train.steps):
+                tick = time.perf_counter()
+                elapsed = tick - clock
+                images_per_s = (done - clock_step) * train.batch_size / max(elapsed, 1e-9)
+                mean_loss = sum(window["loss"]) / len(window["loss"])
+                metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "images_per_s": images_per_s}
+                metrics.update(loss_per_bin(torch.cat(window["t"]), torch.cat(window["per_sample"]), sde))
+                # where the wall time went; DDP's gradient all-reduce is inside forward_backward
+                metrics.update({f"time_frac_{k}": v / max(elapsed, 1e-9) for k, v in spent.items()})
+                logger.metrics(metrics, step=done, background=True)  # a tracking server away must not stall steps
+                eta = (train.steps - done) * elapsed / max(done - clock_step, 1)
+                _say(f"[{job.variant}] step {done}/{train.steps} | loss {mean_loss:.4f} | "
+                     f"{images_per_s:.0f} img/s | ETA {eta:.0f}s")
+                window = {"loss": [], "t": [], "per_sample": []}
+                spent = dict.fromkeys(spent, 0.0)
+                spent["log"] += time.perf_counter() - tick
+                clock, clock_step = tick, done
+            if rank == 0 and train.sample_every and done % train.sample_every == 0 and done != train.steps:
+                _log_samples(ema.module, variant, job, logger, done)
+            if done % train.checkpoint_every == 0 or done == train.steps:
+                extra: dict[str, float] = {}
+                if rank == 0 and job.evaluate is not None:  # the other ranks wait at the report's barrier
+                    tick = time.perf_counter()
+                    extra = job.evaluate(ema.module, done)
+                    logger.metrics(extra, step=done, background=True)
+                    spent["evaluate"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                _report_checkpoint(job, rank, done, step_loss, model, ema, optimizer, accum, extra)
+                spent["checkpoint"] += time.perf_counter() - tick
+            if job.stop_path and done < train.steps and _stop_requested(stop, rank, world, device):
+                if done % train.checkpoint_every:  # unless this step's checkpoint was just reported
+                    _report_checkpoint(job, rank, done, step_loss, model, ema, optimizer, accum)
+                if rank == 0:
+                    logger.flush()
+                    _write_status(job, {"status": "preempted", "step": done})
+                    _say(f"[{job.variant}] stop requested: checkpointed step {done}/{train.steps}, stopping")
+                return
+        if rank == 0:
+            logger.flush()  # the metrics still in MLflow's background queue land before the run is finished
+            _write_status(job, {"status": "finished", "step": train.steps})
 
 
 def _say(line: str) -> None:
@@ -437,18 +438,19 @@ def _report_checkpoint(job: TrainJob, rank: int, step: int, loss: float, model, 
         ray.train.report(metrics, checkpoint=None)  # a barrier: every worker reports each time
         return
     with tempfile.TemporaryDirectory() as d:
-        # the data position is implied by the step (micro-batch k = step * accum + a on every worker);
-        # it is stored so that a checkpoint can be read without this code
+        # the data position is implied by the step (micro-batch k = step * accum + a on every worker), and so
+        # is every random draw (order, t, noise, dropout: all seeded from (seed, rank, k)); the position is
+        # stored so that a checkpoint can be read without this code
         save_state(Path(d), model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                    step=step, data_position={"micro_batches_per_worker": step * accum}, config_hash=job.config_hash,
-                   run_id=job.run_id, rng=_rng_states())
+                   run_id=job.run_id)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _stop_requested(stop_path: str, rank: int, world: int, device: torch.device) -> bool:
-    """Whether the driver asked to stop. Rank 0 looks for the file and all ranks agree through an
+def _stop_requested(stop: storage.StopWatch | None, rank: int, world: int, device: torch.device) -> bool:
+    """Whether the driver asked to stop. Rank 0 watches for the file and all ranks agree through an
     all-reduce, so they stop at the same step (a rank that stopped alone would hang the others)."""
-    flag = rank == 0 and os.path.exists(stop_path)
+    flag = stop is not None and stop.requested
     if world == 1:
         return flag
     t = torch.tensor([float(flag)], device=device)
@@ -465,9 +467,7 @@ def _stop_nonfinite(job: TrainJob, rank: int, step: int, loss: float, grad_norm:
 
 
 def _write_status(job: TrainJob, status: dict) -> None:
-    path = Path(job.status_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(status))
+    storage.write_json(job.status_path, status)
 
 
 def _log_samples(ema_model: ScoreModel, variant: VariantConfig, job: TrainJob, logger, step: int) -> None:
@@ -526,11 +526,11 @@ def ray_session(address: str, num_cpus: float | None = None, connect_timeout_s: 
 
 
 @contextmanager
-def checkpoint_on_sigterm(stop_path: Path, variant: str):
-    """Preemption: the first SIGTERM writes stop_path, and the workers (which look for it every step)
-    checkpoint the step they are at and stop; the driver then raises TrainingPreempted. A second SIGTERM
-    exits at once (status 143), keeping the last registered checkpoint. Signals reach only the main thread,
-    so elsewhere this does nothing."""
+def checkpoint_on_sigterm(stop_path: str, variant: str):
+    """Preemption: the first SIGTERM writes stop_path (in the run's storage, which every node reaches), and
+    the workers (rank 0 watches for it) checkpoint the step they are at and stop; the driver then raises
+    TrainingPreempted. A second SIGTERM exits at once (status 143), keeping the last registered checkpoint.
+    Signals reach only the main thread, so elsewhere this does nothing."""
     import signal
     import sys
     import threading
@@ -539,19 +539,35 @@ def checkpoint_on_sigterm(stop_path: Path, variant: str):
         yield
         return
     previous = signal.getsignal(signal.SIGTERM)
+    requested = threading.Event()
+
+    def request_stop() -> None:
+        try:
+            storage.write_json(stop_path, {"signal": "SIGTERM", "time": time.time()})
+        except OSError as e:
+            sys.stderr.write(f"train {variant}: could not write the stop request {stop_path} ({e}): "
+                             "send SIGTERM again to exit without a new checkpoint\n")
+
+    forced = threading.Event()
 
     def handler(signum, frame):
-        if stop_path.exists():
+        if requested.is_set():
             sys.stderr.write(f"train {variant}: second SIGTERM: exiting now; the last registered checkpoint is "
                              "kept, the steps since it are lost\n")
+            forced.set()
             raise SystemExit(128 + signum)
-        stop_path.parent.mkdir(parents=True, exist_ok=True)
-        stop_path.write_text(json.dumps({"signal": "SIGTERM", "time": time.time()}))
+        requested.set()
+        # written from a thread: on an object store this is a request, not something to wait on in a handler
+        threading.Thread(target=request_stop, name="scorelab-stop-request", daemon=True).start()
         sys.stderr.write(f"train {variant}: SIGTERM: asking the workers to checkpoint and stop\n")
 
     signal.signal(signal.SIGTERM, handler)
     try:
         yield
+    except BaseException:
+        if forced.is_set():  # Ray may have wrapped the handler's SystemExit in an error of its own
+            raise SystemExit(128 + signal.SIGTERM) from None
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -590,11 +606,10 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
     train = resolve_train(params, variant)
     key = config_hash(params, variant, manifest.checksum)
     uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, root)
-    storage = Path(params.ray.storage_path)
-    storage = storage if "://" in params.ray.storage_path or storage.is_absolute() else root / storage
+    store = storage.resolve(params.ray.storage_path, root)
     name = f"{variant}-{key[:12]}"
-    status_path = (root / "outputs" / "status" / f"{name}.json") if "://" in str(storage) else storage / name / STATUS_FILE
-    stop_path = Path(status_path).with_suffix(".stop")
+    run_dir = storage.join(store, name)
+    status_path, stop_path = storage.join(run_dir, STATUS_FILE), storage.join(run_dir, STOP_FILE)
 
     cfg = params.ray
     needed = cfg.num_workers * cfg.cpus_per_worker
@@ -615,14 +630,14 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
         logger = tracking.RunLogger(uri, run_id)
         logger.params(tracking.flatten({"variant": vcfg.model_dump(mode="json"), "train": train.model_dump(),
                                         "seed": params.seed, "data": params.data.model_dump(mode="json")}))
-        Path(status_path).unlink(missing_ok=True)
-        stop_path.unlink(missing_ok=True)  # a stop request of an earlier, preempted launch
+        storage.remove(status_path)
+        storage.remove(stop_path)  # a stop request of an earlier, preempted launch
         job = TrainJob(
             variant=variant, variant_config=vcfg.model_dump(mode="json"), train=train.model_dump(),
             data_dir=str(data_dir), data_shape=list(manifest.shape), seed=params.seed, config_hash=key,
             tracking_uri=uri, run_id=run_id, status_path=str(status_path),
             threads_per_worker=max(1, int(cfg.cpus_per_worker)), hflip=params.data.hflip,
-            stop_path=str(stop_path),
+            stop_path=stop_path,
         )
         trainer = TorchTrainer(
             train_loop,
@@ -630,7 +645,7 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                          resources_per_worker={"CPU": cfg.cpus_per_worker},
                                          placement_strategy=cfg.placement_strategy),
-            run_config=RunConfig(name=name, storage_path=str(storage),
+            run_config=RunConfig(name=name, storage_path=store,
                                  failure_config=FailureConfig(max_failures=cfg.max_failures,
                                                               controller_failure_limit=3),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -648,25 +663,28 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
             raise TrainingError(f"training {variant!r} failed: {type(cause).__name__}: "
                                 f"{' '.join(str(cause).split())[:300]}") from e
         seconds = time.perf_counter() - start
-
-    status = json.loads(Path(status_path).read_text()) if Path(status_path).exists() else {}
+        status = storage.read_json(status_path) or {}
     if status.get("status") == "nonfinite":
         logger.finish("FAILED")
         raise TrainingError(
             f"training {variant!r} stopped at step {status['step']}: non-finite loss ({status['loss']}) or "
-            f"gradient norm ({status['grad_norm']}); the last good checkpoint is kept in {storage / name}. "
+            f"gradient norm ({status['grad_norm']}); the last good checkpoint is kept in {run_dir}. "
             "Lower train.lr or enable train.grad_clip."
         )
     if status.get("status") == "preempted":
         logger.finish("KILLED")
         raise TrainingPreempted(
             f"training {variant!r} stopped by SIGTERM at step {status['step']} of {train.steps}, after "
-            f"checkpointing that step in {storage / name} (no steps lost): rerun to resume from it"
+            f"checkpointing that step in {run_dir} (no steps lost): rerun to resume from it"
         )
     if result.checkpoint is None:
         raise TrainingError(f"training {variant!r} ended without a checkpoint")
     with result.checkpoint.as_directory() as d:
         state = load_state(Path(d), key)
+    removed = storage.remove_unregistered_checkpoints(result)
+    if removed:
+        _say(f"train {variant}: removed {len(removed)} checkpoint folder(s) in {run_dir} that Ray does not keep "
+             "(written by a killed launch after its last registered checkpoint)")
     model_path = export_model(state, vcfg, tuple(manifest.shape), out_dir / "model.pt")
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = {"variant": variant, **vcfg.model_dump(mode="json"), "train": train.model_dump(),

@@ -40,7 +40,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from . import tracking
+from . import storage, tracking
 from .config import AUTO, TUNED_VARIANT, ConfigError, Params, TuneConfig, VariantConfig, _describe, parse_params
 from .training import (STATUS_FILE, TrainJob, config_hash, export_model, load_state, ray_session, resolve_train,
                        train_loop)
@@ -313,7 +313,7 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
         _check_featurizer(featurizer_dir.resolve(), manifest.checksum)
     key = sweep_key(params, trials, manifest.checksum)
     name = f"tune-{key[:12]}"
-    storage = _storage(params, root)
+    store = storage.resolve(params.ray.storage_path, root)  # absolute: Tune and the workers run elsewhere
     uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, root)
     tracking.check_server(uri, params.mlflow.connect_timeout_s)  # before Ray starts: seconds, not minutes
 
@@ -348,19 +348,18 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
                 "variant": t.variant, "train": train.model_dump(), "seed": params.seed, "trial": t.index,
                 "candidate": t.candidate}))
             names.append(f"{name}-trial{t.index:03d}-{h[:8]}")
-            status = (root / "outputs" / "status" / f"{names[-1]}.json" if "://" in storage
-                      else Path(storage) / f"{name}-trials" / names[-1] / STATUS_FILE)
+            status = storage.join(store, f"{name}-trials", names[-1], STATUS_FILE)  # where every node reaches
             job = TrainJob(
                 variant=f"trial{t.index}", variant_config=t.variant, train=train.model_dump(), data_dir=str(data_dir),
                 data_shape=list(manifest.shape), seed=params.seed, config_hash=h, tracking_uri=uri, run_id=run_id,
-                status_path=str(status), threads_per_worker=max(1, int(tune.cpus_per_worker)),
+                status_path=status, threads_per_worker=max(1, int(tune.cpus_per_worker)),
                 hflip=params.data.hflip)
             jobs.append({**asdict(job), "evaluate": objective})  # not through asdict, which would flatten it
             run_ids.append(run_id)
-        plan = _Plan(jobs, names, _join(storage, f"{name}-trials"), tune.workers_per_trial, tune.cpus_per_worker,
+        plan = _Plan(jobs, names, storage.join(store, f"{name}-trials"), tune.workers_per_trial, tune.cpus_per_worker,
                      tune.gpus_per_worker, params.ray.max_failures)
         trainable = rtune.with_resources(rtune.with_parameters(_run_trial, plan=plan), {"cpu": 0.01})
-        path = _join(storage, name)
+        path = storage.join(store, name)
         resumed = rtune.Tuner.can_restore(path)
         if resumed:
             tuner = rtune.Tuner.restore(path, trainable=trainable, resume_errored=True)
@@ -372,7 +371,7 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
                 param_space={"trial": rtune.grid_search([{"index": t.index, "label": t.label} for t in trials])},
                 tune_config=rtune.TuneConfig(metric=OBJECTIVE, mode="min", scheduler=scheduler,
                                              max_concurrent_trials=tune.max_concurrent),
-                run_config=rtune.RunConfig(name=name, storage_path=storage, verbose=1),
+                run_config=rtune.RunConfig(name=name, storage_path=store, verbose=1),
             )
         with _graceful_sigterm() as sigterm:
             grid = tuner.fit()
@@ -495,18 +494,6 @@ def _ray(address: str, num_cpus: int):
         ray.shutdown()
 
 
-def _storage(params: Params, root: Path) -> str:
-    """ray.storage_path, absolute (Tune and the workers run elsewhere) unless a URI."""
-    if "://" in params.ray.storage_path:
-        return params.ray.storage_path
-    p = Path(params.ray.storage_path)
-    return str(p if p.is_absolute() else (root / p).resolve())
-
-
-def _join(storage: str, name: str) -> str:
-    return f"{storage.rstrip('/')}/{name}" if "://" in storage else str(Path(storage) / name)
-
-
 def _rows(grid: Any, trials: list[Trial], jobs: list[dict], run_ids: list[str], steps: int) -> list[dict[str, Any]]:
     """One row per trial: its configuration, last and best objective, steps reached and how it ended."""
     by_index: dict[int, Any] = {}
@@ -521,8 +508,7 @@ def _rows(grid: Any, trials: list[Trial], jobs: list[dict], run_ids: list[str], 
         if history is not None and OBJECTIVE in history:
             curve = [(int(s), float(v)) for s, v in zip(history["step"], history[OBJECTIVE]) if not math.isnan(v)]
         reached = int(m.get("step", 0) or 0)
-        status_file = Path(jobs[t.index]["status_path"])
-        nonfinite = status_file.is_file() and json.loads(status_file.read_text()).get("status") == "nonfinite"
+        nonfinite = (storage.read_json(jobs[t.index]["status_path"]) or {}).get("status") == "nonfinite"
         error = None if result is None or result.error is None else " ".join(str(result.error).split())[:300]
         status = ("error" if error or result is None else "nonfinite" if nonfinite
                   else "finished" if reached >= steps else "stopped_early")
