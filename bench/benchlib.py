@@ -159,7 +159,7 @@ def prior_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 class ScorelabTrainer:
     """One variant of params.yaml trained with training.py's own pieces: build_model, PartitionLoader
-    (the worker's data stream), the (seed, rank, k) generators of _mix, losses.dsm_loss with the variant's
+    (the worker's data stream), the (seed, rank, k) generators of _mix (dropout's too), losses.dsm_loss with the variant's
     weighting and reduction, clip_grad_norm_ at train.grad_clip, Adam with linear warm-up, ema.EMA. What
     is left out is Ray (one worker: no DDP), MLflow logging and checkpoints. fused=False is the per-tensor
     Adam that training.py used before it switched to the fused one (for before/after measurements)."""
@@ -198,6 +198,7 @@ class ScorelabTrainer:
         self.opt.zero_grad(set_to_none=True)
         x0 = self.loader.batch(k)
         gen = torch.Generator().manual_seed(_mix(self.params.seed, 0, k, 2))
+        torch.manual_seed(_mix(self.params.seed, 0, k, 4))  # dropout, as train_loop reseeds it per micro-batch
         out = dsm_loss(self.model, self.sde, x0, weighting=self.variant.loss.weighting,
                        reduction=self.variant.loss.reduction, generator=gen)
         out.loss.backward()

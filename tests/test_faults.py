@@ -452,6 +452,8 @@ def test_dvc_repro_killed_in_train_then_in_sample_resumes_to_the_uninterrupted_r
     client, runs = runs_in(uri)
     checkpointed = int(runs[0].data.tags["resumed_from_step"])
     assert len(runs) == 1 and checkpointed >= registered > 0 and checkpointed in on_disk, (registered, on_disk)
+    logged = logged_steps(client, runs[0].info.run_id)
+    assert sorted(logged) == list(range(10, steps + 1, 10)), "every loss point once, the redone steps' included"
     kept = _chunks(samples)
     assert 3 <= len(kept) < 2 * 2 * 40, "interrupted midway"
 
@@ -478,8 +480,9 @@ def test_dvc_repro_killed_in_train_then_in_sample_resumes_to_the_uninterrupted_r
     resumed = load_trained(repo / "outputs" / "train" / "vp" / "model.pt")
     straight = load_trained(ref / "train" / "model.pt")
     assert straight.step == resumed.step == steps
-    # Equal to float rounding: two uninterrupted runs are bit-identical, and a resumed one was in some runs,
-    # but differed by up to 4e-7 in others (the cause is not pinned down; see the fault report)
+    # Bit for bit is what test_training's stopped-and-resumed test asserts, and what every run of this one has
+    # measured since dropout is reseeded per micro-batch; one run before that (this MLP has no dropout)
+    # measured 4e-7, with no cause found, so this end-to-end check keeps a float-rounding margin
     weight_diff = max((t - resumed.model.state_dict()[k]).abs().max().item()
                       for k, t in straight.model.state_dict().items())
     assert weight_diff < 1e-5, weight_diff
@@ -624,12 +627,13 @@ def test_ray_node_removed_mid_training_resumes_on_the_remaining_node(tmp_path):
         assert 0 < registered < steps, "no checkpoint registered before the end"
         removed = time.perf_counter()
         cluster.remove_node(node)
-        client, restarted_s = MlflowClient(url), None
+        client, restarted_s, reached = MlflowClient(url), None, 0
         while thread.is_alive() and time.perf_counter() - removed < 500:
             if restarted_s is None:  # the restarted workers tag the run with the step they resumed from
                 runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
                 if runs and int(runs[0].data.tags.get("resumed_from_step", 0)) > 0:
                     restarted_s = time.perf_counter() - removed
+                    reached = max(logged_steps(client, runs[0].info.run_id), default=0)
             time.sleep(0.5)
         thread.join(timeout=10)
         finished_s = time.perf_counter() - removed
@@ -644,11 +648,10 @@ def test_ray_node_removed_mid_training_resumes_on_the_remaining_node(tmp_path):
         resumed = int(tags["resumed_from_step"])
         assert resumed >= registered and tags["ray.num_nodes"] == "1", tags
         logged = logged_steps(client, runs[0].info.run_id)
-        assert set(logged) == set(range(10, steps + 1, 10))
-        redone = (len(logged) - len(set(logged))) * 10  # steps logged before the removal and again after it
+        assert sorted(logged) == list(range(10, steps + 1, 10)), "every loss point once: the redone steps' not again"
         report(f"Ray node removed after the checkpoint at step {registered}: workers restarted on the remaining "
-               f"node from step {resumed} {restarted_s:.1f}s after the removal; about {redone} steps redone "
-               f"(their loss points logged twice); finished {finished_s:.1f}s after the removal")
+               f"node from step {resumed} {restarted_s:.1f}s after the removal; {max(reached - resumed, 0)}+ steps "
+               f"redone (their loss points not logged again); finished {finished_s:.1f}s after the removal")
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -291,7 +291,7 @@ def test_killed_worker_resumes_from_checkpoint_with_one_mlflow_run(ray_local, tm
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert int(runs[0].data.tags["resumed_from_step"]) >= registered, "the workers were not restarted from a checkpoint"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
-    assert steps[-1] == 600 and set(range(20, 601, 20)) <= set(steps)  # one continuous curve
+    assert sorted(steps) == list(range(20, 601, 20))  # one continuous curve: the redone steps' points not twice
 
 
 def test_killed_driver_rerun_resumes(tmp_path):

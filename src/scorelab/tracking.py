@@ -147,6 +147,16 @@ class RunLogger:
                 time.sleep(self.backoff * 2**attempt)
         return False
 
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which `key` already has a value in this run; empty (and said) when the server
+        cannot tell."""
+        try:
+            return {m.step for m in self._client.get_metric_history(self.run_id, key)}
+        except Exception as e:  # the server's errors come in many types
+            sys.stderr.write(f"mlflow: could not read which steps of {key!r} are logged ({' '.join(str(e).split())[:200]}"
+                             "): points of redone steps may appear twice\n")
+            return set()
+
     def flush(self) -> None:
         """Wait for the metrics logged in the background; resend in the foreground the batches that failed."""
         pending, self._pending = self._pending, []

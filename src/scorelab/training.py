@@ -329,6 +329,9 @@ def train_loop(config: dict[str, Any]) -> None:
     logger = tracking.RunLogger(job.tracking_uri, job.run_id) if rank == 0 else None
     if logger is not None:
         logger.tags({"ray.num_workers": world, "ray.num_nodes": len(set(nodes)), "resumed_from_step": start})
+    # Steps between the checkpoint and where a killed launch got to are redone, bit for bit the same: their
+    # metric points already in the run are not logged again (a gap the killed launch left is filled).
+    logged = logger.logged_steps("loss") if logger is not None and start > 0 else set()
     use_bf16 = train.bf16 and device.type == "cuda"
 
     sde = model.sde
@@ -387,7 +390,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 metrics.update(loss_per_bin(torch.cat(window["t"]), torch.cat(window["per_sample"]), sde))
                 # where the wall time went; DDP's gradient all-reduce is inside forward_backward
                 metrics.update({f"time_frac_{k}": v / max(elapsed, 1e-9) for k, v in spent.items()})
-                logger.metrics(metrics, step=done, background=True)  # a tracking server away must not stall steps
+                if done not in logged:  # background: a tracking server away must not stall the steps
+                    logger.metrics(metrics, step=done, background=True)
                 eta = (train.steps - done) * elapsed / max(done - clock_step, 1)
                 _say(f"[{job.variant}] step {done}/{train.steps} | loss {mean_loss:.4f} | "
                      f"{images_per_s:.0f} img/s | ETA {eta:.0f}s")
@@ -402,7 +406,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 if rank == 0 and job.evaluate is not None:  # the other ranks wait at the report's barrier
                     tick = time.perf_counter()
                     extra = job.evaluate(ema.module, done)
-                    logger.metrics(extra, step=done, background=True)
+                    if done not in logged:
+                        logger.metrics(extra, step=done, background=True)
                     spent["evaluate"] += time.perf_counter() - tick
                 tick = time.perf_counter()
                 _report_checkpoint(job, rank, done, step_loss, model, ema, optimizer, accum, extra)
