@@ -189,7 +189,7 @@ class ScorelabTrainer:
 
     def step(self) -> float:
         from scorelab.losses import dsm_loss
-        from scorelab.training import _mix
+        from scorelab.training import _mix, seed_dropout
 
         train, k = self.train, self.steps
         lr = train.lr * min(1.0, (k + 1) / train.warmup_steps) if train.warmup_steps else train.lr
@@ -198,7 +198,7 @@ class ScorelabTrainer:
         self.opt.zero_grad(set_to_none=True)
         x0 = self.loader.batch(k)
         gen = torch.Generator().manual_seed(_mix(self.params.seed, 0, k, 2))
-        torch.manual_seed(_mix(self.params.seed, 0, k, 4))  # dropout, as train_loop reseeds it per micro-batch
+        seed_dropout(torch.device("cpu"), _mix(self.params.seed, 0, k, 4))  # as train_loop does per micro-batch
         out = dsm_loss(self.model, self.sde, x0, weighting=self.variant.loss.weighting,
                        reduction=self.variant.loss.reduction, generator=gen)
         out.loss.backward()

@@ -123,6 +123,16 @@ def _mix(*ints: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def seed_dropout(device: torch.device, seed: int) -> None:
+    """Seed the generator dropout draws from on `device`: that device's alone (torch.manual_seed seeds
+    every backend, 87 us a call on the CPU against 1 us)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: each worker reads only its contiguous slice of the training rows
 
@@ -358,7 +368,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 # Dropout draws from the global generator: reseeded from (seed, rank, k) so that its masks, like the
                 # noise above, depend on nothing but the micro-batch. A resumed run then equals an uninterrupted
                 # one bit for bit (the generator's state at a checkpoint is not needed), and ranks differ.
-                torch.manual_seed(_mix(job.seed, rank, k, 4))
+                seed_dropout(device, _mix(job.seed, rank, k, 4))
                 sync = nullcontext() if (a == accum - 1 or world == 1) else ddp.no_sync()
                 with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     out = dsm_loss(ddp, sde, x0, weighting=variant.loss.weighting,
