@@ -62,12 +62,14 @@ def read_json(path: str) -> dict[str, Any] | None:
         return None
 
 
-def exists(path: str, filesystem: tuple[Any, str] | None = None) -> bool:
-    """filesystem: _filesystem(path) when already made (on an object store it resolves credentials)."""
+def _exists(fs, p: str) -> bool:
     import pyarrow.fs as pafs
 
-    fs, p = filesystem or _filesystem(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def exists(path: str) -> bool:
+    return _exists(*_filesystem(path))
 
 
 def remove(path: str) -> None:
@@ -90,11 +92,11 @@ class StopWatch:
         self._thread.start()
 
     def _watch(self) -> None:
-        filesystem = None
+        filesystem = None  # made once: on an object store it resolves credentials
         while not self._closed.is_set():
             try:
                 filesystem = filesystem or _filesystem(self.path)
-                if exists(self.path, filesystem):
+                if _exists(*filesystem):
                     self._seen.set()
                     return
             except OSError:  # storage briefly unreachable: look again

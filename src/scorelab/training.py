@@ -559,7 +559,7 @@ def checkpoint_on_sigterm(stop_path: str, variant: str):
         yield
         return
     previous = signal.getsignal(signal.SIGTERM)
-    requested = threading.Event()
+    requested, forced = threading.Event(), threading.Event()  # first SIGTERM seen; second one seen
 
     def request_stop() -> None:
         try:
@@ -567,8 +567,6 @@ def checkpoint_on_sigterm(stop_path: str, variant: str):
         except OSError as e:
             sys.stderr.write(f"train {variant}: could not write the stop request {stop_path} ({e}): "
                              "send SIGTERM again to exit without a new checkpoint\n")
-
-    forced = threading.Event()
 
     def handler(signum, frame):
         if requested.is_set():
@@ -655,7 +653,7 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
         job = TrainJob(
             variant=variant, variant_config=vcfg.model_dump(mode="json"), train=train.model_dump(),
             data_dir=str(data_dir), data_shape=list(manifest.shape), seed=params.seed, config_hash=key,
-            tracking_uri=uri, run_id=run_id, status_path=str(status_path),
+            tracking_uri=uri, run_id=run_id, status_path=status_path,
             threads_per_worker=max(1, int(cfg.cpus_per_worker)), hflip=params.data.hflip,
             stop_path=stop_path,
         )
