@@ -83,26 +83,26 @@ def load_params(path: str | Path, data_dir: Path):
 
 
 class DomainFD:
-    """The evaluate stage's domain Frechet distance: the featurizer stage's classifier (scorelab.evaluate.
+    """The evaluate stage's domain Frechet distance: the featurizer stage's classifier (scorelab.featurizer.
     build_featurizer: DigitClassifier trained by features.train_classifier on the train split, one thread,
     seed params.seed) and the test split's feature statistics as the reference. Samples are quantised to
     uint8 and back first, as the sample stage stores them."""
 
     def __init__(self, params, work: Path, epochs: int = 12):
         from scorelab.data import read_split
-        from scorelab.evaluate import REF_TEST_FILE, _read_stats, build_featurizer
         from scorelab.features import load_classifier
+        from scorelab.featurizer import REF_TEST_FILE, build_featurizer, read_stats
 
         self.params = params
         self.meta = build_featurizer(params, root=work, out_dir=work / "featurizer", epochs=epochs)
         self.clf, _ = load_classifier(work / "featurizer" / "classifier.pt")
-        self.ref_mu, self.ref_sigma = _read_stats(work / "featurizer" / REF_TEST_FILE)
+        self.ref_mu, self.ref_sigma = read_stats(work / "featurizer" / REF_TEST_FILE)
         self.x_train = read_split(params.data.dataset_dir, "train")
         self.shape = tuple(self.x_train.shape[1:])
 
     def __call__(self, x: torch.Tensor) -> float:
         from scorelab.features import domain_frechet
-        from scorelab.generate import dequantize, quantize
+        from scorelab.modality import dequantize, quantize
 
         x = torch.from_numpy(dequantize(quantize(x.detach().cpu().numpy())))
         return domain_frechet(self.clf, x, self.ref_mu, self.ref_sigma)
@@ -159,7 +159,7 @@ def prior_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 class ScorelabTrainer:
     """One variant of params.yaml trained with training.py's own pieces: build_model, PartitionLoader
-    (the worker's data stream), the (seed, rank, k) generators of _mix (dropout's too), losses.dsm_loss with the variant's
+    (the worker's data stream), the (seed, rank, k) generators of mix_seed (dropout's too), losses.dsm_loss with the variant's
     weighting and reduction, clip_grad_norm_ at train.grad_clip, Adam with linear warm-up, ema.EMA. What
     is left out is Ray (one worker: no DDP), MLflow logging and checkpoints. fused=False is the per-tensor
     Adam that training.py used before it switched to the fused one (for before/after measurements)."""
@@ -168,7 +168,8 @@ class ScorelabTrainer:
 
     def __init__(self, params, variant: str, batch_size: int | None = None, fused: bool = True):
         from scorelab.ema import EMA
-        from scorelab.training import PartitionLoader, build_model, resolve_train
+        from scorelab.checkpoint import build_model
+        from scorelab.training import PartitionLoader, resolve_train
 
         self.params, self.variant = params, params.variants[variant]
         self.train = resolve_train(params, variant)
@@ -189,7 +190,7 @@ class ScorelabTrainer:
 
     def step(self) -> float:
         from scorelab.losses import dsm_loss
-        from scorelab.training import _mix, seed_dropout
+        from scorelab.training import mix_seed, seed_dropout
 
         train, k = self.train, self.steps
         lr = train.lr * min(1.0, (k + 1) / train.warmup_steps) if train.warmup_steps else train.lr
@@ -197,8 +198,8 @@ class ScorelabTrainer:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         x0 = self.loader.batch(k)
-        gen = torch.Generator().manual_seed(_mix(self.params.seed, 0, k, 2))
-        seed_dropout(torch.device("cpu"), _mix(self.params.seed, 0, k, 4))  # as train_loop does per micro-batch
+        gen = torch.Generator().manual_seed(mix_seed(self.params.seed, 0, k, 2))
+        seed_dropout(torch.device("cpu"), mix_seed(self.params.seed, 0, k, 4))  # as train_loop does per micro-batch
         out = dsm_loss(self.model, self.sde, x0, weighting=self.variant.loss.weighting,
                        reduction=self.variant.loss.reduction, generator=gen)
         out.loss.backward()

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     from scorelab.config import parse_params
     from scorelab.data import prepare
     from scorelab.sampling import sample
-    from scorelab.training import load_trained, train_variant
+    from scorelab.checkpoint import load_trained
+    from scorelab.training import train_variant
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import benchlib

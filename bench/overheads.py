@@ -60,7 +60,7 @@ def timed(fn, repeats: int) -> float:
 def train_step_timers(trainer, steps: int) -> dict[str, float]:
     """`steps` steps of the training loop's body with its own phases timed (s per step)."""
     from scorelab.losses import dsm_loss
-    from scorelab.training import _mix
+    from scorelab.training import mix_seed
 
     t = trainer
     spent = dict.fromkeys(("data", "forward_backward", "optimizer"), 0.0)
@@ -76,7 +76,7 @@ def train_step_timers(trainer, steps: int) -> dict[str, float]:
         x0 = t.loader.batch(step)
         spent["data"] += CLOCK() - tick
         tick = CLOCK()
-        gen = torch.Generator().manual_seed(_mix(t.params.seed, 0, step, 2))
+        gen = torch.Generator().manual_seed(mix_seed(t.params.seed, 0, step, 2))
         out = dsm_loss(t.model, t.sde, x0, weighting=t.variant.loss.weighting, reduction=t.variant.loss.reduction,
                        generator=gen)
         out.loss.backward()

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from scorelab.sampling import check_method, sample
-    from scorelab.training import load_trained
+    from scorelab.checkpoint import load_trained
 
     m = benchlib.machine()
     print(benchlib.machine_line(m), flush=True)

@@ -23,9 +23,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from scorelab.checkpoint import CheckpointError
 from scorelab.cli import load_or_report
 from scorelab.data import DataError
 from scorelab.evaluate import EvaluateError, evaluate_variant
+from scorelab.layout import METRICS_FILE, Layout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,17 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         print("--bpd-samples must be >= 0 and --probes >= 1", file=sys.stderr)
         return 2
     root = Path(args.root).resolve()
-    name = args.variant
+    layout, name = Layout(root), args.variant
     try:
         metrics = evaluate_variant(
             params, name,
-            samples_dir=Path(args.samples) if args.samples else root / "outputs" / "samples" / name,
-            featurizer_dir=Path(args.featurizer) if args.featurizer else root / "outputs" / "featurizer",
-            model_path=Path(args.model) if args.model else root / "outputs" / "train" / name / "model.pt",
-            out_dir=(out := Path(args.out) if args.out else root / "outputs" / "eval" / name),
+            samples_dir=Path(args.samples) if args.samples else layout.samples(name),
+            featurizer_dir=Path(args.featurizer) if args.featurizer else layout.featurizer,
+            model_path=Path(args.model) if args.model else layout.model(name),
+            out_dir=(out := Path(args.out) if args.out else layout.eval(name)),
             root=root, bpd_samples=bpd_samples, probes=probes, log_to_mlflow=not args.no_mlflow,
         )
-    except (EvaluateError, DataError) as e:
+    except (EvaluateError, DataError, CheckpointError) as e:
         print(f"evaluate {name}: {e}", file=sys.stderr)
         return 1
     primary = metrics["primary_metric"]
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         unit = "bits/dim" if "bits_per_dim" in metrics else "nats (test log-likelihood)"
         err = "" if lik["stderr"] is None else f" ± {lik['stderr']:.3g}"
         print(f"  {unit}: {lik['mean']:.4g}{err}")
-    print(f"-> {out / 'metrics.json'}")
+    print(f"-> {out / METRICS_FILE}")
     return 0
 
 

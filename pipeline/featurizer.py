@@ -5,7 +5,7 @@
 Image data: trains a DigitClassifier (deterministic, seed from params) on the prepared train split and
 writes <out>/classifier.pt, <out>/ref_test.npz and <out>/ref_train.npz (mu, sigma of the test and train
 features) and <out>/metrics.json ({"test_accuracy", "train_seconds", ...}). 2-D data: only
-<out>/metrics.json, saying why nothing was trained (format: scorelab.evaluate).
+<out>/metrics.json, saying why nothing was trained (format: scorelab.featurizer).
 Exit codes: 0 done, 2 invalid params, 1 the dataset is missing or cannot be used.
 """
 
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from scorelab.cli import load_or_report
 from scorelab.data import DataError
-from scorelab.evaluate import EvaluateError, build_featurizer
+from scorelab.featurizer import FeaturizerError, build_featurizer
+from scorelab.layout import METRICS_FILE, Layout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,14 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     if params is None:
         return 2
     root = Path(args.root).resolve()
-    out = Path(args.out) if args.out else root / "outputs" / "featurizer"
+    out = Path(args.out) if args.out else Layout(root).featurizer
     try:
         metrics = build_featurizer(params, root=root, out_dir=out)
-    except (EvaluateError, DataError) as e:
+    except (FeaturizerError, DataError) as e:
         print(f"featurizer: {e}", file=sys.stderr)
         return 1
     if "skipped" in metrics:
-        print(f"featurizer: skipped ({metrics['skipped']}) -> {out / 'metrics.json'}")
+        print(f"featurizer: skipped ({metrics['skipped']}) -> {out / METRICS_FILE}")
     else:
         print(f"featurizer: test accuracy {metrics['test_accuracy']:.4f} after {metrics['train_seconds']:.1f}s "
               f"of training -> {out}")

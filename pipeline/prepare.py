@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-import yaml
 
 from scorelab.cli import print_problems
-from scorelab.config import ConfigError
-from scorelab.data import DataError, parse_data_config, prepare
+from scorelab.config import ConfigError, load_data_params
+from scorelab.data import DataError, prepare
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,25 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        raw = yaml.safe_load(Path(args.params).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        print(f"{args.params}: cannot read params: {e}", file=sys.stderr)
-        return 2
-    if not isinstance(raw, dict):
-        print(f"{args.params}: top level must be a mapping", file=sys.stderr)
-        return 2
-    problems: list[str] = []
-    seed = raw.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        problems.append(f"seed: must be an integer >= 0 (got {seed!r})")
-    try:
-        cfg = parse_data_config(raw.get("data"))
+        cfg, seed = load_data_params(args.params)
     except ConfigError as e:
-        problems += e.problems
-    if problems:
-        print_problems(args.params, problems)
+        print_problems(args.params, e.problems)
         return 2
-
     try:
         m = prepare(cfg, seed)
     except DataError as e:

@@ -14,13 +14,13 @@ mismatched model file, or sampling failed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from scorelab.checkpoint import CheckpointError
 from scorelab.cli import load_or_report
 from scorelab.generate import GenerateError, generate
-from scorelab.training import TrainingError
+from scorelab.layout import Layout, stage_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="sample.seeds")
     parser.add_argument("--batch-size", type=int, default=None, help="samples per chunk, one Ray task (sample.batch_size)")
     parser.add_argument("--workers", type=int, default=None, help="Ray tasks in flight, 1 CPU each (sample.workers)")
+    parser.add_argument("--root", default=".", help="repository root (default paths)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -47,20 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     if n < 1 or batch_size < 1 or workers < 1:
         print("--n, --batch-size and --workers must be >= 1", file=sys.stderr)
         return 2
-    model = Path(args.model or Path("outputs") / "train" / args.variant / "model.pt")
-    out = Path(args.out or Path("outputs") / "samples" / args.variant)
+    layout = Layout(Path(args.root))
+    model = Path(args.model) if args.model else layout.model(args.variant)
+    out = Path(args.out) if args.out else layout.samples(args.variant)
     if not model.is_file():
         print(f"sample {args.variant}: model file {model} not found; run the train stage first "
-              f"(python pipeline/train.py --variant {args.variant}, or dvc repro)", file=sys.stderr)
+              f"({stage_command('train', args.variant)}, or dvc repro)", file=sys.stderr)
         return 1
 
     try:
         rows = generate(model, out, n_samples=n, seeds=seeds, batch_size=batch_size, num_workers=workers,
                         progress=not args.no_progress, variant=params.variants[args.variant])
-    except (GenerateError, TrainingError) as e:  # TrainingError: an unreadable or mismatched model file
+    except (GenerateError, CheckpointError) as e:  # CheckpointError: an unreadable or mismatched model file
         print(f"sample {args.variant}: {e}", file=sys.stderr)
         return 1
-    (out / "summary.json").write_text(json.dumps(rows, indent=2))
     for key in dict.fromkeys(r["setting"] for r in rows):
         mine = [r for r in rows if r["setting"] == key]
         nfes = [n for r in mine for n in (r["nfe"] if isinstance(r["nfe"], list) else [r["nfe"]])]

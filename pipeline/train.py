@@ -3,7 +3,7 @@
     python pipeline/train.py --params params.yaml --variant vp [--out outputs/train/vp]
 
 Resumes the variant's run from its latest checkpoint when one exists. Writes <out>/model.pt
-(load with scorelab.training.load_trained), <out>/config.json, <out>/samples_final.png and
+(load with scorelab.checkpoint.load_trained), <out>/config.json, <out>/samples_final.png and
 <out>/metrics.json. Exit codes: 0 done, 2 invalid params, 1 training failed, 143 stopped by SIGTERM
 (preemption) after checkpointing the step it was at: run it again to resume from there.
 """
@@ -11,12 +11,14 @@ Resumes the variant's run from its latest checkpoint when one exists. Writes <ou
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from scorelab.checkpoint import CheckpointError
 from scorelab.cli import load_or_report
 from scorelab.data import DataError
+from scorelab.layout import Layout
+from scorelab.runtime import RuntimeSetupError
 from scorelab.tracking import TrackingError
 from scorelab.training import TrainingError, TrainingPreempted, train_variant
 
@@ -32,20 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     params = load_or_report(args.params, args.variant)
     if params is None:
         return 2
-    root = Path(args.root).resolve()
-    out = Path(args.out) if args.out else root / "outputs" / "train" / args.variant
-    data_dir = params.data.dataset_dir if params.data.dataset_dir.is_absolute() else root / params.data.dataset_dir
+    layout = Layout(Path(args.root))
+    out = Path(args.out) if args.out else layout.train(args.variant)
     try:
-        result = train_variant(params, args.variant, root=root, data_dir=data_dir, out_dir=out)
+        result = train_variant(params, args.variant, root=layout.root, data_dir=layout.dataset(params.data.dataset_dir),
+                               out_dir=out)
     except TrainingPreempted as e:
         print(f"train {args.variant}: {e}", file=sys.stderr)
         return 143  # 128 + SIGTERM, as if the signal had ended it: schedulers read it as preempted
-    except (TrainingError, DataError, TrackingError) as e:
+    except (TrainingError, CheckpointError, DataError, TrackingError, RuntimeSetupError) as e:
         print(f"train {args.variant}: {e}", file=sys.stderr)
         return 1
-    metrics = {"steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
-               "mlflow_run_id": result.run_id}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"trained {args.variant}: {result.steps} steps in {result.seconds:.1f}s, final loss "
           f"{result.final_loss:.4f}; weights {result.model_path}; MLflow run {result.run_id}")
     return 0

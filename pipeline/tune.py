@@ -18,9 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from scorelab.checkpoint import CheckpointError
 from scorelab.cli import load_or_report, print_problems
 from scorelab.config import ConfigError
 from scorelab.data import DataError
+from scorelab.layout import Layout
+from scorelab.runtime import RuntimeSetupError
 from scorelab.tracking import TrackingError
 from scorelab.training import TrainingError
 from scorelab.tune import SweepInterrupted, TuneError, run_sweep
@@ -40,19 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     if params.tune is None:
         print(f"{args.params}: has no tune: section; nothing to sweep", file=sys.stderr)
         return 2
-    root = Path(args.root).resolve()
-    out = Path(args.out) if args.out else root / "outputs" / "tune"
-    featurizer = Path(args.featurizer) if args.featurizer else root / "outputs" / "featurizer"
-    data_dir = params.data.dataset_dir if params.data.dataset_dir.is_absolute() else root / params.data.dataset_dir
+    layout = Layout(Path(args.root))
+    out = Path(args.out) if args.out else layout.tune
+    featurizer = Path(args.featurizer) if args.featurizer else layout.featurizer
     try:
-        result = run_sweep(params, root=root, data_dir=data_dir, featurizer_dir=featurizer, out_dir=out)
+        result = run_sweep(params, root=layout.root, data_dir=layout.dataset(params.data.dataset_dir),
+                           featurizer_dir=featurizer, out_dir=out)
     except ConfigError as e:  # a space that is only invalid once sigma_max "auto" is known
         print_problems(args.params, e.problems)
         return 2
     except SweepInterrupted as e:
         print(f"tune: {e}", file=sys.stderr)
         return e.exit_code
-    except (TuneError, TrainingError, DataError, TrackingError) as e:
+    except (TuneError, TrainingError, CheckpointError, DataError, TrackingError, RuntimeSetupError) as e:
         print(f"tune: {e}", file=sys.stderr)
         return 1
     m, best = result.metrics, result.best

@@ -38,19 +38,22 @@ from test_data import make_folder  # noqa: E402
 from test_generate import DDIM, MLP, UNET, make_model  # noqa: E402
 from test_training import make_params  # noqa: E402
 
-from scorelab import training  # noqa: E402
+from scorelab import checkpoint  # noqa: E402
 from scorelab.config import ConfigError, VariantConfig  # noqa: E402
-from scorelab.data import DataConfig, DataError, _overall_checksum, _sha256, prepare  # noqa: E402
+from scorelab.data import DataConfig, DataError, overall_checksum, prepare  # noqa: E402
+from scorelab.storage import sha256_file  # noqa: E402
 from scorelab.ema import EMA  # noqa: E402
 from scorelab.evaluate import EvaluateError  # noqa: E402
 from scorelab.features import INCEPTION_WEIGHTS_ENV, DigitClassifier  # noqa: E402
 from scorelab.generate import GenerateError  # noqa: E402
 from scorelab.tracking import TrackingError  # noqa: E402
-from scorelab.training import CheckpointMismatchError, TrainingError, build_model, export_model  # noqa: E402
+from scorelab.checkpoint import CheckpointMismatchError, build_model, export_model  # noqa: E402
+from scorelab.runtime import RuntimeSetupError  # noqa: E402
+from scorelab.training import TrainingError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # a truncated file: the faults work's subclass where it exists
-CheckpointCorruptError = getattr(training, "CheckpointCorruptError", CheckpointMismatchError)
+CheckpointCorruptError = checkpoint.CheckpointCorruptError
 
 TOY = {"kind": "gaussian_mixture", "n_train": 256, "n_test": 64}
 VARIANT = {"sde": {"type": "vp"}, "parameterization": {"type": "eps"}, "net": MLP, "samplers": [DDIM]}
@@ -61,7 +64,7 @@ N_IMAGES = 8  # samples per seed of the evaluation cases
 
 # What each stage script calls; the spy records the exception that escapes it.
 STAGES = {"train": ("train_variant",), "sample": ("generate",), "evaluate": ("evaluate_variant",),
-          "prepare": ("parse_data_config", "prepare")}
+          "prepare": ("load_data_params", "prepare")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,8 +174,8 @@ def resign(dataset: Path) -> None:
     path = dataset / "manifest.json"
     m = json.loads(path.read_text())
     for s in m["shards"]:
-        s["sha256"] = _sha256(dataset / s["file"])
-    m["checksum"] = _overall_checksum(s["sha256"] for s in m["shards"])
+        s["sha256"] = sha256_file(dataset / s["file"])
+    m["checksum"] = overall_checksum(s["sha256"] for s in m["shards"])
     path.write_text(json.dumps(m))
 
 
@@ -239,7 +242,7 @@ def trained(ray_local, toy_data, tmp_path_factory) -> dict:
     params = write_yaml(root / "params.yaml", p)
     code, raised = run_stage("train", ["--params", str(params), "--variant", "v", "--root", str(root)])
     assert code == 0 and raised is None, raised
-    states = sorted((root / "ray").rglob(training.STATE_FILE))
+    states = sorted((root / "ray").rglob(checkpoint.STATE_FILE))
     assert states, "the run left no checkpoint"
     return {"root": root, "params": params, "states": states}
 
@@ -369,15 +372,15 @@ def resume_case(damage: Callable[[Path], None]) -> Callable[[Ctx], list[str]]:
 
 
 def other_config_hash(state: Path) -> None:
-    s = training.load_state(state.parent, None)
-    training.save_state(state.parent, **{**s, "config_hash": "0" * 64})  # as another configuration writes it
+    s = checkpoint.load_state(state.parent, None)
+    checkpoint.save_state(state.parent, **{**s, "config_hash": "0" * 64})  # as another configuration writes it
 
 
 def other_architecture(state: Path) -> None:
     """Weights of a narrower MLP under the same configuration hash: what a changed default net leaves."""
-    s = training.load_state(state.parent, None)
+    s = checkpoint.load_state(state.parent, None)
     narrow = build_model(VariantConfig.model_validate({**VARIANT, "net": {**MLP, "hidden": 16}}), (2,))
-    training.save_state(state.parent, **{**s, "model": narrow.state_dict(), "ema": EMA(narrow).state_dict()})
+    checkpoint.save_state(state.parent, **{**s, "model": narrow.state_dict(), "ema": EMA(narrow).state_dict()})
 
 
 def truncate(path: Path) -> None:
@@ -559,7 +562,7 @@ CASES = [
          evaluate_case(inception_weights=lambda ctx: str(ctx.tmp / "missing.pth")), 1, EvaluateError,
          ("evaluate.inception_weights: ", "{tmp}/missing.pth not found"), absent=EVAL_OUT),
     # -- cluster --------------------------------------------------------------------------------------------
-    Case("cluster-ray-address-unreachable", "train", closed_port_address, 1, TrainingError,
+    Case("cluster-ray-address-unreachable", "train", closed_port_address, 1, RuntimeSetupError,
          ("ray.address 127.0.0.1:{port}: no Ray cluster answers there",), process=True, seconds=60),
     Case("cluster-mlflow-server-unreachable", "train", closed_port_tracking, 1, TrackingError,
          ("mlflow.tracking_uri http://127.0.0.1:{port}: no server answers",), seconds=10),

@@ -37,7 +37,7 @@ def test_quality_vs_diffusers_runs(tmp_path):
     # header, 2 samplers x 2 sides, the baseline, 2 matched ratios + the best-vs-best ratio
     assert len(lines) == 1 + 4 + 1 + 3
     assert (tmp_path / "quality_vs_diffusers_train.csv").read_text().count("\n") == 3
-    from scorelab.training import load_trained
+    from scorelab.checkpoint import load_trained
 
     assert load_trained(tmp_path / "model.pt").variant.sde.type == "ddpm"
 

@@ -12,7 +12,8 @@ import pytest
 from scorelab.config import parse_params
 from scorelab.data import prepare
 from scorelab.tracking import TrackingError
-from scorelab.training import load_trained, train_variant
+from scorelab.checkpoint import load_trained
+from scorelab.training import train_variant
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import wait_for_mlflow  # noqa: E402

@@ -10,14 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from scorelab.config import (
     ALDSampler, ConfigError, DDPMConfig, NCSNConfig, ODESampler, PCSampler, Params, SubVPConfig, VEConfig,
-    VPConfig, VPCosineConfig, load_params, parse_params,
+    VPConfig, VPCosineConfig, load_data_params, load_params, parse_params,
 )
 from scorelab import config
+from scorelab.data import DataConfig
 from scorelab.sampling import SAMPLER_FAMILIES
+from scorelab.schema import describe_error
 from scorelab.sde import SDE_FAMILY, SDE_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,17 +118,35 @@ SDE_CASES = [
 ]
 
 
+def built_with(sde) -> dict[str, Any]:
+    """What a built SDE was made with, read back from its schedule."""
+    s = sde.schedule
+    if sde.name in ("vp", "subvp"):
+        return {"beta_min": s.beta_min, "beta_max": s.beta_max}
+    if sde.name == "vp_cosine":
+        return {"s": s.s, "T": s.T}
+    if sde.name == "ve":
+        return {"sigma_min": s.sigma_min, "sigma_max": s.sigma_max}
+    if sde.name == "ncsn":
+        return {"sigma_min": float(s.sigmas[-1]), "sigma_max": float(s.sigmas[0]), "num_scales": s.num_scales}
+    n, betas = s.num_steps, s.betas  # ddpm: linear betas are scaled by 1000 / num_steps
+    if torch.allclose(betas, torch.linspace(float(betas[0]), float(betas[-1]), n, dtype=torch.float64)):
+        return {"num_steps": n, "schedule": "linear", "beta_start": float(betas[0]) * n / 1000,
+                "beta_end": float(betas[-1]) * n / 1000}
+    return {"num_steps": n, "schedule": "cosine"}  # beta_start and beta_end are the linear schedule's only
+
+
 @pytest.mark.parametrize("cfg", SDE_CASES, ids=lambda c: repr(c))
-def test_sde_build_round_trip(cfg):
+def test_sde_build_uses_every_field(cfg):
     sde = cfg.build()
     assert sde.name == cfg.type
     assert sde.family == cfg.family == SDE_FAMILY[cfg.type]
-    fields = cfg.model_dump(exclude={"eps"}, exclude_none=True)
-    assert sde.config() == pytest.approx(fields)
+    fields = cfg.model_dump(exclude={"type", "eps"}, exclude_none=True)
+    got = built_with(sde)
+    assert got == pytest.approx({k: fields[k] for k in got})
+    assert set(fields) - set(got) == ({"beta_start", "beta_end"} if got.get("schedule") == "cosine" else set())
     if getattr(cfg, "eps", None) is not None:
         assert sde.eps == cfg.eps
-    # and back: the SDE's own config validates to the same model
-    assert type(cfg).model_validate({**sde.config(), **({"eps": cfg.eps} if getattr(cfg, "eps", None) else {})}) == cfg
 
 
 def test_configs_cover_the_registries():
@@ -382,6 +403,40 @@ def test_cli_usage_errors_return_a_code():
 
 def test_schema_labels_and_union_tags_are_dropped_from_locations():
     loc = ("variants", "vp", "samplers", 0, "function-after[_check(), PCSampler]", "pc", "snr")
-    parts, tp = config._walk(loc)
-    assert parts == ["variants", "vp", "samplers", "0", "snr"]
-    assert tp is float
+    err = {"type": "greater_than", "loc": loc, "msg": "Input should be greater than 0", "input": -1.0, "ctx": {"gt": 0}}
+    assert describe_error(err, Params) == "variants.vp.samplers.0.snr: must be > 0 (got -1.0)"
+    unknown = {"type": "extra_forbidden", "loc": loc[:-1] + ("snrr",), "msg": "Extra inputs are not permitted"}
+    assert describe_error(unknown, Params).startswith("variants.vp.samplers.0.snrr: unknown key 'snrr'; did you mean 'snr'?")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the prepare stage reads: the data section and the seed, nothing else
+
+
+def test_load_data_params_reads_only_data_and_seed(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"seed": 3, "data": {"source": "toy2d"}, "variants": {"bad": {}}}))
+    cfg, seed = load_data_params(path)
+    assert seed == 3 and cfg.source == "toy2d"
+    path.write_text("")
+    cfg, seed = load_data_params(path)  # an empty file: the defaults
+    assert seed == Params.model_fields["seed"].default and cfg == DataConfig()
+
+
+def test_load_data_params_lists_every_problem(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"seed": -1, "data": {"test_fraction": 0.6, "sourc": "mnist"}}))
+    with pytest.raises(ConfigError) as e:
+        load_data_params(path)
+    assert e.value.source == str(path)
+    assert e.value.problems[0] == "seed: must be >= 0 (got -1)"  # as load_params says it
+    assert [p.partition(":")[0] for p in e.value.problems[1:]] == ["data.test_fraction", "data.sourc"]
+    for text, problem in [("seed: 0\nseed: 1\n", "duplicate key 'seed'"), ("- 1\n", "top level must be a mapping"),
+                          ("seed: [0\n", "invalid YAML at line 2")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_data_params(path)
+        (got,) = e.value.problems
+        assert got.startswith(f"{path}: ") and problem in got, got
+    with pytest.raises(ConfigError, match="file not found"):
+        load_data_params(tmp_path / "missing.yaml")

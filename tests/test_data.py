@@ -1,4 +1,4 @@
-"""scorelab.data with real files, real torchvision and a real local Ray: prepare, verify, read back."""
+"""scorelab.data with real files and real torchvision: prepare, verify, read back."""
 
 import hashlib
 import json
@@ -18,7 +18,7 @@ from PIL import Image
 
 from scorelab.config import ConfigError
 from scorelab.data import (
-    DataConfig, DataError, decode_batch, load_manifest, parse_data_config, prepare, ray_dataset, read_split, verify,
+    DataConfig, DataError, load_manifest, parse_data_config, prepare, read_rows, read_split, verify,
 )
 from scorelab.toy import GaussianMixture
 
@@ -345,46 +345,15 @@ def test_config_errors_name_the_field(data, problems):
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding and Ray Data
+# Reading a slice
 
 
-def test_decode_batch_hflip_mirrors_some_images(digits):
+def test_read_rows_is_the_slice_of_the_split(digits):
     m = load_manifest(digits)
-    table = pq.read_table(m.files("test")[0])
-    batch = {c: table.column(c).to_numpy() for c in table.column_names}
-    plain = decode_batch(batch, m)["x"]
-    flipped = decode_batch(batch, m, hflip=True, rng=np.random.default_rng(0))["x"]
-    mirrored = np.array([np.array_equal(f, p[..., ::-1]) and not np.array_equal(f, p) for f, p in zip(flipped, plain)])
-    same = np.array([np.array_equal(f, p) for f, p in zip(flipped, plain)])
-    assert (mirrored | same).all() and 0.3 < mirrored.mean() < 0.7
-    with pytest.raises(DataError, match="hflip: only for natural images"):
-        ray_dataset(digits, "train", hflip=True)
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-def test_ray_dataset_streams_every_row_once(digits, ray_session):
-    m = load_manifest(digits)
-    ds = ray_dataset(digits, "train")
-    seen, xs = [], []
-    for batch in ds.iter_torch_batches(batch_size=256):
-        assert batch["x"].dtype == torch.float32 and batch["x"].shape[1:] == (1, 16, 16)
-        assert batch["label"].shape == batch["index"].shape == (len(batch["x"]),)
-        seen.append(batch["index"])
-        xs.append(batch["x"])
-    index, x = torch.cat(seen), torch.cat(xs)
-    assert len(index) == m.counts["train"] and len(set(index.tolist())) == len(index)
-    assert set(index.tolist()) == set(column(digits, "train", "index"))
-    assert x.min() == -1 and x.max() == 1
-    # the same values read_split gives, row for row
-    reference = read_split(digits, "train")[np.argsort(column(digits, "train", "index"))]
-    assert torch.equal(x[torch.argsort(index)], reference)
+    assert m.modality.name == "images" and m.is_image
+    whole = read_split(digits, "train")  # shards of 500 rows: a slice inside one, across two, to the end, empty
+    for lo, hi in [(0, 10), (490, 1010), (1500, len(whole)), (7, 7)]:
+        assert torch.equal(read_rows(digits, "train", lo, hi), whole[lo:hi]), (lo, hi)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The featurizer and evaluate stages (scorelab.evaluate, pipeline/featurizer.py, pipeline/evaluate.py)
+"""The featurizer and evaluate stages (scorelab.featurizer, scorelab.evaluate, pipeline/featurizer.py,
+pipeline/evaluate.py)
 on real inputs: prepared digits and toy data, models with random weights exported like trained ones,
 samples drawn by scorelab.generate through a real local Ray, and a local sqlite MLflow store.
 
@@ -26,12 +27,15 @@ from test_inception import save_random_inception
 from scorelab import tracking
 from scorelab.config import EvalConfig, load_params
 from scorelab.data import load_manifest, prepare, read_split
-from scorelab.evaluate import INCEPTION_REF_FILE, EvaluateError, _inception_scorer, _inception_weights, evaluate_variant
+from scorelab.evaluate import INCEPTION_REF_FILE, EvaluateError, evaluate_variant
 from scorelab.features import (INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, domain_frechet, inception_stats,
                                load_classifier, load_inception)
-from scorelab.generate import _file_sha256, dequantize, generate, load_samples
+from scorelab.generate import generate, load_samples
+from scorelab.inception import inception_scorer, inception_weights
 from scorelab.metrics import frechet_distance, sliced_wasserstein
-from scorelab.training import build_model, export_model
+from scorelab.modality import dequantize
+from scorelab.storage import sha256_file
+from scorelab.checkpoint import build_model, export_model
 
 REPO = Path(__file__).resolve().parents[1]
 UNET = {"type": "unet", "channels": 8, "channel_mult": [1], "num_res_blocks": 1, "attn_resolutions": [],
@@ -180,22 +184,22 @@ def test_featurizer_on_digits_and_toy(featurizer, toy, capsys):
 def test_inception_weights_lookup_never_downloads(rgb, tmp_path, monkeypatch):
     root, params = rgb["root"], rgb["params"]
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    path, reason = _inception_weights(params, root, True)
+    path, reason = inception_weights(params, root, True)
     assert path is None and "no local Inception weights" in reason and "nothing is downloaded" in reason
-    assert _inception_weights(params, root, False) == (None, "2-D data: there are no images")
+    assert inception_weights(params, root, False) == (None, "2-D data: there are no images")
     hub = tmp_path / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE
     hub.parent.mkdir(parents=True)
     hub.write_bytes(b"not read here")
-    assert _inception_weights(params, root, True) == (hub, None)
+    assert inception_weights(params, root, True) == (hub, None)
     monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(tmp_path / "env.pth"))  # a typo in the variable: recorded
-    path, reason = _inception_weights(params, root, True)
+    path, reason = inception_weights(params, root, True)
     assert path is None and "env.pth: file not found" in reason
     (tmp_path / "env.pth").touch()
-    assert _inception_weights(params, root, True) == (tmp_path / "env.pth", None)
+    assert inception_weights(params, root, True) == (tmp_path / "env.pth", None)
     (root / "weights").mkdir(exist_ok=True)
     (root / "weights" / "inc.pth").touch()  # params paths are relative to the repository root
     explicit = params.model_copy(update={"evaluate": EvalConfig(inception_weights="weights/inc.pth")})
-    assert _inception_weights(explicit, root, True) == (root / "weights" / "inc.pth", None)
+    assert inception_weights(explicit, root, True) == (root / "weights" / "inc.pth", None)
 
 
 def test_inception_fid_required_absent_or_invalid_fails_cleanly(rgb, tmp_path, monkeypatch, capsys):
@@ -261,7 +265,7 @@ def test_inception_fid_with_local_weights(rgb, tmp_path):
     assert "mean ± std over 2 seed(s), N = 4 per seed" in m["inception_fid_reason"]
     assert "not the standard file" in m["inception_fid_reason"]
     info = m["inception"]
-    assert info["weights"] == str(weights) and info["weights_sha256"] == _file_sha256(weights)
+    assert info["weights"] == str(weights) and info["weights_sha256"] == sha256_file(weights)
     assert info["standard_weights"] is False and info["reference_n"] == 14 and info["reference_cached"] is False
 
     base = m["baseline"]  # 4 test images per seed against the train statistics
@@ -283,13 +287,13 @@ def test_inception_fid_with_local_weights(rgb, tmp_path):
     assert fids[1] == pytest.approx(frechet_distance(*inception_stats(net, x), *ref), rel=1e-6)
 
     # the reference is cached under the weights' sha256: the same file reuses it, another recomputes it
-    _, again = _inception_scorer(net, weights, manifest, x_train, out / INCEPTION_REF_FILE)
+    _, again = inception_scorer(net, weights, manifest, x_train, out / INCEPTION_REF_FILE)
     assert again["reference_cached"] is True
     other = save_random_inception(tmp_path / "other.pth", seed=1)
-    _, fresh = _inception_scorer(load_inception(other), other, manifest, x_train, out / INCEPTION_REF_FILE)
+    _, fresh = inception_scorer(load_inception(other), other, manifest, x_train, out / INCEPTION_REF_FILE)
     assert fresh["reference_cached"] is False
     with np.load(out / INCEPTION_REF_FILE) as z:
-        assert json.loads(str(z["key"]))["weights_sha256"] == _file_sha256(other)
+        assert json.loads(str(z["key"]))["weights_sha256"] == sha256_file(other)
 
 
 def test_evaluate_digits_settings_baseline_bpd_and_mlflow(digits, featurizer, capsys):

@@ -30,9 +30,8 @@ import yaml
 
 from scorelab.config import VariantConfig, parse_params
 from scorelab.data import prepare
-from scorelab.training import (
+from scorelab.checkpoint import (
     STATE_FILE,
-    STOP_FILE,
     CheckpointCorruptError,
     build_model,
     export_model,
@@ -40,6 +39,7 @@ from scorelab.training import (
     load_trained,
     save_state,
 )
+from scorelab.training import STOP_FILE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import wait_for_mlflow  # noqa: E402

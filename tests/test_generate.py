@@ -19,9 +19,10 @@ import torch
 import yaml
 
 from scorelab.config import VariantConfig
-from scorelab.generate import BlockedScore, dequantize, generate, load_samples, quantize, sampler_settings
+from scorelab.generate import BlockedScore, generate, load_samples, sampler_settings
+from scorelab.modality import dequantize, quantize
 from scorelab.sampling import sample
-from scorelab.training import build_model, export_model, load_trained
+from scorelab.checkpoint import build_model, export_model, load_trained
 
 REPO = Path(__file__).resolve().parents[1]
 MLP = {"type": "mlp", "hidden": 32, "layers": 2, "emb_dim": 16}

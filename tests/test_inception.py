@@ -65,7 +65,7 @@ def test_loader_is_pytorch_fids_network_with_the_files_weights(net, weights, mon
     assert torch.equal(net.blocks[3][2].branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"])
     assert not any(p.requires_grad for p in net.parameters())
 
-    # the download hook is only replaced while the network is built, and never called
+    # pytorch-fid's download hook is neither replaced nor called
     def no_download(*args, **kwargs):
         raise AssertionError("a download was attempted")
 

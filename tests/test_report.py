@@ -61,7 +61,7 @@ def write_inputs(root: Path, settings: dict, *, image: bool, run_ids: dict[str, 
     """Train metrics, eval metrics and grids for each variant; returns the eval dicts written."""
     rng = np.random.default_rng(seed)
     primary = "domain_fd" if image else "sliced_w2"
-    others = ("kid", "precision", "recall") if image else ("mmd", "exact_loglik")
+    others = ("kid", "precision", "recall") if image else ("mmd", "data_loglik")
     baseline = {f"{primary}_mean": 0.05, f"{primary}_std": 0.01,
                 **{k: v for m in others for k, v in ((f"{m}_mean", 0.5), (f"{m}_std", 0.02))}}
     written = {}
@@ -91,7 +91,7 @@ def write_inputs(root: Path, settings: dict, *, image: bool, run_ids: dict[str, 
         if image:
             data["bits_per_dim"] = {"mean": 1.5 + 0.1 * i, "stderr": 0.01, "n": 500, "dequantization": "uniform"}
         else:  # as the evaluate stage writes it, with a few more keys than the report needs
-            data["test_loglik"] = {"mean": -2.8 - 0.1 * i, "stderr": None if i else 0.02, "n_points": 500,
+            data["test_loglik"] = {"mean": -2.8 - 0.1 * i, "stderr": None if i else 0.02, "n": 500,
                                    "units": "nats", "data_mean": -2.5}
             data["primary_metric"] = "sliced_w2"
             data["baseline"] = {**baseline, "description": "1000 random train points per seed against the test split"}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scorelab import storage
+from scorelab import runtime, storage
 
 
 @pytest.fixture(params=["path", "uri"])
@@ -30,7 +30,7 @@ def test_json_round_trip_leaves_no_temporary_file(store, tmp_path):
 
 def test_stop_watch_sees_a_file_written_after_it_started(store):
     path = storage.join(store, "run-2", "stop.json")
-    watch = storage.StopWatch(path, interval_s=0.02)
+    watch = runtime.StopWatch(path, interval_s=0.02)
     try:
         time.sleep(0.1)
         assert not watch.requested

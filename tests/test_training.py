@@ -24,16 +24,8 @@ from scorelab.config import parse_params
 from scorelab.data import prepare
 from scorelab.metrics import sliced_wasserstein
 from scorelab.sampling import sample
-from scorelab.training import (
-    CheckpointMismatchError,
-    TrainingError,
-    config_hash,
-    load_state,
-    load_trained,
-    micro_batch,
-    save_state,
-    train_variant,
-)
+from scorelab.checkpoint import CheckpointMismatchError, load_state, load_trained, save_state
+from scorelab.training import TrainingError, config_hash, micro_batch, train_variant
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -206,7 +198,8 @@ def _poison_training_rows(data_dir: Path) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from scorelab.data import _overall_checksum, _sha256
+    from scorelab.data import overall_checksum
+    from scorelab.storage import sha256_file
 
     manifest_path = data_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -217,8 +210,8 @@ def _poison_training_rows(data_dir: Path) -> None:
     x0[::100] = float("nan")  # a few bad rows: one is drawn within the first dozen steps
     table = table.set_column(table.schema.get_field_index("x0"), "x0", pc.cast(x0, table.schema.field("x0").type))
     pq.write_table(table, path)
-    shard["sha256"] = _sha256(path)
-    manifest["checksum"] = _overall_checksum(s["sha256"] for s in manifest["shards"])
+    shard["sha256"] = sha256_file(path)
+    manifest["checksum"] = overall_checksum(s["sha256"] for s in manifest["shards"])
     manifest_path.write_text(json.dumps(manifest))
 
 

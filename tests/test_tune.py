@@ -22,7 +22,7 @@ import yaml
 from scorelab.config import ConfigError, load_params, parse_params
 from scorelab.data import prepare, read_split
 from scorelab.sampling import sample
-from scorelab.training import load_trained
+from scorelab.checkpoint import load_trained
 from scorelab.tune import plan_trials, run_sweep, suggest_sigma_max
 
 REPO = Path(__file__).resolve().parents[1]

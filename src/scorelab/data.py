@@ -4,7 +4,7 @@
     manifest = prepare(cfg, seed=0)                   # -> data/prepared/digits/{train,test}-NNNNN.parquet
     verify(manifest.root)                             # re-hash every shard; DataError names a bad one
     x = read_split(manifest.root, "test")             # (N, C, H, W) float32 in [-1, 1]
-    ds = ray_dataset(manifest.root, "train")          # Ray Data: {"x", "label", "index"} batches
+    x = read_rows(manifest.root, "train", lo, hi)     # rows [lo, hi) only: a training worker's slice
 
 A prepared dataset is a folder `<out_dir>/<source>/` holding
 
@@ -22,30 +22,29 @@ fixed row groups, no timestamps anywhere, and manifest.json written with sorted 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import hashlib
 import json
 import os
 import shutil
 import socket
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from pydantic import Field, ValidationError, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import InitErrorDetails
 
-from .schema import ConfigError, StrictModel as _Model
+from .modality import Modality, modality_of
+from .schema import ConfigError, StrictModel as _Model, describe_error, line_error, pydantic_message
+from .storage import sha256_file
 from .toy import GaussianMixture, three_blobs
-
-if TYPE_CHECKING:
-    import ray.data
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
@@ -116,8 +115,7 @@ class DataConfig(_Model):
         errors: list[InitErrorDetails] = []
 
         def problem(name: str, message: str) -> None:
-            errors.append(InitErrorDetails(type=PydanticCustomError("data_config", "{message}", {"message": message}),
-                                           loc=(name,), input=getattr(self, name)))
+            errors.append(line_error((name,), message, getattr(self, name), kind="data_config"))
 
         if self.source == "folder":
             if self.folder is None:
@@ -166,16 +164,12 @@ def parse_data_config(data: Any) -> DataConfig:
 
 
 def _describe(err: Any) -> str:
-    loc = tuple(err["loc"])
-    where = ".".join(["data", *map(str, loc)])
+    """An unknown key as params.yaml's are described; any other problem in pydantic's own words, with the
+    whole value (the prepare stage's messages: "must be less than or equal to 0.5 (got 0.6)")."""
     if err["type"] == "extra_forbidden":
-        owner = ToyConfig if loc[:1] == ("toy",) else DataConfig
-        valid = sorted(owner.model_fields)
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        return f"{where}: unknown key {loc[-1]!r}; {hint}valid keys: {', '.join(valid)}"
-    msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
-    return f"{where}: {msg} (got {err.get('input')!r})"
+        return f"data.{describe_error(err, DataConfig)}"
+    where = ".".join(["data", *map(str, err["loc"])])
+    return f"{where}: {pydantic_message(err)} (got {err.get('input')!r})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,8 +203,12 @@ class Manifest:
     root: Path | None = field(default=None, compare=False)
 
     @property
+    def modality(self) -> Modality:
+        return modality_of(self.shape)
+
+    @property
     def is_image(self) -> bool:
-        return self.dtype == "uint8"
+        return self.modality.is_image
 
     def files(self, split: str) -> list[Path]:
         """Absolute paths of a split's shards, in order (Ray workers change directory: never relative)."""
@@ -268,7 +266,7 @@ def verify(dir: str | Path) -> Manifest:
         path = m.root / s.file
         if not path.is_file():
             raise DataError(f"{path}: shard listed in manifest.json is missing; re-run prepare")
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != s.sha256:
             raise DataError(f"{path}: checksum mismatch (sha256 {digest[:16]}..., manifest says {s.sha256[:16]}...); "
                             "the shard changed after it was written: re-run prepare")
@@ -283,20 +281,13 @@ def verify(dir: str | Path) -> Manifest:
         if rows != m.counts.get(split):
             raise DataError(f"{m.root / 'manifest.json'}: counts.{split} is {m.counts.get(split)} "
                             f"but its shards hold {rows} rows")
-    if _overall_checksum(s.sha256 for s in m.shards) != m.checksum:
+    if overall_checksum(s.sha256 for s in m.shards) != m.checksum:
         raise DataError(f"{m.root / 'manifest.json'}: overall checksum does not match the shard checksums")
     return m
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _overall_checksum(digests: Iterable[str]) -> str:
+def overall_checksum(digests: Iterable[str]) -> str:
+    """The manifest's checksum of its shards' sha256 hex digests: sha256 of them sorted, joined by newlines."""
     return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
 
 
@@ -324,10 +315,9 @@ def prepare(cfg: DataConfig, seed: int) -> Manifest:
     """Write cfg's dataset to cfg.dataset_dir and return its manifest.
 
     Everything is written into a hidden sibling folder which replaces the old dataset only at the end,
-    so a failure never leaves a half-written folder under the real name.
+    so a failure never leaves a half-written folder under the real name. `seed` is params' seed, validated
+    there (config.load_data_params): an integer >= 0.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise DataError(f"seed: must be an integer >= 0 (got {seed!r})")
     final = cfg.dataset_dir
     write: Callable[[Path], dict[str, Any]]
     if cfg.source == "toy2d":
@@ -342,7 +332,7 @@ def prepare(cfg: DataConfig, seed: int) -> Manifest:
         tmp.mkdir()
         fields = write(tmp)
         digests = [s.sha256 for s in fields["shards"]]
-        manifest = Manifest(source=cfg.source, seed=seed, checksum=_overall_checksum(digests), **fields)
+        manifest = Manifest(source=cfg.source, seed=seed, checksum=overall_checksum(digests), **fields)
         text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
         (tmp / "manifest.json").write_text(text, encoding="utf-8")
         _replace_dir(tmp, final)
@@ -409,7 +399,7 @@ def _write_shard(tmp: Path, split: str, k: int, table: pa.Table) -> Shard:
     # the bytes then depend only on the rows and the pyarrow version.
     pq.write_table(table, tmp / name, row_group_size=_ROW_GROUP, compression="zstd", compression_level=3,
                    use_dictionary=["split"], write_statistics=False)
-    return Shard(file=name, split=split, rows=table.num_rows, sha256=_sha256(tmp / name))
+    return Shard(file=name, split=split, rows=table.num_rows, sha256=sha256_file(tmp / name))
 
 
 def _resize(img: np.ndarray, size: int) -> np.ndarray:
@@ -609,12 +599,8 @@ def _write_toy(tmp: Path, cfg: DataConfig, seed: int) -> dict[str, Any]:
 # Reading.
 
 
-def decode_batch(batch: Mapping[str, np.ndarray], manifest: Manifest, *, hflip: bool = False,
-                 rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-    """Stored columns (numpy) -> {"x": (B, C, H, W) or (B, 2) float32 in model space, "label", "index"}.
-
-    hflip: mirror a random half of the images (rng, fresh OS entropy by default: different each epoch).
-    """
+def decode_batch(batch: Mapping[str, np.ndarray], manifest: Manifest) -> dict[str, np.ndarray]:
+    """Stored columns (numpy) -> {"x": (B, C, H, W) or (B, 2) float32 in model space, "label", "index"}."""
     if manifest.is_image:
         c, h, w = manifest.shape
         pixels = batch["pixels"]
@@ -627,12 +613,7 @@ def decode_batch(batch: Mapping[str, np.ndarray], manifest: Manifest, *, hflip: 
         t = manifest.transform
         table = ((np.arange(256) - t["offset"]) / t["scale"]).astype(np.float32)
         x = table[raw.reshape(-1, h, w, c).transpose(0, 3, 1, 2)]
-        if hflip:
-            flip = (rng or np.random.default_rng()).random(len(x)) < 0.5
-            x[flip] = x[flip][..., ::-1]
     else:
-        if hflip:
-            raise DataError("hflip: only for image datasets, not toy2d")
         x = np.stack([np.asarray(batch["x0"], np.float32), np.asarray(batch["x1"], np.float32)], 1)
     out = {"x": np.ascontiguousarray(x), "label": np.asarray(batch["label"], np.int64)}
     if "index" in batch:
@@ -640,40 +621,34 @@ def decode_batch(batch: Mapping[str, np.ndarray], manifest: Manifest, *, hflip: 
     return out
 
 
-def _columns(manifest: Manifest) -> list[str]:
+def columns(manifest: Manifest) -> list[str]:
+    """The stored columns that decode_batch reads."""
     return ["pixels", "label", "index"] if manifest.is_image else ["x0", "x1", "label", "index"]
 
 
 def read_split(dir: str | Path, split: str) -> torch.Tensor:
     """A whole split as one float32 tensor in model space (small data, evaluation)."""
-    m = load_manifest(dir)
-    parts = []
-    for path in m.files(split):
-        try:
-            table = pq.read_table(path, columns=_columns(m))
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: unreadable Parquet shard ({e}); run verify, then re-run prepare") from None
-        parts.append(decode_batch({c: table.column(c).to_numpy() for c in table.column_names}, m)["x"])
-    return torch.from_numpy(np.concatenate(parts)) if parts else torch.empty((0, *m.shape))
+    return read_rows(dir, split, 0, sys.maxsize)
 
 
-def ray_dataset(dir: str | Path, split: str, *, hflip: bool = False) -> ray.data.Dataset:
-    """The split as a Ray Dataset of decoded batches {"x", "label", "index"} (numpy format).
-
-    Pass it to TorchTrainer(datasets={"train": ...}); each worker then streams only its share with
-    ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=...). hflip needs natural images.
-    """
-    import ray.data  # lazy: preparing and reading need no Ray
-
-    m = load_manifest(dir)
-    if hflip and m.source not in _NATURAL:
-        raise DataError(f"hflip: only for natural images (source {' or '.join(_NATURAL)}), not {m.source}")
-    paths = [str(p) for p in m.files(split)]  # absolute: Ray workers run in another directory
-    ds = ray.data.read_parquet(paths).select_columns(_columns(m))
-    return ds.map_batches(functools.partial(decode_batch, manifest=m, hflip=hflip), batch_format="numpy")
+def read_rows(data_dir: str | Path, split: str, lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of a split in model space, reading only the Parquet shards that hold them."""
+    manifest = load_manifest(data_dir)
+    shards = [s for s in manifest.shards if s.split == split]
+    parts, offset = [], 0
+    for shard, path in zip(shards, manifest.files(split)):
+        a, b = max(lo, offset), min(hi, offset + shard.rows)
+        if a < b:
+            try:
+                table = pq.read_table(path, columns=columns(manifest)).slice(a - offset, b - a)
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"{path}: unreadable Parquet shard ({e}); run verify, then re-run prepare") from None
+            parts.append(decode_batch({c: table.column(c).to_numpy() for c in table.column_names}, manifest)["x"])
+        offset += shard.rows
+    return torch.from_numpy(np.concatenate(parts)) if parts else torch.empty((0, *manifest.shape))
 
 
 __all__ = [
-    "DataConfig", "DataError", "Manifest", "SPLITS", "Shard", "ToyConfig", "decode_batch", "load_manifest",
-    "parse_data_config", "prepare", "ray_dataset", "read_split", "verify",
+    "DataConfig", "DataError", "Manifest", "SPLITS", "Shard", "ToyConfig", "columns", "decode_batch", "load_manifest",
+    "overall_checksum", "parse_data_config", "prepare", "read_rows", "read_split", "verify",
 ]

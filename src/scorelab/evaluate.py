@@ -1,22 +1,12 @@
 """Evaluation of a trained variant: its samples against the test split, a real-vs-real baseline at the
-same sample size, and the model's likelihood of test data. The library behind the DVC stages
-`featurizer` and `evaluate`.
+same sample size, and the model's likelihood of test data. The library behind the DVC stage `evaluate`;
+image distances use the featurizer stage's folder (scorelab.featurizer).
 
-    build_featurizer(params, root=root, out_dir=root / "outputs/featurizer")     # once per dataset
     evaluate_variant(params, "vp", samples_dir=..., featurizer_dir=..., model_path=..., out_dir=..., root=root)
-
-The featurizer folder holds, for image data,
-
-    classifier.pt    a DigitClassifier trained on the train split (features.save_classifier)
-    ref_test.npz     mu, sigma of the test split's classifier features (the reference of the distance)
-    ref_train.npz    mu, sigma of the train split's features
-    metrics.json     {"test_accuracy", "train_seconds", ...}
-
-and for 2-D data only metrics.json with {"skipped": ...}: distances are computed on the points.
 
 An evaluation folder holds metrics.json (schema in evaluate_variant's docstring) and fid_vs_nfe.csv, one
 row per sampler setting with the mean and std over seeds of every metric, against the setting's NFE.
-Where local Inception weights exist (features.find_inception_weights; never downloaded), it also holds
+Where local Inception weights exist (scorelab.inception; never downloaded), it also holds
 inception_ref_train.npz: the Inception statistics of the whole train split, the reference of the standard
 FID, reused while the weights file (by sha256) and the dataset are the same.
 
@@ -30,29 +20,28 @@ import csv
 import io
 import json
 import math
-import os
 import re
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from . import storage
+from .checkpoint import CheckpointMismatchError, check_same_model, load_trained
 from .config import Params
 from .data import Manifest, load_manifest, read_split
-from .generate import (FINGERPRINT, MANIFEST, GenerateError, SamplerSetting, _check_same_model, _file_sha256,
-                       dequantize, load_samples, sampler_settings)
+from .featurizer import FeaturizerError, load_featurizer
+from .generate import FINGERPRINT, MANIFEST, SamplerSetting, load_samples, sampler_settings
+from .inception import (inception_baseline_images, inception_network, inception_scorer, inception_summary,
+                        inception_weights)
+from .layout import METRICS_FILE, Layout
 from .metrics import check_samples, frechet_distance, gaussian_stats, kid, mmd_rbf, precision_recall, sliced_wasserstein
+from .modality import Modality
 
-CLASSIFIER_FILE = "classifier.pt"
-REF_TEST_FILE = "ref_test.npz"
-REF_TRAIN_FILE = "ref_train.npz"
-METRICS_FILE = "metrics.json"
 CURVE_FILE = "fid_vs_nfe.csv"
 INCEPTION_REF_FILE = "inception_ref_train.npz"
 DEQUANTIZATION = "uniform, y = (x + u)/256, model x = 2y - 1"
-PRIMARY = {True: "domain_fd", False: "sliced_w2"}  # by manifest.is_image
 
 _MIN_SAMPLES = 4  # per seed: precision/recall's k = 3 nearest neighbours need at least 4 points
 _KNN_K = 3
@@ -60,7 +49,6 @@ _KID_SUBSET, _KID_SUBSETS = 1000, 100
 _SW_PROJECTIONS = 256
 _MMD_REFERENCE = 2000  # test points MMD compares against: its memory is O((N + M)^2)
 _SEED_DIR = re.compile(r"^seed(\d+)$")
-_INCEPTION_BATCH = 50  # images per Inception forward (299x299): pytorch-fid's default
 
 _DESCRIPTIONS = {
     "domain_fd": "Frechet distance between DigitClassifier features of the samples and of the test split "
@@ -92,93 +80,10 @@ class EvaluateError(RuntimeError):
 # Small helpers
 
 
-def dataset_dir(params: Params, root: Path) -> Path:
-    d = params.data.dataset_dir
-    return d if d.is_absolute() else Path(root) / d
-
-
-def read_labels(manifest: Manifest, split: str) -> np.ndarray:
-    """A split's `label` column, in read_split's row order (the same shards, row by row)."""
-    import pyarrow.parquet as pq
-
-    return np.concatenate([pq.read_table(p, columns=["label"])["label"].to_numpy() for p in manifest.files(split)])
-
-
 def _num(v: float) -> float | None:
     """JSON has no NaN or infinity: a value that is not finite is written as null."""
     v = float(v)
     return v if math.isfinite(v) else None
-
-
-def _write_atomic(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        (tmp.write_bytes if isinstance(data, bytes) else tmp.write_text)(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_stats(path: Path, mu: np.ndarray, sigma: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, mu=mu, sigma=sigma)
-    _write_atomic(path, buf.getvalue())
-
-
-def _read_stats(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with np.load(path) as z:
-            return z["mu"], z["sigma"]
-    except FileNotFoundError:
-        raise EvaluateError(f"{path}: not found; run the featurizer stage (python pipeline/featurizer.py)") from None
-    except Exception as e:  # truncated or foreign files fail in many ways
-        raise EvaluateError(f"{path}: unreadable statistics file ({type(e).__name__}); rerun the featurizer "
-                            "stage") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# The featurizer stage
-
-
-def build_featurizer(params: Params, *, root: Path, out_dir: Path, epochs: int = 12) -> dict[str, Any]:
-    """Train the DigitClassifier on the prepared train split and write the featurizer folder (module
-    docstring); return its metrics. Deterministic: seed params.seed, one CPU thread while training
-    (the same weights on any machine). 2-D data: only metrics.json, saying it was skipped."""
-    from .features import accuracy, feature_stats, save_classifier, train_classifier
-
-    manifest = load_manifest(dataset_dir(params, root))
-    out_dir = Path(out_dir)
-    (out_dir / METRICS_FILE).unlink(missing_ok=True)
-    if not manifest.is_image:
-        for name in (CLASSIFIER_FILE, REF_TEST_FILE, REF_TRAIN_FILE):  # nothing else: stale files would mislead
-            (out_dir / name).unlink(missing_ok=True)
-        metrics: dict[str, Any] = {"skipped": "2-D data: distances are computed on the points themselves"}
-        _write_atomic(out_dir / METRICS_FILE, json.dumps(metrics, indent=2))
-        return metrics
-    if manifest.classes is None or len(manifest.classes) < 2:
-        raise EvaluateError(f"{manifest.root / 'manifest.json'}: the featurizer is a classifier and needs at least "
-                            "two classes of labelled images (a folder source with class subfolders)")
-
-    x_train, y_train = read_split(manifest.root, "train"), read_labels(manifest, "train")
-    x_test, y_test = read_split(manifest.root, "test"), read_labels(manifest, "test")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        tick = time.perf_counter()
-        model = train_classifier(x_train, y_train, epochs=epochs, seed=params.seed, num_classes=len(manifest.classes))
-        seconds = time.perf_counter() - tick
-    finally:
-        torch.set_num_threads(threads)
-    test_accuracy = accuracy(model, x_test, y_test)
-    metrics = {"test_accuracy": test_accuracy, "train_seconds": round(seconds, 3), "epochs": epochs,
-               "seed": params.seed, "n_train": len(x_train), "n_test": len(x_test),
-               "dataset_checksum": manifest.checksum}
-    save_classifier(model, out_dir / CLASSIFIER_FILE, {"source": manifest.source, **metrics})
-    _write_stats(out_dir / REF_TEST_FILE, *feature_stats(model, x_test))
-    _write_stats(out_dir / REF_TRAIN_FILE, *feature_stats(model, x_train))
-    _write_atomic(out_dir / METRICS_FILE, json.dumps(metrics, indent=2))
-    return metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,19 +96,12 @@ def _image_scorer(featurizer_dir: Path, manifest: Manifest,
                   x_test: torch.Tensor) -> tuple[Scorer, dict[str, Any], float]:
     """Domain FD against ref_test.npz, KID and precision/recall against the test split's features; also
     what the classifier is, and the domain FD of all train images (the distance's floor at full size)."""
-    from .features import extract_features, load_classifier
+    from .features import extract_features
 
-    path = featurizer_dir / CLASSIFIER_FILE
-    if not path.is_file():
-        raise EvaluateError(f"{path}: not found; run the featurizer stage (python pipeline/featurizer.py)")
     try:
-        clf, meta = load_classifier(path)
-    except ValueError as e:
-        raise EvaluateError(f"{e}; rerun the featurizer stage") from None
-    if meta.get("dataset_checksum") != manifest.checksum:
-        raise EvaluateError(f"{path} was trained on another dataset than {manifest.root}: rerun the featurizer stage")
-    ref_mu, ref_sigma = _read_stats(featurizer_dir / REF_TEST_FILE)
-    train_mu, train_sigma = _read_stats(featurizer_dir / REF_TRAIN_FILE)
+        clf, meta, (ref_mu, ref_sigma), (train_mu, train_sigma) = load_featurizer(featurizer_dir, manifest)
+    except FeaturizerError as e:
+        raise EvaluateError(str(e)) from None
     test_features = extract_features(clf, x_test)
 
     def score(x: torch.Tensor) -> dict[str, float]:
@@ -250,8 +148,6 @@ def _summary(per_seed: dict[int, dict[str, float]]) -> dict[str, Any]:
 
 
 def _load_model(model_path: Path, params: Params, variant: str, manifest: Manifest):
-    from .training import load_trained
-
     if not model_path.is_file():
         raise EvaluateError(f"{model_path}: model file not found; run the train stage first "
                             f"(python pipeline/train.py --variant {variant}, or dvc repro)")
@@ -261,8 +157,8 @@ def _load_model(model_path: Path, params: Params, variant: str, manifest: Manife
         raise EvaluateError(f"{model_path}: not a readable scorelab model ({type(e).__name__}); rerun the train "
                             "stage") from None
     try:
-        _check_same_model(params.variants[variant], trained.variant, model_path)
-    except GenerateError as e:
+        check_same_model(params.variants[variant], trained.variant, model_path)
+    except CheckpointMismatchError as e:
         raise EvaluateError(str(e)) from None
     if tuple(trained.data_shape) != tuple(manifest.shape):
         raise EvaluateError(f"{model_path} models data of shape {tuple(trained.data_shape)}, but {manifest.root} "
@@ -270,8 +166,8 @@ def _load_model(model_path: Path, params: Params, variant: str, manifest: Manife
     return trained
 
 
-def _load_setting(samples_dir: Path, setting: SamplerSetting, variant: str, data_shape: tuple[int, ...],
-                  model_sha: str) -> tuple[dict[int, torch.Tensor], list[int]]:
+def _load_setting(samples_dir: Path, setting: SamplerSetting, variant: str, modality: Modality,
+                  data_shape: tuple[int, ...], model_sha: str) -> tuple[dict[int, torch.Tensor], list[int]]:
     """{seed: samples in model space, checked} of every seed folder of the setting, and the NFE of every
     chunk (one per seed for a fixed-step sampler)."""
     folder = samples_dir / setting.key
@@ -292,8 +188,8 @@ def _load_setting(samples_dir: Path, setting: SamplerSetting, variant: str, data
                                 "stage")
         try:
             stored = load_samples(samples_dir, setting.key, seed)
-            x = dequantize(stored) if stored.dtype == np.uint8 and stored.ndim == 4 else stored
-            check_samples(x, shape=data_shape, value_range=(-1, 1) if len(data_shape) == 3 else None,
+            x = modality.from_stored(stored) if stored.dtype == np.uint8 and stored.ndim == 4 else stored
+            check_samples(x, shape=data_shape, value_range=modality.value_range,
                           name=str(seed_dir))
         except ValueError as e:  # load_samples' own messages name the folder; numpy's may not
             message = str(e) if str(seed_dir) in str(e) else f"{seed_dir}: {e}"
@@ -407,23 +303,25 @@ def evaluate_variant(
     model_path, out_dir = Path(model_path), Path(out_dir)
     for name in (METRICS_FILE, CURVE_FILE):  # a failed evaluation must not leave the last one's results
         (out_dir / name).unlink(missing_ok=True)
-    bpd_samples = params.evaluate.bpd_samples if bpd_samples is None else bpd_samples
+    bpd_samples = params.evaluate.bpd_samples if bpd_samples is None else bpd_samples  # callers check flags
     probes = params.evaluate.probes if probes is None else probes
-    if bpd_samples < 0 or probes < 1:
-        raise ValueError(f"bpd_samples must be >= 0 and probes >= 1, got {bpd_samples} and {probes}")
     vcfg = params.variants[variant]
-    manifest = load_manifest(dataset_dir(params, root))
+    manifest = load_manifest(Layout(root).dataset(params.data.dataset_dir))
+    modality = manifest.modality
     # Inception first: required-but-absent or invalid weights fail the stage before anything expensive runs.
-    weights, inception_reason = _inception_weights(params, root, manifest.is_image)
-    inception_net = _load_inception(weights) if weights is not None else None
+    try:
+        weights, inception_reason = inception_weights(params, root, modality.is_image)
+        inception_net = inception_network(weights) if weights is not None else None
+    except ValueError as e:
+        raise EvaluateError(str(e)) from None
     trained = _load_model(model_path, params, variant, manifest)
     logger = _mlflow_logger(params, root, trained.run_id, model_path) if log_to_mlflow else None
     data_shape = tuple(manifest.shape)
 
     # Every sample first: a bad file fails the stage before anything expensive runs.
     settings = sampler_settings(vcfg)
-    model_sha = _file_sha256(model_path)
-    loaded = {s.key: _load_setting(samples_dir, s, variant, data_shape, model_sha) for s in settings}
+    model_sha = storage.sha256_file(model_path)
+    loaded = {s.key: _load_setting(samples_dir, s, variant, modality, data_shape, model_sha) for s in settings}
     counts = {len(x) for xs, _ in loaded.values() for x in xs.values()}
     if len(counts) != 1:
         raise EvaluateError(f"{samples_dir}: settings and seeds hold different numbers of samples "
@@ -434,16 +332,16 @@ def evaluate_variant(
                             "(pipeline/sample.py --n)")
 
     x_test, x_train = read_split(manifest.root, "test"), read_split(manifest.root, "train")
-    if manifest.is_image:
+    if modality.is_image:
         domain_score, info, fd_train_full = _image_scorer(featurizer_dir, manifest, x_test)
     else:
         domain_score, info, fd_train_full = _point_scorer(manifest, x_test), {}, None
-    primary = PRIMARY[manifest.is_image]
+    primary = modality.primary_metric
     inception_fid: Callable[[torch.Tensor], float] | None = None
     inception_info: dict[str, Any] = {}
     if inception_net is not None:
-        inception_fid, inception_info = _inception_scorer(inception_net, weights, manifest, x_train,
-                                                          out_dir / INCEPTION_REF_FILE)
+        inception_fid, inception_info = inception_scorer(inception_net, weights, manifest, x_train,
+                                                         out_dir / INCEPTION_REF_FILE)
 
     def score(x: torch.Tensor) -> dict[str, float]:
         """Every setting and seed: the domain (or point) metrics, and the standard FID where it is computed."""
@@ -472,8 +370,16 @@ def evaluate_variant(
         baseline.update(_summary({seed: domain_score(x_train[idx]) for seed, idx in train_idx.items()}))
     else:
         baseline["skipped"] = f"the train split has {len(x_train)} points, fewer than N = {n}"
-    if inception_fid is not None:
-        _inception_baseline(baseline, inception_fid, x_test, x_train, train_idx, seed_ids, n, params.seed)
+    if inception_fid is not None:  # N real images per seed against the train statistics, where there are N
+        images, how = inception_baseline_images(x_test, x_train, train_idx, seed_ids, n, params.seed)
+        if images is None:
+            baseline["inception_fid_skipped"] = how
+        else:
+            summary = _summary({s: {"inception_fid": inception_fid(x)} for s, x in images.items()})
+            baseline["description"] = f"{baseline['description']}; inception_fid: {how}"
+            baseline.update({k: summary[k] for k in ("inception_fid_mean", "inception_fid_std")})
+            for s, values in summary["per_seed"].items():
+                baseline.setdefault("per_seed", {}).setdefault(s, {}).update(values)
     if fd_train_full is not None:  # all train images against the test split: the floor at full size
         baseline["domain_fd_train_full"] = _num(fd_train_full)
 
@@ -484,143 +390,24 @@ def evaluate_variant(
         "std": "sample standard deviation over seeds (ddof 1); null with one seed",
         "baseline": baseline, "settings": results, **info,
     }
-    n_lik = min(bpd_samples, len(x_test))
-    if manifest.is_image:
-        ev = params.evaluate
-        metrics["bits_per_dim"] = (_bits_per_dim(trained, x_test, n_lik, probes, params.seed, ev.bpd_rtol, ev.bpd_atol)
-                                   if n_lik else None)
+    n_lik, ev = min(bpd_samples, len(x_test)), params.evaluate
+    if not n_lik:
+        metrics[modality.likelihood] = None
+    elif modality.is_image:
+        metrics[modality.likelihood] = _bits_per_dim(trained, x_test, n_lik, probes, params.seed, ev.bpd_rtol,
+                                                     ev.bpd_atol)
     else:
-        metrics["test_loglik"] = _test_loglik(trained, manifest, x_test, n_lik, params.seed) if n_lik else None
+        metrics[modality.likelihood] = _test_loglik(trained, manifest, x_test, n_lik, params.seed)
     if inception_fid is not None:
-        metrics.update(_inception_summary(results, inception_info, n, metrics["seeds"]))
+        metrics.update(inception_summary(results, inception_info, n, metrics["seeds"]))
     else:
         metrics.update({"inception_fid": None, "inception_fid_reason": inception_reason})
 
-    _write_atomic(out_dir / CURVE_FILE, _curve_csv(variant, results))
-    _write_atomic(out_dir / METRICS_FILE, json.dumps(metrics, indent=2))
+    storage.write_text(out_dir / CURVE_FILE, _curve_csv(variant, results))
+    storage.write_json(out_dir / METRICS_FILE, metrics, indent=2)
     if logger is not None:
         _log(logger, metrics, primary, samples_dir, out_dir)
     return metrics
-
-
-# ---------------------------------------------------------------------------------------------
-# Inception FID, from local weights only
-
-
-def _inception_weights(params: Params, root: Path, is_image: bool) -> tuple[Path | None, str | None]:
-    """(the weights file, None), or (None, why there is none). EvaluateError when evaluate.inception_weights
-    names a missing file, or when evaluate.require_inception is set and there are no weights."""
-    from .features import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, find_inception_weights
-
-    if not is_image:
-        return None, "2-D data: there are no images"
-    cfg = params.evaluate
-    explicit = None if cfg.inception_weights is None else root / Path(cfg.inception_weights).expanduser()
-    try:
-        path = find_inception_weights(None if explicit is None else str(explicit))
-    except ValueError as e:
-        if explicit is not None:  # named in params: a typo must fail, not quietly drop the FID
-            raise EvaluateError(f"evaluate.inception_weights: {e}") from None
-        path, reason = None, str(e)
-    else:
-        reason = None if path is not None else (
-            f"no local Inception weights ({INCEPTION_WEIGHTS_FILE}) at evaluate.inception_weights, "
-            f"${INCEPTION_WEIGHTS_ENV} or in the torch hub cache; nothing is downloaded")
-    if path is None and cfg.require_inception:
-        raise EvaluateError(f"evaluate.require_inception is true, but {reason}: set evaluate.inception_weights to "
-                            f"a local copy of {INCEPTION_WEIGHTS_FILE}")
-    return path, reason
-
-
-def _load_inception(path: Path) -> torch.nn.Module:
-    from .features import load_inception
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # 299x299 forwards: on a GPU where there is one
-    try:
-        return load_inception(path, device)
-    except ValueError as e:
-        raise EvaluateError(f"{e}; replace the file, or set evaluate.inception_weights to another one") from None
-
-
-def _inception_scorer(net: torch.nn.Module, path: Path, manifest: Manifest, x_train: torch.Tensor,
-                      ref_file: Path) -> tuple[Callable[[torch.Tensor], float], dict[str, Any]]:
-    """FID of a set of images against the Inception statistics of the whole train split (cached in
-    ref_file under the weights file's sha256 and the dataset's checksum), and what was used."""
-    import pytorch_fid
-
-    from .features import INCEPTION_WEIGHTS_SHA256_PREFIX, inception_stats
-
-    sha = _file_sha256(path)
-    key = json.dumps({"weights_sha256": sha, "dataset_checksum": manifest.checksum, "split": "train",
-                      "n": len(x_train), "pytorch_fid": pytorch_fid.__version__}, sort_keys=True)
-    try:
-        with np.load(ref_file) as z:
-            cached = str(z["key"]) == key
-            if cached:
-                ref_mu, ref_sigma = z["mu"], z["sigma"]
-    except Exception:  # absent, truncated or foreign: computed again below
-        cached = False
-    if not cached:
-        ref_mu, ref_sigma = inception_stats(net, x_train, _INCEPTION_BATCH)
-        buf = io.BytesIO()
-        np.savez(buf, mu=ref_mu, sigma=ref_sigma, key=np.array(key))
-        _write_atomic(ref_file, buf.getvalue())
-
-    def fid(x: torch.Tensor) -> float:
-        return frechet_distance(*inception_stats(net, x, _INCEPTION_BATCH), ref_mu, ref_sigma)
-
-    info = {"weights": str(path), "weights_sha256": sha,
-            "standard_weights": sha.startswith(INCEPTION_WEIGHTS_SHA256_PREFIX),
-            "network": f"pytorch-fid {pytorch_fid.__version__} InceptionV3 (FID variant), pool3 features (2048-d); "
-                       "images mapped to [0, 1], resized bilinearly to 299x299, grayscale repeated to 3 channels",
-            "reference": f"all {len(x_train)} images of the train split", "reference_n": len(x_train),
-            "reference_file": str(ref_file), "reference_cached": cached}
-    return fid, info
-
-
-def _inception_baseline(baseline: dict[str, Any], fid: Callable[[torch.Tensor], float], x_test: torch.Tensor,
-                        x_train: torch.Tensor, train_idx: dict[int, torch.Tensor] | None, seed_ids: list[int],
-                        n: int, seed: int) -> None:
-    """Add the real-vs-real Inception FID at N to `baseline`: N test images per seed against the train
-    statistics; with fewer than N test images, the N train images of the other baseline metrics, which
-    are part of the reference (what a model that memorised the train split would score: biased low)."""
-    if len(x_test) >= n:
-        images = {s: x_test[torch.from_numpy(np.sort(np.random.default_rng([seed, s]).choice(len(x_test), n,
-                                                                                              replace=False)))]
-                  for s in seed_ids}
-        how = f"{n} random test images per seed (drawn from (params.seed, seed)) against the train statistics"
-    elif train_idx is not None:
-        images = {s: x_train[idx] for s, idx in train_idx.items()}
-        how = (f"the same {n} train images per seed against the train statistics (the test split has only "
-               f"{len(x_test)}): part of the reference, so a memorising model's score, biased low")
-    else:
-        baseline["inception_fid_skipped"] = f"both splits hold fewer than N = {n} images"
-        return
-    summary = _summary({s: {"inception_fid": fid(x)} for s, x in images.items()})
-    baseline["description"] = f"{baseline['description']}; inception_fid: {how}"
-    baseline["inception_fid_mean"] = summary["inception_fid_mean"]
-    baseline["inception_fid_std"] = summary["inception_fid_std"]
-    per_seed = baseline.setdefault("per_seed", {})
-    for s, values in summary["per_seed"].items():
-        per_seed.setdefault(s, {}).update(values)
-
-
-def _inception_summary(results: dict[str, Any], info: dict[str, Any], n: int, seeds: int) -> dict[str, Any]:
-    """The top-level inception_fid: the best setting's mean over seeds (the report shows one number per
-    variant), which setting that is, and what produced it."""
-    scored = {k: r["inception_fid_mean"] for k, r in results.items() if r.get("inception_fid_mean") is not None}
-    if not scored:
-        return {"inception_fid": None, "inception_fid_reason": "not finite for any setting", "inception": info}
-    best = min(scored, key=scored.__getitem__)
-    r = results[best]
-    std = "" if r["inception_fid_std"] is None else f" ± {r['inception_fid_std']:.3g}"
-    reason = (f"best setting {best}: {r['inception_fid_mean']:.4g}{std} (mean ± std over {seeds} seed(s), N = {n} "
-              f"per seed, against {info['reference']})")
-    if not info["standard_weights"]:
-        reason += (f"; the weights (sha256 {info['weights_sha256'][:12]}...) are not the standard file: not "
-                   "comparable with published FIDs")
-    return {"inception_fid": r["inception_fid_mean"], "inception_fid_setting": best, "inception_fid_reason": reason,
-            "inception": info}
 
 
 def _curve_csv(variant: str, results: dict[str, Any]) -> str:
@@ -657,5 +444,4 @@ def _log(logger, metrics: dict[str, Any], primary: str, samples_dir: Path, out_d
             logger.artifact(grid, f"eval/{key}")
 
 
-__all__ = ["CURVE_FILE", "DEQUANTIZATION", "EvaluateError", "INCEPTION_REF_FILE", "METRICS_FILE", "build_featurizer",
-           "dataset_dir", "evaluate_variant", "read_labels"]
+__all__ = ["CURVE_FILE", "DEQUANTIZATION", "EvaluateError", "INCEPTION_REF_FILE", "METRICS_FILE", "evaluate_variant"]

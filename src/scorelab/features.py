@@ -23,18 +23,18 @@ file (nothing is ever downloaded; see STACK_NOTES.md, "FID offline"):
 
 from __future__ import annotations
 
+import io
 import os
-import re
-import threading
 from pathlib import Path
 from typing import Any, Mapping
-from unittest import mock
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import storage
 from .metrics import ArrayLike, check_samples, frechet_distance, gaussian_stats
+from .nets import state_dict_mismatch
 
 # pytorch-fid's weights (FID_WEIGHTS_URL), also accepted by torch-fidelity and torchmetrics.
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -184,16 +184,11 @@ def domain_frechet(model: DigitClassifier, x_fake: ArrayLike, ref_mu: ArrayLike,
 def save_classifier(model: DigitClassifier, path: str | Path, meta: Mapping[str, Any]) -> None:
     """Write the weights, the architecture and `meta` (plain Python values: what the classifier was
     trained on, its accuracy) to `path`, readable by load_classifier with weights_only=True."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": _FILE_FORMAT, "arch": dict(model.arch), "state_dict": state, "meta": dict(meta)}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # never a half-written file under the real name
-    finally:
-        tmp.unlink(missing_ok=True)
+    buf = io.BytesIO()  # a file object: the bytes do not depend on a temporary file's name
+    torch.save(payload, buf)
+    storage.write_bytes(path, buf.getvalue())  # never a half-written file under the real name
 
 
 def load_classifier(path: str | Path) -> tuple[DigitClassifier, dict[str, Any]]:
@@ -249,8 +244,6 @@ def find_inception_weights(explicit_path: str | None = None) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 # The FID Inception network, from a local file
 
-_BUILD_LOCK = threading.Lock()  # the download hook is patched module-wide while a network is built
-
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """The tensors of a weights file, loaded with weights_only=True; ValueError naming the file."""
@@ -271,51 +264,55 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return dict(state)
 
 
-def _mismatch(error: RuntimeError) -> str:
-    """load_state_dict's long message, summarised: counts and the first few names."""
-    text = str(error)
-    parts = []
-    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*)"),
-                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*)")):
-        if m := re.search(pattern, text):
-            keys = re.findall(r'"([^"]+)"', m[1])
-            parts.append(f"{len(keys)} {label} key(s) ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
-    sizes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
-                       r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", text)
-    if sizes:
-        name, found, want = sizes[0]
-        parts.append(f"{len(sizes)} shape mismatch(es) ({name}: file {found}, network {want}"
-                     f"{', ...' if len(sizes) > 1 else ''})")
-    return "; ".join(parts) or " ".join(text.split())[:200]
-
-
 def load_inception(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     """pytorch-fid's InceptionV3 for FID (its TF-ported blocks, pool3 output, resize_input and
     normalize_input on: bilinear resize to 299, then [0, 1] -> [-1, 1]) with the weights of `path`, in
-    eval mode on `device`. Nothing is downloaded: pytorch-fid builds the network exactly as it always
-    does, and only the call that would fetch its weights is answered from the file, read with
-    weights_only=True. ValueError, naming the file and what was expected, for a missing or unreadable
-    file or a state dict whose keys or shapes are not the FID Inception's."""
+    eval mode on `device`. Nothing is downloaded: the network is assembled as pytorch-fid's
+    fid_inception_v3 and InceptionV3 assemble it (torchvision's Inception3 with 1008 classes and no aux
+    head, its Mixed blocks replaced by pytorch-fid's FID blocks, then pool3's four blocks), and loaded
+    strictly from the file, read with weights_only=True. ValueError, naming the file and what was
+    expected, for a missing or unreadable file or a state dict whose keys or shapes are not the FID
+    Inception's."""
     try:
+        import torchvision
         from pytorch_fid import inception as fid
     except ImportError:
         raise ValueError("Inception FID needs the pytorch-fid package (pip install pytorch-fid==0.3.0)") from None
     path = Path(path)
     state = _read_state_dict(path)
 
-    def local_weights(url: str, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        if url != fid.FID_WEIGHTS_URL:  # another pytorch-fid version asking for something else: do not guess
-            raise ValueError(f"pytorch-fid asked for {url}, not its FID weights: unsupported pytorch-fid version")
-        return state
+    net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None, init_weights=False)
+    net.Mixed_5b = fid.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = fid.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = fid.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = fid.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = fid.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = fid.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = fid.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = fid.FIDInceptionE_1(1280)
+    net.Mixed_7c = fid.FIDInceptionE_2(2048)
+    try:
+        net.load_state_dict(state)  # strict: wrong keys or shapes raise
+    except RuntimeError as e:
+        raise ValueError(f"{path}: not pytorch-fid's FID Inception weights: {state_dict_mismatch(e)}; expected the "
+                         f"state dict of {INCEPTION_WEIGHTS_FILE}") from None
 
-    with _BUILD_LOCK, mock.patch.object(fid, "load_state_dict_from_url", local_weights):
-        try:
-            net = fid.InceptionV3([fid.InceptionV3.BLOCK_INDEX_BY_DIM[INCEPTION_FEATURE_DIM]],
-                                  resize_input=True, normalize_input=True, use_fid_inception=True)
-        except RuntimeError as e:  # load_state_dict(strict=True): wrong keys or shapes
-            raise ValueError(f"{path}: not pytorch-fid's FID Inception weights: {_mismatch(e)}; expected the state "
-                             f"dict of {INCEPTION_WEIGHTS_FILE}") from None
-    return net.to(device).eval()
+    # InceptionV3.__init__ would build (and download) its own network: its attributes are set here instead,
+    # up to pool3 (block 3), exactly as its constructor sets them
+    wrapper = fid.InceptionV3.__new__(fid.InceptionV3)
+    nn.Module.__init__(wrapper)
+    wrapper.resize_input, wrapper.normalize_input = True, True
+    wrapper.output_blocks = [fid.InceptionV3.BLOCK_INDEX_BY_DIM[INCEPTION_FEATURE_DIM]]
+    wrapper.last_needed_block = max(wrapper.output_blocks)
+    wrapper.blocks = nn.ModuleList([
+        nn.Sequential(net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, nn.MaxPool2d(kernel_size=3, stride=2)),
+        nn.Sequential(net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, nn.MaxPool2d(kernel_size=3, stride=2)),
+        nn.Sequential(net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6a, net.Mixed_6b, net.Mixed_6c,
+                      net.Mixed_6d, net.Mixed_6e),
+        nn.Sequential(net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, nn.AdaptiveAvgPool2d(output_size=(1, 1))),
+    ])
+    wrapper.requires_grad_(False)
+    return wrapper.to(device).eval()
 
 
 def inception_features(model: nn.Module, x: ArrayLike, batch_size: int = 50) -> Tensor:

@@ -45,12 +45,19 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from . import storage
+from .checkpoint import CheckpointMismatchError, check_same_model, load_trained
 from .config import VariantConfig
+from .layout import GRID_FILE as GRID
+from .modality import Modality, modality_of
+from .runtime import ray_session
+from .sampling import sample
+from .visual import save_preview
 
 CHUNK_RE = re.compile(r"^chunk-(\d+)-(\d+)\.npz$")
 MANIFEST = "manifest.json"
 FINGERPRINT = "fingerprint.json"
-GRID = "grid.png"
+SUMMARY = "summary.json"  # one row per (setting, seed): what generate() returns
 _KEYS = ("x", "indices", "nfe", "seconds")
 
 
@@ -112,25 +119,12 @@ _MODEL_CACHE: dict[tuple[str, int, int], Any] = {}
 
 def _cached_model(path: str):
     """The worker process's TrainedModel: Ray reuses workers across tasks, so load once per file version."""
-    from .training import load_trained
-
     st = os.stat(path)
     key = (path, st.st_mtime_ns, st.st_size)
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()  # one model at a time: bounded memory in long-lived workers
         _MODEL_CACHE[key] = load_trained(path)
     return _MODEL_CACHE[key]
-
-
-def quantize(x: np.ndarray) -> np.ndarray:
-    """Model-space images (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C)."""
-    v = np.clip(np.rint((x.astype(np.float64) + 1) / 2 * 255), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(v.transpose(0, 2, 3, 1))
-
-
-def dequantize(v: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1]."""
-    return (v.transpose(0, 3, 1, 2).astype(np.float32) / 255 * 2 - 1)
 
 
 class BlockedScore:
@@ -158,8 +152,6 @@ def _sample_chunk(model_path: str, setting: dict[str, Any], seed: int, start: in
                   eval_block: int) -> dict[str, Any]:
     """Samples [start, end) of `seed`; returns the arrays for the driver to write (so the output folder
     need only exist where the driver runs, not on every node)."""
-    from .sampling import sample
-
     torch.set_num_threads(1)  # one task per CPU: intra-op threads would fight over the same cores
     trained = _cached_model(model_path)
     model, shape = trained.model, tuple(trained.data_shape)
@@ -167,8 +159,7 @@ def _sample_chunk(model_path: str, setting: dict[str, Any], seed: int, start: in
     result = sample(BlockedScore(model, eval_block), model.sde, (end - start, *shape), method=setting["method"],
                     steps=setting["steps"], seed=seed, indices=torch.arange(start, end), **setting["options"])
     seconds = time.perf_counter() - tick
-    x = result.x.cpu().numpy()
-    x = quantize(x) if len(shape) == 3 else x.astype(np.float32)
+    x = modality_of(shape).to_stored(result.x.cpu().numpy())
     return {"x": x, "indices": np.arange(start, end, dtype=np.int64), "nfe": np.int64(result.nfe),
             "seconds": np.float64(seconds)}
 
@@ -189,10 +180,8 @@ def chunk_path(folder: Path, start: int, end: int) -> Path:
 
 
 def _write_chunk(path: Path, arrays: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+    with storage.atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz"
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def _read_chunk(path: Path) -> dict[str, np.ndarray]:
@@ -208,28 +197,6 @@ def _chunk_ok(path: Path, start: int, end: int, sample_shape: tuple[int, ...], d
         return False
     return (c["x"].shape == (end - start, *sample_shape) and c["x"].dtype == dtype
             and np.array_equal(c["indices"], np.arange(start, end)))
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def stored_layout(data_shape: tuple[int, ...]) -> tuple[tuple[int, ...], np.dtype, str]:
-    """(per-sample stored shape, dtype, layout) of a chunk's x for data of `data_shape`."""
-    if len(data_shape) == 3:
-        c, h, w = data_shape
-        return (h, w, c), np.dtype(np.uint8), "NHWC"
-    return tuple(data_shape), np.dtype(np.float32), "ND"
 
 
 def load_samples(out_dir: str | Path, setting_key: str, seed: int) -> np.ndarray:
@@ -293,7 +260,7 @@ def _prepare_folder(folder: Path, fingerprint: dict[str, Any], plan: list[tuple[
         if (CHUNK_RE.match(p.name) and (not same or p.name not in planned)) or p.name.endswith(".tmp"):
             p.unlink()
     if not same:
-        _write_json(fp_path, fingerprint)
+        storage.write_json(fp_path, fingerprint, indent=2)
     todo = [(a, b) for a, b in plan if not _chunk_ok(chunk_path(folder, a, b), a, b, sample_shape, dtype)]
     if todo:  # an old manifest would claim completeness while chunks are being replaced
         (folder / MANIFEST).unlink(missing_ok=True)
@@ -319,22 +286,24 @@ def generate(
     """
     from tqdm.auto import tqdm
 
-    from .training import load_trained, ray_session
-
     if min(n_samples, batch_size, num_workers, eval_block) < 1:
         raise ValueError(f"n_samples, batch_size, num_workers and eval_block must be >= 1, "
                          f"got {n_samples}, {batch_size}, {num_workers}, {eval_block}")
     model_path, out_dir = Path(model_path).resolve(), Path(out_dir).resolve()  # Ray workers change directory
     trained = load_trained(model_path)
     variant = variant or trained.variant
-    _check_same_model(variant, trained.variant, model_path)
+    try:
+        check_same_model(variant, trained.variant, model_path)
+    except CheckpointMismatchError as e:
+        raise GenerateError(str(e)) from None
     data_shape = tuple(trained.data_shape)
-    sample_shape, dtype, layout = stored_layout(data_shape)
+    modality = modality_of(data_shape)
+    sample_shape, dtype = modality.stored_layout(data_shape)
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
         raise ValueError("seeds must name at least one seed")
     settings = sampler_settings(variant)
-    model_sha = _file_sha256(model_path)
+    model_sha = storage.sha256_file(model_path)
 
     plan = [(a, min(a + batch_size, n_samples)) for a in range(0, n_samples, batch_size)]
     jobs: list[_Job] = []
@@ -351,19 +320,12 @@ def generate(
             _run_chunks(str(model_path), pending, num_workers, eval_block,
                         tqdm(total=len(pending), desc="sample chunks", disable=not progress))
 
-    rows = [_finish(job, sample_shape, dtype, layout, n_samples, eval_block) for job in jobs]
+    rows = [_finish(job, sample_shape, dtype, modality.layout, n_samples, eval_block) for job in jobs]
     grid_seed = 0 if 0 in seeds else seeds[0]
     for s in settings:
-        _save_grid(out_dir, s, grid_seed, data_shape)
+        _save_grid(out_dir, s, grid_seed, modality)
+    storage.write_json(out_dir / SUMMARY, rows, indent=2)
     return rows
-
-
-def _check_same_model(variant: VariantConfig, saved: VariantConfig, model_path: Path) -> None:
-    """Sampling needs the SDE, parameterisation and network the weights were trained with."""
-    keys = {"sde", "parameterization", "net"}
-    if variant.model_dump(mode="json", include=keys) != saved.model_dump(mode="json", include=keys):
-        raise GenerateError(f"{model_path} was trained with a different sde, parameterization or net than the "
-                            "variant in params: rerun the train stage")
 
 
 def _run_chunks(model_path: str, pending: list[tuple[_Job, int, int]], num_workers: int, eval_block: int,
@@ -414,22 +376,18 @@ def _finish(job: _Job, sample_shape: tuple[int, ...], dtype: np.dtype, layout: s
     manifest = {"count": n_samples, "shape": list(sample_shape), "dtype": dtype.name, "layout": layout,
                 "nfe": nfe, "seconds": round(seconds, 4), "setting": job.setting.describe(), "seed": job.seed,
                 "eval_block": eval_block, "chunks": chunks}
-    _write_json(job.folder / MANIFEST, manifest)
+    storage.write_json(job.folder / MANIFEST, manifest, indent=2)
     return {"setting": job.setting.key, "method": job.setting.method, "steps": job.setting.steps,
             "seed": job.seed, "count": n_samples, "nfe": nfe, "seconds": round(seconds, 4),
             "chunks_drawn": len(job.todo), "chunks_reused": len(job.plan) - len(job.todo), "path": str(job.folder)}
 
 
-def _save_grid(out_dir: Path, setting: SamplerSetting, seed: int, data_shape: tuple[int, ...]) -> Path:
-    from .visual import save_image_grid, save_scatter
-
+def _save_grid(out_dir: Path, setting: SamplerSetting, seed: int, modality: Modality) -> Path:
+    """The first 64 images of the seed, or a scatter of all its points (of 64 points one sees little)."""
     x = load_samples(out_dir, setting.key, seed)
-    title = f"{setting.key}, seed {seed}"
-    path = out_dir / setting.key / GRID
-    if len(data_shape) == 3:
-        return save_image_grid(torch.from_numpy(dequantize(x[:64])), path, title)
-    return save_scatter(torch.from_numpy(x), path, title)  # a scatter of 64 points says little: all of them
+    x = x[:64] if modality.is_image else x
+    return save_preview(modality, torch.from_numpy(modality.from_stored(x)), out_dir / setting.key / GRID,
+                        f"{setting.key}, seed {seed}")
 
 
-__all__ = ["BlockedScore", "GenerateError", "SamplerSetting", "dequantize", "generate", "load_samples", "quantize",
-           "sampler_settings", "stored_layout"]
+__all__ = ["BlockedScore", "GenerateError", "SamplerSetting", "generate", "load_samples", "sampler_settings"]

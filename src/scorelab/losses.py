@@ -1,4 +1,4 @@
-"""Denoising score matching, the one training loss of the family, and its named special cases.
+"""Denoising score matching, the one training loss of the family.
 
 With x_t = alpha(t) x_0 + std(t) z, the conditional score of the perturbation kernel is -z / std, so
 
@@ -8,7 +8,8 @@ is minimised, in expectation, by the exact score of the perturbed marginal. The 
 as (std score + z) / std, which stays well scaled at tiny std. Weightings lambda(t):
 
 - "std2": lambda = std^2. For an eps-network (score = -eps_theta / std) the loss is exactly
-          ||z - eps_theta||^2: DDPM's simple loss, and NCSN's lambda(sigma) = sigma^2.
+          ||z - eps_theta||^2: DDPM's simple loss (Ho et al. 2020; reduction "mean"), and NCSN's
+          lambda(sigma) = sigma^2 (Song & Ermon 2019, eqs. 5-6: half of it, with reduction "sum").
 - "g2":   lambda = g(t)^2, the likelihood weighting of Song et al. 2021 ("Maximum likelihood training
           of score-based diffusion models"), which makes the loss a bound on the negative log-likelihood.
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -93,45 +93,6 @@ def dsm_loss(
     factor = 1.0 if weighting == "std2" else sde.f_g2(t)[1] / std**2
     per_sample = factor * sq
     return LossOutput(loss=per_sample.mean(), per_sample=per_sample, t=t)
-
-
-def ddpm_loss(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x0: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    t: Tensor | float | None = None,
-    noise: Tensor | None = None,
-) -> LossOutput:
-    """Ho et al. 2020's simple loss E_{i, z} mean_dims (z - eps_theta(x_i, i))^2.
-
-    This is dsm_loss with std2 weighting and a mean over dims: for the DDPM chain t is uniform over its
-    steps; with a continuous SDE it is the continuous-time eps loss.
-    """
-    return dsm_loss(score_fn, sde, x0, weighting="std2", reduction="mean", generator=generator, t=t, noise=noise)
-
-
-def ncsn_loss(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x0: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    t: Tensor | float | None = None,
-    noise: Tensor | None = None,
-) -> LossOutput:
-    """Song & Ermon 2019, eqs. (5)-(6): 1/L sum_i sigma_i^2 * 1/2 E||s(x~, sigma_i) + (x~ - x)/sigma_i^2||^2.
-
-    ||.||^2 is the squared norm, summed over dims (as in their code), and (x~ - x)/sigma^2 = z/sigma;
-    so this is 1/2 dsm_loss with std2 weighting and a sum over dims. With the NCSN ladder t is uniform
-    over its levels.
-    """
-    out = dsm_loss(score_fn, sde, x0, weighting="std2", reduction="sum", generator=generator, t=t, noise=noise)
-    return LossOutput(loss=0.5 * out.loss, per_sample=0.5 * out.per_sample, t=out.t)
-
-
-LOSSES: dict[str, Callable[..., LossOutput]] = {"dsm": dsm_loss, "ddpm": ddpm_loss, "ncsn": ncsn_loss}
 
 
 def _fmt(v: float) -> str:

@@ -21,11 +21,12 @@ parameterisations then start from "no noise predicted" / "D(x) = c_skip x", a st
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Literal, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, TypeAdapter
 from torch import Tensor, nn
 
 from .schema import StrictModel as _Model  # not via .config, which imports this module
@@ -384,6 +385,11 @@ class UNetConfig(_Model):
 NetConfig = Annotated[Union[MLPNetConfig, UNetConfig], Field(discriminator="type")]
 
 
+def net_config(data: dict) -> NetConfig:
+    """A validated NetConfig from params-style data, e.g. {"type": "unet"} for the U-Net's defaults."""
+    return TypeAdapter(NetConfig).validate_python(data)
+
+
 def build_net(cfg: NetConfig, data_shape: tuple[int, ...]) -> nn.Module:
     """The network `cfg` describes, for data of shape data_shape: (dim,) or (C, H, W) with H == W."""
     shape = tuple(int(s) for s in data_shape)
@@ -400,3 +406,24 @@ def build_net(cfg: NetConfig, data_shape: tuple[int, ...]) -> nn.Module:
             raise ValueError(f"net.type 'unet' needs square images (H == W), got data_shape {shape}")
         return UNet(in_channels=c, image_size=h, **options)
     raise TypeError(f"build_net needs an MLPNetConfig or UNetConfig, got {type(cfg).__name__}")
+
+
+def state_dict_mismatch(error: BaseException) -> str:
+    """load_state_dict's long message in one line, for errors about weights that do not fit a network: counts
+    and the first few names."""
+    if not isinstance(error, RuntimeError):
+        return f"{type(error).__name__}: {error}"
+    text = str(error)
+    parts = []
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*)"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*)")):
+        if m := re.search(pattern, text):
+            keys = re.findall(r'"([^"]+)"', m[1])
+            parts.append(f"{len(keys)} {label} key(s) ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    sizes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                       r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", text)
+    if sizes:
+        name, found, want = sizes[0]
+        parts.append(f"{len(sizes)} shape mismatch(es) ({name}: file {found}, network {want}"
+                     f"{', ...' if len(sizes) > 1 else ''})")
+    return "; ".join(parts) or " ".join(text.split())[:200]

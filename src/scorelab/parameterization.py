@@ -20,8 +20,6 @@ Everything downstream (losses, samplers, likelihood) sees only `score(x, t)`.
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 from torch import Tensor, nn
 
@@ -60,19 +58,6 @@ class ScoreModel(nn.Module):
         self.net, self.sde, self.kind = net, sde, kind
         self.scale_by_sigma = bool(scale_by_sigma)
         self.sigma_data = float(sigma_data)
-
-    @classmethod
-    def from_config(cls, net: nn.Module, sde: SDE, cfg: Mapping) -> "ScoreModel":
-        """Build from a dict with keys kind, scale_by_sigma, sigma_data (the inverse of `config`)."""
-        valid = {"kind", "scale_by_sigma", "sigma_data"}
-        unknown = set(cfg) - valid
-        if unknown:
-            raise ValueError(f"unknown ScoreModel option(s) {sorted(unknown)}; valid: {sorted(valid)}")
-        cfg = dict(cfg)
-        return cls(net, sde, cfg.pop("kind", "eps"), **cfg)
-
-    def config(self) -> dict:
-        return {"kind": self.kind, "scale_by_sigma": self.scale_by_sigma, "sigma_data": self.sigma_data}
 
     def _score_and_denoised(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
         """(score, D) where D is the network's own E[x_0 | x_t] when it has one (kind "edm")."""

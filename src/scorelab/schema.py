@@ -1,9 +1,24 @@
-"""The base of every configuration model: unknown keys are errors, values are frozen after validation.
+"""The base of every configuration model, and how its validation errors read: one line each.
+
+    raise ValidationError.from_exception_data(title, [line_error(("beta_max",), "must be > beta_min", v)])
+    problems = [describe_error(err, Params) for err in e.errors(include_url=False)]   # "dotted.location: message"
 
 Kept apart from scorelab.config so that modules which define their own section (data, nets) can
-import it without importing config, which imports them."""
+import it without importing config, which imports them. describe_error follows a pydantic loc through
+the model types from `root` (e.g. params.yaml's Params): pydantic's union tags and
+schema labels are dropped, an unknown key is answered with the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
 class StrictModel(BaseModel):
@@ -18,3 +33,146 @@ class ConfigError(ValueError):
         self.source = source
         head = f"{source}: " if source else ""
         super().__init__(f"{head}{len(self.problems)} problem(s)\n" + "\n".join(f"  {p}" for p in self.problems))
+
+
+def line_error(loc: tuple[str | int, ...], message: str, value: Any, kind: str = "coupled_fields") -> InitErrorDetails:
+    """One error at `loc` for a validator that checks several fields: raised together in a ValidationError,
+    each keeps its own location. kind "described": `message` is complete (describe_error adds no "(got ...)")."""
+    return InitErrorDetails(type=PydanticCustomError(kind, "{message}", {"message": message}), loc=loc, input=value)
+
+
+# A pydantic schema label in a loc, e.g. "function-after[_check(), VPConfig]", "list[int]", "constrained-int".
+_LABEL = re.compile(r"^[a-z][a-z-]*(\[.*\])?$")
+
+
+def _unwrap(tp: Any, disc: str | None = None) -> tuple[Any, str | None]:
+    """Strip Annotated and Optional around a type; also return a union discriminator found on the way."""
+    while True:
+        if typing.get_origin(tp) is Annotated:
+            tp, *meta = typing.get_args(tp)
+            disc = next((m.discriminator for m in meta if getattr(m, "discriminator", None)), disc)
+            continue
+        if _is_union(tp):
+            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(members) == 1:
+                tp = members[0]
+                continue
+        return tp, disc
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _tags(union: Any, field: str) -> dict[Any, type[BaseModel]]:
+    """A discriminated union's members by their tag values."""
+    tags = {}
+    for member in typing.get_args(union):
+        member, _ = _unwrap(member)
+        if _is_model(member) and field in member.model_fields:
+            tags.update(dict.fromkeys(typing.get_args(member.model_fields[field].annotation), member))
+    return tags
+
+
+def _walk(loc: tuple, root: type[BaseModel]) -> tuple[list[str], Any]:
+    """Follow a pydantic loc through the type tree from `root`: the human path (union tags and schema labels
+    dropped, dict keys and list indices kept) and the type found at its end (None if lost)."""
+    parts: list[str] = []
+    tp: Any = root
+    disc: str | None = None
+    for item in loc:
+        tp, disc = _unwrap(tp, disc)
+        origin = typing.get_origin(tp)
+        if item == "[key]":  # the error is about the dict key just passed
+            continue
+        if origin is dict:
+            parts.append(str(item))
+            tp, disc = typing.get_args(tp)[1], None
+        elif origin is list and isinstance(item, int):
+            parts.append(str(item))
+            tp, disc = typing.get_args(tp)[0], None
+        elif _is_union(tp) and disc and item in _tags(tp, disc):
+            tp, disc = _tags(tp, disc)[item], None  # pydantic's union tag, not a key the user wrote
+        elif _is_model(tp) and item in tp.model_fields:
+            parts.append(str(item))
+            field = tp.model_fields[item]
+            tp, disc = field.annotation, field.discriminator
+        elif isinstance(item, str) and _LABEL.match(item) and ("[" in item or "-" in item):
+            continue
+        else:
+            parts.append(str(item))
+            tp, disc = None, None
+    return parts, (_unwrap(tp)[0] if tp is not None else None)
+
+
+def _suggest(word: Any, valid: list[str]) -> str:
+    close = difflib.get_close_matches(str(word), valid, n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# pydantic error type -> (its ctx key, the operator to show)
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
+           "less_than_equal": ("le", "<=")}
+
+
+def describe_error(err: dict, root: type[BaseModel]) -> str:
+    """One line "dotted.location: message" for one pydantic error of the model `root` (e.g. config.Params)."""
+    kind, loc, ctx, value = err["type"], tuple(err["loc"]), err.get("ctx") or {}, err.get("input")
+    got = f" (got {_show(value)})"
+
+    if kind == "extra_forbidden":
+        parts, owner = _walk(loc[:-1], root)
+        key = loc[-1]
+        where = ".".join([*parts, str(key)])
+        if not _is_model(owner):
+            return f"{where}: unknown key {key!r}"
+        valid = sorted(owner.model_fields)
+        return f"{where}: unknown key {key!r}; {_suggest(key, valid)}valid keys: {', '.join(valid)}"
+
+    parts, tp = _walk(loc, root)
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        field = ctx.get("discriminator", "type").strip("'")
+        where = ".".join([*parts, field])
+        valid = sorted(_tags(tp, field)) if _is_union(tp) else []
+        if kind == "union_tag_not_found":
+            return f"{where}: missing required key" + (f"; valid {field}s: {', '.join(valid)}" if valid else "")
+        tag = ctx.get("tag")
+        return f"{where}: unknown {field} {tag!r}; {_suggest(tag, valid)}valid {field}s: {', '.join(valid)}"
+
+    where = ".".join(parts) or "top level"
+    if loc and loc[-1] == "[key]":  # a dict key, i.e. a variant name
+        rule = f"must match {ctx['pattern']}" if kind == "string_pattern_mismatch" else pydantic_message(err)
+        return f"{where}: invalid name {loc[-2]!r}; {rule}"
+    if kind == "missing":
+        return f"{where}: missing required key"
+    if kind in _BOUNDS:
+        key, op = _BOUNDS[kind]
+        return f"{where}: must be {op} {ctx[key]:g}{got}"
+    if kind == "too_short":
+        return f"{where}: must have at least {ctx['min_length']} item(s){got}"
+    if kind == "literal_error":
+        valid = re.findall(r"'([^']*)'", ctx.get("expected", ""))
+        hint = _suggest(value, valid) if isinstance(value, str) else ""
+        return f"{where}: must be one of {', '.join(valid)}{got}" + (f"; {hint.strip()}" if hint else "")
+    if kind == "described":  # the message is complete as it is
+        return f"{where}: {err['msg']}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{where}: must be a mapping{got}"
+    return f"{where}: {pydantic_message(err)}{got}"
+
+
+def pydantic_message(err: dict) -> str:
+    """pydantic's own message of an error, without its "Value error, " prefixes and in this module's words."""
+    msg = err["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    return msg.replace("Input should be", "must be")

@@ -91,9 +91,6 @@ class BetaSchedule(ABC):
         """What the network sees as its time input (score_sde's convention for VP: 999 t)."""
         return 999.0 * t
 
-    def config(self) -> dict:
-        return {}
-
 
 class LinearBeta(BetaSchedule):
     """beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021, VP and sub-VP)."""
@@ -112,9 +109,6 @@ class LinearBeta(BetaSchedule):
     def inverse_integral(self, b):
         d = self.beta_max - self.beta_min
         return 2 * b / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * d * b))
-
-    def config(self):
-        return {"beta_min": self.beta_min, "beta_max": self.beta_max}
 
 
 class CosineBeta(BetaSchedule):
@@ -145,9 +139,6 @@ class CosineBeta(BetaSchedule):
         cos_angle = torch.exp(-b / 2 + self._log_c0)
         return torch.acos(cos_angle) * (2 * (1 + self.s) / math.pi) - self.s
 
-    def config(self):
-        return {"s": self.s, "T": self.T}
-
 
 class DiscreteBeta(BetaSchedule):
     """DDPM's Markov chain of N steps as a VP SDE with piecewise-constant beta(t).
@@ -157,13 +148,12 @@ class DiscreteBeta(BetaSchedule):
     q(x_i | x_{i-1}) = N(sqrt(1 - beta_i) x_{i-1}, beta_i I).
     """
 
-    def __init__(self, betas: Tensor, name: str = "custom", **cfg):
+    def __init__(self, betas: Tensor):
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("DiscreteBeta needs a 1-D sequence of betas in (0, 1)")
         self.betas = betas
         self.num_steps = len(betas)
-        self.name, self._cfg = name, cfg
         knots_b = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(-torch.log1p(-betas), 0)])
         self._b = PiecewiseLinear(torch.linspace(0, 1, self.num_steps + 1, dtype=torch.float64), knots_b)
 
@@ -189,8 +179,7 @@ class DiscreteBeta(BetaSchedule):
             betas = (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
         else:
             raise ValueError(f"unknown DDPM schedule {schedule!r}; valid: 'linear', 'cosine'")
-        return cls(betas, name=schedule, num_steps=num_steps, schedule=schedule,
-                   beta_start=beta_start, beta_end=beta_end)
+        return cls(betas)
 
     @property
     def alphas_cumprod(self) -> Tensor:
@@ -211,9 +200,6 @@ class DiscreteBeta(BetaSchedule):
     def discrete_times(self) -> Tensor:
         return torch.arange(1, self.num_steps + 1, dtype=torch.float64) / self.num_steps
 
-    def config(self):
-        return dict(self._cfg)
-
 
 class VarianceSchedule(ABC):
     T: float = 1.0
@@ -230,9 +216,6 @@ class VarianceSchedule(ABC):
     @abstractmethod
     def inverse_variance(self, v: Tensor) -> Tensor:
         """t such that V(t) = v."""
-
-    def config(self) -> dict:
-        return {}
 
 
 class GeometricVariance(VarianceSchedule):
@@ -263,9 +246,6 @@ class GeometricVariance(VarianceSchedule):
         """The time where std = sigma_min: the noise floor that score_sde's VE works down to."""
         return math.log(2.0) / (2 * self._log_ratio)
 
-    def config(self):
-        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
-
 
 class DiscreteVariance(VarianceSchedule):
     """NCSN's noise ladder sigma_1 > ... > sigma_L as a VE SDE.
@@ -275,13 +255,12 @@ class DiscreteVariance(VarianceSchedule):
     SMLD's Markov chain.
     """
 
-    def __init__(self, sigmas: Tensor, **cfg):
+    def __init__(self, sigmas: Tensor):
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
         if sigmas.ndim != 1 or not bool((sigmas[:-1] > sigmas[1:]).all()) or not bool((sigmas > 0).all()):
             raise ValueError("DiscreteVariance needs a strictly decreasing 1-D ladder of positive sigmas")
         self.sigmas = sigmas
         self.num_scales = len(sigmas)
-        self._cfg = cfg
         knots_v = torch.cat([torch.zeros(1, dtype=torch.float64), sigmas.flip(0) ** 2])
         self._v = PiecewiseLinear(torch.linspace(0, 1, self.num_scales + 1, dtype=torch.float64), knots_v)
 
@@ -292,7 +271,7 @@ class DiscreteVariance(VarianceSchedule):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"NCSN needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         sigmas = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), num_scales, dtype=torch.float64))
-        return cls(sigmas, sigma_min=sigma_min, sigma_max=sigma_max, num_scales=num_scales)
+        return cls(sigmas)
 
     def variance(self, t):
         return self._v(t)
@@ -309,9 +288,6 @@ class DiscreteVariance(VarianceSchedule):
     @property
     def default_eps(self) -> float:
         return 1.0 / self.num_scales  # the smallest noise level of the ladder
-
-    def config(self):
-        return dict(self._cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,9 +388,6 @@ class SDE(ABC):
     def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
         return ReverseSDE(self, score_fn, probability_flow)
 
-    def config(self) -> dict:
-        return {"type": self.name}
-
 
 class ReverseSDE:
     """dx = [f x - g^2 score] dt + g dw-bar run from T to 0, or the probability-flow ODE
@@ -464,9 +437,6 @@ class VPSDE(SDE):
 
     def discrete_times(self):
         return getattr(self.schedule, "discrete_times", lambda: None)()
-
-    def config(self):
-        return {"type": self.name, **self.schedule.config()}
 
 
 class SubVPSDE(VPSDE):
@@ -520,9 +490,6 @@ class VESDE(SDE):
 
     def discrete_times(self):
         return getattr(self.schedule, "discrete_times", lambda: None)()
-
-    def config(self):
-        return {"type": self.name, **self.schedule.config()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,9 @@
-"""Where runs keep their files: a local folder, a shared filesystem or an object store (s3://, gs://, ...),
-reached through pyarrow's filesystems as Ray Train reaches its checkpoints.
+"""Files written whole or not at all, and where runs keep them: a local folder, a shared filesystem or an
+object store (s3://, gs://, ...), reached through pyarrow's filesystems as Ray Train reaches its checkpoints.
+
+    with atomic_path(out / "model.pt") as tmp:   # write tmp however you like (torch.save, np.savez, ...)
+        torch.save(obj, tmp)                     # renamed over the target only if the block succeeds
+    write_text(path, text); write_bytes(path, data); write_json(path_or_uri, obj); sha256_file(path)
 
 Every node of a cluster must reach `ray.storage_path` (Ray Train writes checkpoints there from the workers),
 so the few things the driver and the workers tell each other outside Ray go there too: the driver's stop
@@ -9,10 +13,12 @@ worker on another machine.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import threading
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def is_uri(path: str) -> bool:
@@ -34,7 +40,8 @@ def join(storage: str, *parts: str) -> str:
     return str(Path(storage, *parts))
 
 
-def _filesystem(path: str):
+def filesystem(path: str):
+    """(pyarrow filesystem, path on it) for a local path or a URI."""
     import pyarrow.fs as pafs
 
     if is_uri(path):
@@ -42,19 +49,61 @@ def _filesystem(path: str):
     return pafs.LocalFileSystem(), str(Path(path).resolve())
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Write whole or not at all: a temporary file moved over the target (on object stores one upload)."""
-    fs, p = _filesystem(path)
+@contextmanager
+def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
+    """A temporary name beside `path` (<name>.tmp) to write to; renamed over `path` when the block
+    succeeds, removed when it fails: a crash mid-write leaves the previous file, never a truncated one.
+    fsync: flush the bytes to disk before the rename (files that a resume depends on)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # <name>.tmp, no process id: torch.save names the archive inside the file after it, and a model file
+    # must be the same bytes every time it is written from the same weights
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = None) -> None:
+    """Write whole or not at all, on a local path or a URI (there: a temporary object moved over the target,
+    on object stores one upload)."""
+    text = json.dumps(obj, indent=indent)
+    if not is_uri(str(path)):
+        write_text(path, text)
+        return
+    fs, p = filesystem(str(path))
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     tmp = p + ".tmp"
     with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(obj).encode())
+        f.write(text.encode())
     fs.move(tmp, p)
 
 
 def read_json(path: str) -> dict[str, Any] | None:
     """The JSON object at path, or None where there is none."""
-    fs, p = _filesystem(path)
+    fs, p = filesystem(path)
     try:
         with fs.open_input_stream(p) as f:
             return json.loads(f.read().decode())
@@ -62,69 +111,21 @@ def read_json(path: str) -> dict[str, Any] | None:
         return None
 
 
-def _exists(fs, p: str) -> bool:
+def exists_on(fs, p: str) -> bool:
+    """Whether `p` exists on the pyarrow filesystem `fs` (made once by the caller: on an object store that
+    resolves credentials)."""
     import pyarrow.fs as pafs
 
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
 def exists(path: str) -> bool:
-    return _exists(*_filesystem(path))
+    return exists_on(*filesystem(path))
 
 
 def remove(path: str) -> None:
-    fs, p = _filesystem(path)
+    fs, p = filesystem(path)
     try:
         fs.delete_file(p)
     except FileNotFoundError:
         pass
-
-
-class StopWatch:
-    """Looks for a file every `interval_s` seconds in a background thread, so that the training step only
-    reads a flag: on an object store each look is a request that takes tens of milliseconds."""
-
-    def __init__(self, path: str, interval_s: float = 0.5):
-        self.path, self.interval_s = path, interval_s
-        self._seen = threading.Event()
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="scorelab-stop-watch", daemon=True)
-        self._thread.start()
-
-    def _watch(self) -> None:
-        filesystem = None  # made once: on an object store it resolves credentials
-        while not self._closed.is_set():
-            try:
-                filesystem = filesystem or _filesystem(self.path)
-                if _exists(*filesystem):
-                    self._seen.set()
-                    return
-            except OSError:  # storage briefly unreachable: look again
-                pass
-            self._closed.wait(self.interval_s)
-
-    @property
-    def requested(self) -> bool:
-        return self._seen.is_set()
-
-    def close(self) -> None:
-        self._closed.set()
-
-
-def remove_unregistered_checkpoints(result: Any) -> list[str]:
-    """Delete the checkpoint folders of a finished Ray Train run that Ray does not keep: those a killed
-    launch wrote after its last registered one, which no later launch knows of. Only `checkpoint_*` folders
-    directly in the run's folder are considered. Returns the paths removed."""
-    import pyarrow.fs as pafs
-
-    fs, run_dir = result.filesystem, result.path
-    kept = {c.path.rstrip("/") for c, _ in (result.best_checkpoints or [])}
-    if result.checkpoint is not None:
-        kept.add(result.checkpoint.path.rstrip("/"))
-    removed = []
-    for info in fs.get_file_info(pafs.FileSelector(run_dir)):
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") \
-                and info.path.rstrip("/") not in kept:
-            fs.delete_dir(info.path)
-            removed.append(info.path)
-    return removed

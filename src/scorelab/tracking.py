@@ -48,23 +48,65 @@ def check_reachable_from(uri: str, num_nodes: int) -> None:
         )
 
 
-def check_server(uri: str, timeout_s: float = 10.0) -> None:
-    """Refuse an http(s) tracking URI where no server answers within timeout_s (MLflow's own client
-    retries a dead server for minutes). Any HTTP answer counts: only the network failing is an error."""
+def _unanswered(uri: str, timeout_s: float) -> Exception | None:
+    """The network error when no server at the http(s) `uri` answers GET /health within timeout_s, else None.
+    Any HTTP answer counts (auth, a proxy, no /health): only the network failing is an error."""
     import urllib.error
     import urllib.request
 
-    if not uri.startswith(("http://", "https://")):
-        return
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
-            pass
-    except urllib.error.HTTPError:  # it answered (auth, a proxy, no /health): reachable
-        return
+            return None
+    except urllib.error.HTTPError:  # it answered: reachable
+        return None
     except (urllib.error.URLError, OSError, ValueError) as e:
+        return e
+
+
+def check_server(uri: str, timeout_s: float = 10.0) -> None:
+    """Refuse an http(s) tracking URI where no server answers within timeout_s (MLflow's own client
+    retries a dead server for minutes). Any HTTP answer counts: only the network failing is an error."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    e = _unanswered(uri, timeout_s)
+    if e is not None:
         reason = " ".join(str(getattr(e, "reason", None) or e).split())[:160]
         raise TrackingError(f"mlflow.tracking_uri {uri}: no server answers ({reason}) within {timeout_s:g}s "
                             "(mlflow.connect_timeout_s): start the MLflow server or fix mlflow.tracking_uri") from None
+
+
+def store_problem(uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why the MLflow store at `uri` (resolved) cannot be used, or None: a local store that does not exist (it
+    would hold no runs, and reading it must not create it), or a tracking server that does not answer."""
+    import urllib.parse
+
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        return None if path.is_file() else f"MLflow store {path} does not exist"
+    if uri.startswith("file:") or "://" not in uri:
+        path = Path(urllib.parse.urlsplit(uri).path if uri.startswith("file:") else uri)
+        return None if path.is_dir() else f"MLflow store {path} does not exist"
+    if uri.startswith(("http://", "https://")):
+        e = _unanswered(uri, timeout_s)
+        if e is not None:
+            return f"MLflow tracking server {display_uri(uri)} unreachable: {error_line(getattr(e, 'reason', e))}"
+    return None
+
+
+def display_uri(uri: str) -> str:
+    """`uri` without the credentials it may hold, for messages."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username or parts.password:  # never print credentials
+        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+    return urllib.parse.urlunsplit(parts)
+
+
+def error_line(e: BaseException | str) -> str:
+    """An error's first line, at most 200 characters: how notes quote MLflow's (often long) errors."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def client(uri: str):
@@ -94,6 +136,17 @@ def start_or_resume_run(uri: str, exp_id: str, run_key: str, run_name: str, tags
         return run_id
     run = c.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags})
     return run.info.run_id
+
+
+def open_run(uri: str, experiment: str, root: Path, run_key: str, run_name: str, tags: Mapping[str, str]) -> str:
+    """The id of the run of `experiment` (created once, on the driver) tagged with run_key: the one an
+    earlier launch of the same configuration opened (resumed, status RUNNING again), else a new one."""
+    return start_or_resume_run(uri, experiment_id(uri, experiment, root), run_key, run_name, tags)
+
+
+def experiment_name(configured: str | None, source: str) -> str:
+    """params.mlflow.experiment, else one experiment per data source: scorelab-<source>."""
+    return configured or f"scorelab-{source}"
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

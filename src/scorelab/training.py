@@ -22,37 +22,32 @@ import os
 import tempfile
 import time
 import warnings
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from . import storage, tracking
+from .checkpoint import (STATE_FILE, CheckpointError, CheckpointMismatchError, build_model, export_model, load_state,
+                         load_trained, save_state, state_dict_mismatch)
 from .config import Params, TrainConfig, VariantConfig
+from .data import load_manifest, read_rows, verify
 from .ema import EMA
 from .losses import dsm_loss, loss_per_bin
 from .parameterization import ScoreModel
+from .layout import METRICS_FILE, MODEL_FILE
+from .runtime import (StopWatch, alive_nodes, checkpoint_on_sigterm, ray_session, remove_unregistered_checkpoints, say,
+                      torch_trainer, worker_error)
+from .visual import save_samples
 
-STATE_FILE = "state.pt"
 STATUS_FILE = "scorelab_status.json"  # in the run's folder under ray.storage_path: rank 0's outcome of a launch
 STOP_FILE = "scorelab_stop.json"  # beside it: the driver's request to checkpoint and stop (preemption)
-DIGEST_KEY = "sha256"  # in state.pt and model.pt: the sha256 of the rest of the file's contents
 
 
 class TrainingError(RuntimeError):
     """Training stopped: non-finite loss, a refused checkpoint, or the run failed."""
-
-
-class CheckpointMismatchError(TrainingError):
-    pass
-
-
-class CheckpointCorruptError(CheckpointMismatchError):
-    """A checkpoint or model file that is truncated, unreadable, or whose contents no longer match the
-    sha256 recorded in it when it was written."""
 
 
 class TrainingPreempted(TrainingError):
@@ -118,7 +113,7 @@ def micro_batch(train: TrainConfig, world: int) -> tuple[int, int]:
     return rows, train.batch_size // (world * rows)
 
 
-def _mix(*ints: int) -> int:
+def mix_seed(*ints: int) -> int:
     """A 63-bit seed from several integers (stable across processes, unlike hash())."""
     digest = hashlib.blake2b(json.dumps(ints).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
@@ -138,31 +133,11 @@ def seed_dropout(device: torch.device, seed: int) -> None:
 # Data: each worker reads only its contiguous slice of the training rows
 
 
-def read_rows(data_dir: str | Path, split: str, lo: int, hi: int) -> torch.Tensor:
-    """Rows [lo, hi) of a split in model space, reading only the Parquet shards that hold them."""
-    import pyarrow.parquet as pq
-
-    from .data import _columns, decode_batch, load_manifest
-
-    manifest = load_manifest(data_dir)
-    shards = [s for s in manifest.shards if s.split == split]
-    parts, offset = [], 0
-    for shard, path in zip(shards, manifest.files(split)):
-        a, b = max(lo, offset), min(hi, offset + shard.rows)
-        if a < b:
-            table = pq.read_table(path, columns=_columns(manifest)).slice(a - offset, b - a)
-            parts.append(decode_batch({c: table.column(c).to_numpy() for c in table.column_names}, manifest)["x"])
-        offset += shard.rows
-    return torch.from_numpy(np.concatenate(parts)) if parts else torch.empty((0, *manifest.shape))
-
-
 class PartitionLoader:
     """Rows [rank*N/W, (rank+1)*N/W) of the train split, shuffled per epoch from (seed, rank, epoch).
     Micro-batch k of this worker is a pure function of k, so resuming needs only the step."""
 
     def __init__(self, data_dir: str, rank: int, world: int, rows: int, seed: int, hflip: bool = False):
-        from .data import load_manifest
-
         manifest = load_manifest(data_dir)
         n = manifest.counts["train"]
         lo, hi = rank * n // world, (rank + 1) * n // world
@@ -179,116 +154,14 @@ class PartitionLoader:
     def batch(self, k: int) -> torch.Tensor:
         epoch, pos = divmod(k, self.per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(_mix(self.seed, self.rank, epoch, 1))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, epoch, 1))
             self._perm, self._epoch = torch.randperm(len(self.x), generator=g), epoch
         x = self.x[self._perm[pos * self.rows:(pos + 1) * self.rows]]
         if self.hflip:  # mirror a random half, drawn from (seed, rank, k) like everything else
-            g = torch.Generator().manual_seed(_mix(self.seed, self.rank, k, 3))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, k, 3))
             flip = torch.rand(len(x), generator=g) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x
-
-
-# ---------------------------------------------------------------------------------------------
-# Model and checkpoints
-
-
-def _state_dict_mismatch(error: Exception) -> str:
-    """load_state_dict's long message in one line: counts and the first few names."""
-    from .features import _mismatch
-
-    return _mismatch(error) if isinstance(error, RuntimeError) else f"{type(error).__name__}: {error}"
-
-
-def build_model(variant: VariantConfig, data_shape: tuple[int, ...]) -> ScoreModel:
-    from .nets import MLPNetConfig, UNetConfig, build_net
-
-    net_cfg = variant.net or (MLPNetConfig() if len(data_shape) == 1 else UNetConfig())
-    param = variant.parameterization.model_dump()
-    kind = param.pop("type")
-    return ScoreModel(build_net(net_cfg, data_shape), variant.sde.build(), kind=kind, **param)
-
-
-def content_sha256(obj: Any) -> str:
-    """sha256 of a checkpoint's contents (nested dicts, lists, tensors with their dtypes and shapes,
-    numbers, strings). Stored in the file it describes, so the file stays one atomic write, and a file
-    that still loads after being damaged or altered is caught when the digest is recomputed."""
-    h = hashlib.sha256()
-
-    def walk(o: Any) -> None:
-        if isinstance(o, torch.Tensor):
-            t = o.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-        elif isinstance(o, dict):
-            h.update(b"D%d" % len(o))
-            for k in sorted(o, key=repr):
-                h.update(repr(k).encode())
-                walk(o[k])
-        elif isinstance(o, (list, tuple)):
-            h.update(b"L%d" % len(o))
-            for v in o:
-                walk(v)
-        else:
-            h.update(f"S{type(o).__name__}:{o!r}".encode())
-
-    walk(obj)
-    return h.hexdigest()
-
-
-def _save_atomic(obj: dict[str, Any], path: Path) -> Path:
-    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash mid-write
-    leaves the previous file, never a truncated one. The contents' sha256 goes in with them."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save({**obj, DIGEST_KEY: content_sha256(obj)}, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _load_verified(path: Path, what: str, hint: str, map_location: Any = "cpu") -> dict[str, Any]:
-    """torch.load(weights_only=True), then the recorded sha256 checked against the contents. Files
-    written before digests were recorded load unchecked."""
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # truncated or tampered files fail in many ways
-        raise CheckpointCorruptError(f"{what} {path} is unreadable ({type(e).__name__}: {e}): {hint}") from None
-    if not isinstance(blob, dict):
-        raise CheckpointCorruptError(f"{what} {path} is not a scorelab file (holds {type(blob).__name__}): {hint}")
-    recorded = blob.pop(DIGEST_KEY, None)
-    if recorded is not None and recorded != content_sha256(blob):
-        raise CheckpointCorruptError(
-            f"{what} {path} is unreadable: its contents do not match the sha256 recorded when it was written "
-            f"(damaged or modified on disk): {hint}")
-    return blob
-
-
-def save_state(directory: Path, **state: Any) -> Path:
-    """Write atomically, with the contents' sha256 (see _save_atomic)."""
-    return _save_atomic(state, Path(directory) / STATE_FILE)
-
-
-def load_state(directory: Path, expected_hash: str | None) -> dict[str, Any]:
-    path = Path(directory) / STATE_FILE
-    try:
-        state = _load_verified(path, "checkpoint", "remove this checkpoint folder to resume from the one before "
-                               "it, or the run's folder to start fresh")
-    except FileNotFoundError:
-        raise CheckpointMismatchError(f"checkpoint {directory} has no {STATE_FILE}") from None
-    if expected_hash is not None and state.get("config_hash") != expected_hash:
-        raise CheckpointMismatchError(
-            f"checkpoint {path} was written for configuration {str(state.get('config_hash'))[:12]}, "
-            f"not this one ({expected_hash[:12]}): it cannot be resumed; change ray.storage_path or "
-            "remove the old run to start fresh"
-        )
-    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +205,7 @@ def train_loop(config: dict[str, Any]) -> None:
             except (RuntimeError, KeyError, ValueError) as e:  # e.g. the default net changed since it was written
                 raise CheckpointMismatchError(
                     f"checkpoint {Path(d) / STATE_FILE} holds weights of another architecture than variant "
-                    f"{job.variant!r} builds ({_state_dict_mismatch(e)}): it cannot be resumed; change "
+                    f"{job.variant!r} builds ({state_dict_mismatch(e)}): it cannot be resumed; change "
                     "ray.storage_path or remove the old run to start fresh") from None
         start = int(state["step"])
     ddp = ray.train.torch.prepare_model(model)
@@ -351,7 +224,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     sde = model.sde
     # rank 0 watches for the driver's stop request in a thread: the step only reads a flag
-    stop = storage.StopWatch(job.stop_path) if job.stop_path and rank == 0 else None
+    stop = StopWatch(job.stop_path) if job.stop_path and rank == 0 else None
     with closing(stop) if stop is not None else nullcontext():
         window: dict[str, list] = {"loss": [], "t": [], "per_sample": []}
         clock, clock_step = time.perf_counter(), start
@@ -369,11 +242,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 x0 = loader.batch(k).to(device)
                 spent["data"] += time.perf_counter() - tick
                 tick = time.perf_counter()
-                gen = torch.Generator(device=device).manual_seed(_mix(job.seed, rank, k, 2))
+                gen = torch.Generator(device=device).manual_seed(mix_seed(job.seed, rank, k, 2))
                 # Dropout draws from the global generator: reseeded from (seed, rank, k) so that its masks, like the
                 # noise above, depend on nothing but the micro-batch. A resumed run then equals an uninterrupted
                 # one bit for bit (the generator's state at a checkpoint is not needed), and ranks differ.
-                seed_dropout(device, _mix(job.seed, rank, k, 4))
+                seed_dropout(device, mix_seed(job.seed, rank, k, 4))
                 sync = nullcontext() if (a == accum - 1 or world == 1) else ddp.no_sync()
                 with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     out = dsm_loss(ddp, sde, x0, weighting=variant.loss.weighting,
@@ -408,7 +281,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 if done not in logged:  # background: a tracking server away must not stall the steps
                     logger.metrics(metrics, step=done, background=True)
                 eta = (train.steps - done) * elapsed / max(done - clock_step, 1)
-                _say(f"[{job.variant}] step {done}/{train.steps} | loss {mean_loss:.4f} | "
+                say(f"[{job.variant}] step {done}/{train.steps} | loss {mean_loss:.4f} | "
                      f"{images_per_s:.0f} img/s | ETA {eta:.0f}s")
                 window = {"loss": [], "t": [], "per_sample": []}
                 spent = dict.fromkeys(spent, 0.0)
@@ -433,20 +306,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 if rank == 0:
                     logger.flush()
                     _write_status(job, {"status": "preempted", "step": done})
-                    _say(f"[{job.variant}] stop requested: checkpointed step {done}/{train.steps}, stopping")
+                    say(f"[{job.variant}] stop requested: checkpointed step {done}/{train.steps}, stopping")
                 return
         if rank == 0:
             logger.flush()  # the metrics still in MLflow's background queue land before the run is finished
             _write_status(job, {"status": "finished", "step": train.steps})
-
-
-def _say(line: str) -> None:
-    """One progress line to the driver. Not print(): Ray Train patches print in workers and, with the
-    stream wrapped, emits each line twice."""
-    import sys
-
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def _report_checkpoint(job: TrainJob, rank: int, step: int, loss: float, model, ema, optimizer, accum: int,
@@ -467,7 +331,7 @@ def _report_checkpoint(job: TrainJob, rank: int, step: int, loss: float, model, 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _stop_requested(stop: storage.StopWatch | None, rank: int, world: int, device: torch.device) -> bool:
+def _stop_requested(stop: StopWatch | None, rank: int, world: int, device: torch.device) -> bool:
     """Whether the driver asked to stop. Rank 0 watches for the file and all ranks agree through an
     all-reduce, so they stop at the same step (a rank that stopped alone would hang the others)."""
     flag = stop is not None and stop.requested
@@ -483,7 +347,7 @@ def _stop_nonfinite(job: TrainJob, rank: int, step: int, loss: float, grad_norm:
     the driver turns the status into a clear error and the last good checkpoint stays."""
     if rank == 0:
         _write_status(job, {"status": "nonfinite", "step": step + 1, "loss": loss, "grad_norm": grad_norm})
-        _say(f"[{job.variant}] non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step + 1}: stopping")
+        say(f"[{job.variant}] non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step + 1}: stopping")
 
 
 def _write_status(job: TrainJob, status: dict) -> None:
@@ -491,8 +355,6 @@ def _write_status(job: TrainJob, status: dict) -> None:
 
 
 def _log_samples(ema_model: ScoreModel, variant: VariantConfig, job: TrainJob, logger, step: int) -> None:
-    from .visual import save_samples
-
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"samples_step{step:07d}.png"
         save_samples(ema_model, variant, tuple(job.data_shape), path, seed=job.seed)
@@ -501,103 +363,6 @@ def _log_samples(ema_model: ScoreModel, variant: VariantConfig, job: TrainJob, l
 
 # ---------------------------------------------------------------------------------------------
 # The driver
-
-
-def _check_ray_address(address: str, where: str, timeout_s: float) -> None:
-    """A TCP connect to a "host:port" or "ray://host:port" address ("auto" and the like are left to Ray)."""
-    import socket
-
-    target = address.removeprefix("ray://")
-    host, sep, port = target.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        reason = " ".join(str(e.strerror or e).split()) if not isinstance(e, TimeoutError) else "timed out"
-        raise TrainingError(f"{where} {address}: no Ray cluster answers there ({reason}) within {timeout_s:g}s "
-                            "(ray.connect_timeout_s): start it (ray start --head) or fix the address") from None
-
-
-@contextmanager
-def ray_session(address: str, num_cpus: float | None = None, connect_timeout_s: float = 10.0):
-    """Attach to the cluster named by `address` (or RAY_ADDRESS), else start a local Ray with explicit
-    CPUs; never silently attach to a stale cluster of an earlier `ray start`. A host:port where nothing
-    answers within connect_timeout_s is a TrainingError (ray.init would wait far longer)."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    where = "ray.address" if address else "$RAY_ADDRESS"
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address:
-        _check_ray_address(address, where, connect_timeout_s)
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, **kwargs)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@contextmanager
-def checkpoint_on_sigterm(stop_path: str, variant: str):
-    """Preemption: the first SIGTERM writes stop_path (in the run's storage, which every node reaches), and
-    the workers (rank 0 watches for it) checkpoint the step they are at and stop; the driver then raises
-    TrainingPreempted. A second SIGTERM exits at once (status 143), keeping the last registered checkpoint.
-    Signals reach only the main thread, so elsewhere this does nothing."""
-    import signal
-    import sys
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    requested, forced = threading.Event(), threading.Event()  # first SIGTERM seen; second one seen
-
-    def request_stop() -> None:
-        try:
-            storage.write_json(stop_path, {"signal": "SIGTERM", "time": time.time()})
-        except OSError as e:
-            sys.stderr.write(f"train {variant}: could not write the stop request {stop_path} ({e}): "
-                             "send SIGTERM again to exit without a new checkpoint\n")
-
-    def handler(signum, frame):
-        if requested.is_set():
-            sys.stderr.write(f"train {variant}: second SIGTERM: exiting now; the last registered checkpoint is "
-                             "kept, the steps since it are lost\n")
-            forced.set()
-            raise SystemExit(128 + signum)
-        requested.set()
-        # written from a thread: on an object store this is a request, not something to wait on in a handler
-        threading.Thread(target=request_stop, name="scorelab-stop-request", daemon=True).start()
-        sys.stderr.write(f"train {variant}: SIGTERM: asking the workers to checkpoint and stop\n")
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    except BaseException:
-        if forced.is_set():  # Ray may have wrapped the handler's SystemExit in an error of its own
-            raise SystemExit(128 + signal.SIGTERM) from None
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _worker_error(error: BaseException) -> BaseException:
-    """The exception a Ray Train worker (lowest rank) or the controller raised, unwrapped from Ray's
-    error and its traceback wrapper; `error` itself when it holds none."""
-    failures = getattr(error, "worker_failures", None)
-    inner = failures[min(failures)] if failures else getattr(error, "controller_failure", None)
-    if inner is None:
-        return error
-    return getattr(inner, "_base_exc", inner)
 
 
 @dataclass
@@ -611,13 +376,10 @@ class TrainResult:
 
 
 def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, out_dir: Path) -> TrainResult:
-    """Train one variant through Ray Train (resuming its run if one exists) and export its EMA weights
-    to out_dir/model.pt; log config, weights and a final sample grid to its MLflow run."""
+    """Train one variant through Ray Train (resuming its run if one exists) and write out_dir: model.pt (its
+    EMA weights), config.json, samples_final.png and metrics.json; log config, weights and the final
+    sample grid to its MLflow run."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from .data import verify
 
     root, data_dir, out_dir = root.resolve(), data_dir.resolve(), out_dir.resolve()
     manifest = verify(data_dir)
@@ -634,13 +396,12 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
     tracking.check_server(uri, params.mlflow.connect_timeout_s)  # before Ray starts: seconds, not minutes
     with ray_session(cfg.address, num_cpus=max(float(os.cpu_count() or 1), needed),
                      connect_timeout_s=cfg.connect_timeout_s):
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        tracking.check_reachable_from(uri, len(nodes))
+        tracking.check_reachable_from(uri, alive_nodes())
         if cfg.use_gpu and not ray.cluster_resources().get("GPU"):
             raise TrainingError("ray.use_gpu is true but the Ray cluster has no GPU: set ray.use_gpu: false")
-        exp = tracking.experiment_id(uri, params.mlflow.experiment or f"scorelab-{manifest.source}", root)
         vcfg = params.variants[variant]
-        run_id = tracking.start_or_resume_run(uri, exp, key, variant, {
+        run_id = tracking.open_run(uri, tracking.experiment_name(params.mlflow.experiment, manifest.source), root,
+                                   key, variant, {
             "variant": variant, "sde": vcfg.sde.type, "parameterization": vcfg.parameterization.type,
             "git_commit": tracking.git_commit(root), "dataset_checksum": manifest.checksum,
             "scorelab.config_hash": key,
@@ -657,26 +418,17 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
             threads_per_worker=max(1, int(cfg.cpus_per_worker)), hflip=params.data.hflip,
             stop_path=stop_path,
         )
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config=asdict(job),
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                         resources_per_worker={"CPU": cfg.cpus_per_worker},
-                                         placement_strategy=cfg.placement_strategy),
-            run_config=RunConfig(name=name, storage_path=store,
-                                 failure_config=FailureConfig(max_failures=cfg.max_failures,
-                                                              controller_failure_limit=3),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 logging_config=LoggingConfig(log_level="WARNING")),
-        )
+        trainer = torch_trainer(train_loop, asdict(job), name=name, storage_path=store, workers=cfg.num_workers,
+                                cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=1.0 if cfg.use_gpu else 0.0,
+                                placement_strategy=cfg.placement_strategy, max_failures=cfg.max_failures)
         start = time.perf_counter()
         try:
             with checkpoint_on_sigterm(stop_path, variant):
                 result = trainer.fit()
         except Exception as e:
             logger.finish("FAILED")
-            cause = _worker_error(e)
-            if isinstance(cause, TrainingError):  # ours, already one line naming the file or field
+            cause = worker_error(e)
+            if isinstance(cause, (TrainingError, CheckpointError)):  # ours, already one line naming the file or field
                 raise type(cause)(f"training {variant!r} failed: {cause}") from e
             raise TrainingError(f"training {variant!r} failed: {type(cause).__name__}: "
                                 f"{' '.join(str(cause).split())[:300]}") from e
@@ -699,61 +451,22 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
         raise TrainingError(f"training {variant!r} ended without a checkpoint")
     with result.checkpoint.as_directory() as d:
         state = load_state(Path(d), key)
-    removed = storage.remove_unregistered_checkpoints(result)
+    removed = remove_unregistered_checkpoints(result)
     if removed:
-        _say(f"train {variant}: removed {len(removed)} checkpoint folder(s) in {run_dir} that Ray does not keep "
-             "(written by a killed launch after its last registered checkpoint)")
-    model_path = export_model(state, vcfg, tuple(manifest.shape), out_dir / "model.pt")
-    out_dir.mkdir(parents=True, exist_ok=True)
+        say(f"train {variant}: removed {len(removed)} checkpoint folder(s) in {run_dir} that Ray does not keep "
+            "(written by a killed launch after its last registered checkpoint)")
+    model_path = export_model(state, vcfg, tuple(manifest.shape), out_dir / MODEL_FILE)
     resolved = {"variant": variant, **vcfg.model_dump(mode="json"), "train": train.model_dump(),
                 "seed": params.seed, "data": params.data.model_dump(mode="json"), "ray": params.ray.model_dump(),
                 "config_hash": key}
-    (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+    storage.write_json(out_dir / "config.json", resolved, indent=2)
     logger.artifacts([model_path, out_dir / "config.json"], "model")
     trained = load_trained(model_path)
     sample_path = out_dir / "samples_final.png"
-    from .visual import save_samples
-
     save_samples(trained.model, vcfg, tuple(manifest.shape), sample_path, seed=params.seed)
     logger.artifact(sample_path, "samples")
     logger.finish()
-    return TrainResult(variant, run_id, model_path, int(state["step"]), seconds, float(result.metrics.get("loss", "nan")))
-
-
-# ---------------------------------------------------------------------------------------------
-# Trained weights, in a form scorelab loads back without executing code
-
-
-@dataclass
-class TrainedModel:
-    model: ScoreModel  # EMA weights, eval mode
-    variant: VariantConfig
-    data_shape: tuple[int, ...]
-    step: int
-    config_hash: str
-    run_id: str
-
-
-def export_model(state: dict[str, Any], variant: VariantConfig, data_shape: tuple[int, ...], path: Path) -> Path:
-    """model.pt: the EMA weights of the ScoreModel plus what is needed to rebuild it."""
-    ema_weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return _save_atomic({"weights": ema_weights, "variant": variant.model_dump(mode="json"),
-                         "data_shape": list(data_shape), "step": int(state["step"]),
-                         "config_hash": state["config_hash"], "run_id": state["run_id"]}, Path(path))
-
-
-def load_trained(path: Path | str, device: str | torch.device = "cpu") -> TrainedModel:
-    """Raises CheckpointCorruptError (naming the file) for a truncated, unreadable or altered file."""
-    blob = _load_verified(Path(path), "model file", "rerun the stage that wrote it", map_location=device)
-    variant = VariantConfig.model_validate(blob["variant"])
-    shape = tuple(blob["data_shape"])
-    model = build_model(variant, shape)
-    try:
-        model.load_state_dict(blob["weights"])
-    except RuntimeError as e:
-        raise CheckpointMismatchError(f"model file {path} holds weights of another architecture than its variant "
-                                      f"config builds ({_state_dict_mismatch(e)}): rerun the stage that wrote it"
-                                      ) from None
-    model.to(device).eval()
-    return TrainedModel(model, variant, shape, blob["step"], blob["config_hash"], blob["run_id"])
+    out = TrainResult(variant, run_id, model_path, int(state["step"]), seconds, float(result.metrics.get("loss", "nan")))
+    storage.write_json(out_dir / METRICS_FILE, {"steps": out.steps, "seconds": round(out.seconds, 2),
+                                                "final_loss": out.final_loss, "mlflow_run_id": out.run_id}, indent=2)
+    return out

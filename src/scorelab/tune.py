@@ -28,9 +28,7 @@ import io
 import json
 import math
 import os
-import socket
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,15 +39,22 @@ import yaml
 from pydantic import ValidationError
 
 from . import storage, tracking
-from .config import AUTO, TUNED_VARIANT, ConfigError, Params, TuneConfig, VariantConfig, _describe, parse_params
-from .training import (STATUS_FILE, TrainJob, config_hash, export_model, load_state, ray_session, resolve_train,
-                       train_loop)
+from .config import AUTO, ConfigError, Params, TuneConfig, VariantConfig, parse_params
+from .schema import describe_error
+from .checkpoint import export_model, load_state
+from .featurizer import CLASSIFIER_FILE, REF_TEST_FILE
+from .features import load_classifier
+from .layout import MODEL_FILE, TUNED_VARIANT
+from .modality import Modality, modality_of
+from .runtime import alive_nodes, graceful_sigterm, ray_session, torch_trainer
+from .training import STATUS_FILE, TrainJob, config_hash, resolve_train, train_loop
+from .visual import plot_objective
 
 OBJECTIVE = "objective"  # the metric Tune minimises
 BEST_TAG = "scorelab.best"
 VARIANT = TUNED_VARIANT  # the winner's name in best_params.yaml
-PARAMS_FILE, MODEL_FILE, TRIALS_FILE, METRICS_FILE, PLOT_FILE = (
-    "best_params.yaml", "model.pt", "trials.csv", "metrics.json", "objective_vs_params.png")
+PARAMS_FILE, TRIALS_FILE, METRICS_FILE, PLOT_FILE = (
+    "best_params.yaml", "trials.csv", "metrics.json", "objective_vs_params.png")
 
 
 class TuneError(RuntimeError):
@@ -116,7 +121,7 @@ def plan_trials(params: Params, sigma_max_auto: float | None) -> list[Trial]:
     if errors:
         found = ValidationError.from_exception_data("TuneConfig", errors).errors(include_url=False)
         auto = f" (sigma_max auto = {sigma_max_auto:g})" if sigma_max_auto is not None else ""
-        raise ConfigError([_describe({**e, "loc": ("tune", *e["loc"])}) + auto for e in found])
+        raise ConfigError([describe_error({**e, "loc": ("tune", *e["loc"])}, Params) + auto for e in found])
     arms = [(i, sde) for i, c in enumerate(tune.space) for sde in c.settings(sigma_max_auto)]
     default_ema = VariantConfig.model_fields["ema"].default_factory().decay
     pairs = [(lr, ema) for lr in (tune.lr or [params.train.lr]) for ema in (tune.ema_decay or [default_ema])]
@@ -163,14 +168,15 @@ class Objective:
     data_shape: tuple[int, ...]
     _reference: Any = field(default=None, repr=False)
 
+    @property
+    def modality(self) -> Modality:
+        return modality_of(self.data_shape)
+
     def _load(self) -> Any:
         from .data import read_split
 
-        if self.metric == "sliced_w2":
+        if not self.modality.is_image:
             return read_split(self.data_dir, "test")
-        from .evaluate import CLASSIFIER_FILE, REF_TEST_FILE
-        from .features import load_classifier
-
         clf, _ = load_classifier(Path(self.featurizer_dir) / CLASSIFIER_FILE)
         with np.load(Path(self.featurizer_dir) / REF_TEST_FILE) as z:
             return clf, z["mu"], z["sigma"]
@@ -190,16 +196,15 @@ class Objective:
         model.train(was_training)
         # a diverged model still gets a (large) finite distance, which ASHA can rank
         x = torch.nan_to_num(out.x.float().cpu(), nan=0.0, posinf=1e6, neginf=-1e6)
-        if self.metric == "sliced_w2":
+        if not self.modality.is_image:
             from .metrics import sliced_wasserstein
 
             value = sliced_wasserstein(x, self._reference, n_projections=256, seed=0)
         else:
             from .features import domain_frechet
-            from .generate import dequantize, quantize
 
             clf, mu, sigma = self._reference
-            x = torch.from_numpy(dequantize(quantize(x.numpy())))  # as the sample stage stores images
+            x = torch.from_numpy(self.modality.from_stored(self.modality.to_stored(x.numpy())))  # as samples are stored
             value = domain_frechet(clf, x, mu, sigma)
         return {OBJECTIVE: float(value), f"objective_{self.metric}": float(value), "objective_nfe": float(out.nfe),
                 "objective_seconds": time.perf_counter() - start}
@@ -207,9 +212,6 @@ class Objective:
 
 def _check_featurizer(featurizer_dir: Path, checksum: str) -> None:
     """Fail before any trial when the image objective's classifier is missing or for other data."""
-    from .evaluate import CLASSIFIER_FILE, REF_TEST_FILE
-    from .features import load_classifier
-
     path = featurizer_dir / CLASSIFIER_FILE
     if not path.is_file() or not (featurizer_dir / REF_TEST_FILE).is_file():
         raise TuneError(f"{featurizer_dir}: no {CLASSIFIER_FILE} and {REF_TEST_FILE}; the image objective needs "
@@ -241,8 +243,6 @@ class _Plan:
 
 def _run_trial(config: dict[str, Any], plan: _Plan) -> None:
     """Tune calls this; it fits a TorchTrainer whose reports (rank 0's, with the objective) reach Tune."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     index = config["trial"]["index"]
@@ -250,18 +250,9 @@ def _run_trial(config: dict[str, Any], plan: _Plan) -> None:
     logger = tracking.RunLogger(job["tracking_uri"], job["run_id"])
     run = tracking.client(job["tracking_uri"]).get_run(job["run_id"])
     logger.tags({"scorelab.launches": int(run.data.tags.get("scorelab.launches", 0)) + 1})  # >1: resumed
-    resources = {"CPU": plan.cpus_per_worker, **({"GPU": plan.gpus_per_worker} if plan.gpus_per_worker else {})}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=plan.names[index], storage_path=plan.train_storage,
-                             failure_config=FailureConfig(max_failures=plan.max_failures, controller_failure_limit=3),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             callbacks=[TuneReportCallback()], logging_config=LoggingConfig(log_level="WARNING")),
-    )
-    trainer.fit()
+    torch_trainer(train_loop, job, name=plan.names[index], storage_path=plan.train_storage, workers=plan.workers,
+                  cpus_per_worker=plan.cpus_per_worker, gpus_per_worker=plan.gpus_per_worker,
+                  max_failures=plan.max_failures, callbacks=[TuneReportCallback()]).fit()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +284,6 @@ def sweep_key(params: Params, trials: list[Trial], checksum: str) -> str:
 def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Path, out_dir: Path) -> SweepResult:
     """Run (or resume) the sweep of params.tune and write out_dir: best_params.yaml, model.pt, trials.csv,
     metrics.json, objective_vs_params.png (see pipeline/tune.py)."""
-    import ray
     import ray.train
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler
@@ -308,8 +298,9 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
     sigma_auto, sigma_points = suggest_sigma_max(read_split(data_dir, "train"), seed=params.seed) if uses_auto \
         else (None, 0)
     trials = plan_trials(params, sigma_auto)
-    metric = "domain_fd" if manifest.is_image else "sliced_w2"
-    if manifest.is_image:
+    modality = modality_of(manifest.shape)
+    metric = modality.primary_metric
+    if modality.is_image:
         _check_featurizer(featurizer_dir.resolve(), manifest.checksum)
     key = sweep_key(params, trials, manifest.checksum)
     name = f"tune-{key[:12]}"
@@ -318,13 +309,14 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
     tracking.check_server(uri, params.mlflow.connect_timeout_s)  # before Ray starts: seconds, not minutes
 
     sampler = tune.objective.sampler
-    objective = Objective(metric, str(data_dir), str(featurizer_dir.resolve()) if manifest.is_image else None,
+    objective = Objective(metric, str(data_dir), str(featurizer_dir.resolve()) if modality.is_image else None,
                           sampler.method, sampler.step_list()[0], sampler.options(), tune.objective.n_samples,
                           params.seed, tuple(manifest.shape))
     needed = tune.max_concurrent * tune.workers_per_trial * tune.cpus_per_worker + 0.01 * tune.max_concurrent
-    with _ray(params.ray.address, num_cpus=max(os.cpu_count() or 1, math.ceil(needed))):
-        tracking.check_reachable_from(uri, len([n for n in ray.nodes() if n.get("Alive")]))
-        exp = tracking.experiment_id(uri, params.mlflow.experiment or f"scorelab-{manifest.source}", root)
+    with ray_session(params.ray.address, num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
+                     connect_timeout_s=params.ray.connect_timeout_s, dashboard=True):
+        tracking.check_reachable_from(uri, alive_nodes())
+        exp = tracking.experiment_id(uri, tracking.experiment_name(params.mlflow.experiment, manifest.source), root)
         commit = tracking.git_commit(root)
         parent = tracking.start_or_resume_run(uri, exp, name, "tune", {
             "scorelab.kind": "sweep", "git_commit": commit, "dataset_checksum": manifest.checksum,
@@ -373,7 +365,7 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
                                              max_concurrent_trials=tune.max_concurrent),
                 run_config=rtune.RunConfig(name=name, storage_path=store, verbose=1),
             )
-        with _graceful_sigterm() as sigterm:
+        with graceful_sigterm("tune") as sigterm:
             grid = tuner.fit()
 
     ended = grid.num_terminated + grid.num_errors
@@ -403,7 +395,7 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
     best_params = trial_params(params, winner)
     header = (f"# The winner of sweep {name} (trial {winner.index}: {winner.label}), objective "
               f"{metric} = {best['objective']:.4g}; written by pipeline/tune.py. Its weights: {MODEL_FILE}.\n")
-    (out_dir / PARAMS_FILE).write_text(header + yaml.safe_dump(best_params.model_dump(mode="json"), sort_keys=False))
+    storage.write_text(out_dir / PARAMS_FILE, header + yaml.safe_dump(best_params.model_dump(mode="json"), sort_keys=False))
     _write_csv(out_dir / TRIALS_FILE, rows)
     plot_objective(rows, out_dir / PLOT_FILE, metric)
     seconds = time.perf_counter() - start
@@ -419,7 +411,7 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
         # the winner as the report reads a train stage's metrics.json: its steps, run (loss curves) and loss
         "steps": int(best["steps"]), "best_run_id": best["mlflow_run_id"],
     }
-    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    storage.write_json(out_dir / METRICS_FILE, metrics, indent=2)
 
     for r, run_id in zip(rows, run_ids):
         log = tracking.RunLogger(uri, run_id)
@@ -433,65 +425,6 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
     parent_log.artifact(model_path, "model")
     parent_log.finish()
     return SweepResult(best, rows, metrics, out_dir)
-
-
-@contextmanager
-def _graceful_sigterm():
-    """Preemption of the sweep's driver: the first SIGTERM becomes Ray Tune's own graceful stop (it
-    listens for SIGUSR1 as for Ctrl-C: the trials are stopped and the experiment state is saved); a
-    second SIGTERM, or one before Tune has installed its handler, exits at once (143). Yields an Event
-    that is set once a SIGTERM arrived. Signals reach only the main thread; elsewhere this does nothing."""
-    import signal
-    import sys
-    import threading
-
-    received = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum, frame):
-        tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-        if received.is_set() or not tune_listens:
-            sys.stderr.write("tune: SIGTERM: exiting now; rerunning the stage resumes the sweep from its last "
-                             "saved state\n")
-            raise SystemExit(128 + signum)
-        received.set()
-        sys.stderr.write("tune: SIGTERM: stopping the trials and saving the sweep's state\n")
-        signal.raise_signal(signal.SIGUSR1)
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield received
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def _ray(address: str, num_cpus: int):
-    """training.ray_session, except that a local Ray tells its processes where its dashboard is. Ray
-    Train's placement-group cleaner, which frees the resources of a trial that ASHA stops, asks the state
-    API for "the" local Ray otherwise, and fails when the machine runs several (then the next trials
-    wait for those resources forever)."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized() or address or os.environ.get("RAY_ADDRESS"):
-        with ray_session(address, num_cpus=num_cpus):
-            yield
-        return
-    with socket.socket() as s:  # a free port for the dashboard, named before Ray starts
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-             logging_level=logging.WARNING, log_to_driver=True)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def _rows(grid: Any, trials: list[Trial], jobs: list[dict], run_ids: list[str], steps: int) -> list[dict[str, Any]]:
@@ -532,77 +465,8 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    path.write_text(buf.getvalue())
+    storage.write_text(path, buf.getvalue())
 
 
-def read_trials(path: Path) -> list[dict[str, str]]:
-    """trials.csv back as rows of strings."""
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-# ---------------------------------------------------------------------------------------------
-# The picture: objective against each swept parameter, per SDE type
-
-
-def plot_objective(rows: list[dict[str, Any]], path: Path, metric: str) -> Path:
-    """The objective of every trial by SDE type, then against each parameter that varies within a type
-    (its SDE parameters, parameterisation, lr, ema_decay), all on one y axis. Filled: ran to the end;
-    hollow: stopped early by ASHA (its last objective, at fewer steps). Failed trials are only in
-    trials.csv."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    def knobs(r: dict[str, Any]) -> dict[str, Any]:
-        return {**json.loads(r["sde_params"]), "parameterization": r["parameterization"], "lr": r["lr"],
-                "ema_decay": r["ema_decay"]}
-
-    rows = [r for r in rows if r["objective"] is not None]
-    types = list(dict.fromkeys(r["sde"] for r in rows))
-    panels: list[tuple[str, str | None]] = [("", None)]  # first: all trials by SDE type
-    for ty in types:
-        mine = [knobs(r) for r in rows if r["sde"] == ty]
-        keys = dict.fromkeys(k for m in mine for k in m)
-        panels += [(ty, k) for k in keys if len({json.dumps(m.get(k)) for m in mine}) > 1]
-    ncols = min(3, len(panels))
-    nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), squeeze=False, sharey=True)
-    for ax, (ty, key) in zip(axes.flat, panels):
-        mine = rows if key is None else [r for r in rows if r["sde"] == ty]
-        for r in mine:
-            x = types.index(r["sde"]) if key is None else knobs(r).get(key)
-            ax.scatter([x if isinstance(x, (int, float)) else str(x)], [r["objective"]], s=40,
-                       facecolors="tab:blue" if r["status"] == "finished" else "none", edgecolors="tab:blue")
-        if key is None:
-            ax.set_xticks(range(len(types)), types)
-            ax.set_xlim(-0.5, len(types) - 0.5)
-            ax.set_title("all trials, by SDE", fontsize=9)
-            ax.legend(handles=[Line2D([], [], marker="o", ls="", color="tab:blue", label="ran to the end"),
-                               Line2D([], [], marker="o", ls="", mfc="none", color="tab:blue",
-                                      label="stopped early (ASHA)")], fontsize=7)
-        else:
-            values = [knobs(r).get(key) for r in mine]
-            if key in ("lr", "sigma_min", "sigma_max", "beta_min", "beta_max") and \
-                    all(isinstance(v, (int, float)) and v > 0 for v in values):
-                ax.set_xscale("log")
-            ax.set_title(ty, fontsize=9)
-            ax.set_xlabel(key)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    for row in axes:
-        row[0].set_ylabel(f"{metric} (lower is better)")
-    objectives = [r["objective"] for r in rows]
-    if objectives and min(objectives) > 0 and max(objectives) > 20 * min(objectives):
-        axes[0][0].set_yscale("log")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-__all__ = ["Objective", "SweepResult", "Trial", "TuneError", "plan_trials", "plot_objective", "read_trials",
-           "run_sweep", "suggest_sigma_max", "sweep_key", "trial_params"]
+__all__ = ["Objective", "SweepResult", "Trial", "TuneError", "plan_trials", "run_sweep", "suggest_sigma_max", "sweep_key",
+           "trial_params"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .config import VariantConfig
+from .modality import Modality, modality_of
 from .sampling import sample
 
 
@@ -24,12 +27,19 @@ def save_samples(model, variant: VariantConfig, data_shape: tuple[int, ...], pat
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    n = n or (64 if len(data_shape) == 3 else 2000)
+    modality = modality_of(data_shape)
+    n = n or modality.preview_count
     x = sample(model, model.sde, (n, *data_shape), method=method, steps=steps, seed=seed, device=device,
                **options).x.cpu()
     model.train(was_training)
     title = f"{method} ({steps if steps is not None else 'adaptive'} steps)"
-    return save_image_grid(x, path, title) if len(data_shape) == 3 else save_scatter(x, path, title)
+    return save_preview(modality, x, path, title)
+
+
+def save_preview(modality: Modality, x: torch.Tensor, path: Path, title: str = "") -> Path:
+    """Model-space samples as the modality's picture: an image grid, or a scatter of 2-D points."""
+    draw = {"grid": save_image_grid, "scatter": save_scatter}[modality.preview]
+    return draw(x, path, title)
 
 
 GRID_MIN_SIDE = 32  # pixels per image in a saved grid: smaller images (8x8 digits) are enlarged
@@ -62,6 +72,69 @@ def save_scatter(x: torch.Tensor, path: Path, title: str = "") -> Path:
     ax.set_ylim(-lim, lim)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep: objective against each swept parameter, per SDE type (scorelab.tune)
+
+
+def plot_objective(rows: list[dict[str, Any]], path: Path, metric: str) -> Path:
+    """The objective of every trial by SDE type, then against each parameter that varies within a type
+    (its SDE parameters, parameterisation, lr, ema_decay), all on one y axis. Filled: ran to the end;
+    hollow: stopped early by ASHA (its last objective, at fewer steps). Failed trials are only in
+    trials.csv."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    def knobs(r: dict[str, Any]) -> dict[str, Any]:
+        return {**json.loads(r["sde_params"]), "parameterization": r["parameterization"], "lr": r["lr"],
+                "ema_decay": r["ema_decay"]}
+
+    rows = [r for r in rows if r["objective"] is not None]
+    types = list(dict.fromkeys(r["sde"] for r in rows))
+    panels: list[tuple[str, str | None]] = [("", None)]  # first: all trials by SDE type
+    for ty in types:
+        mine = [knobs(r) for r in rows if r["sde"] == ty]
+        keys = dict.fromkeys(k for m in mine for k in m)
+        panels += [(ty, k) for k in keys if len({json.dumps(m.get(k)) for m in mine}) > 1]
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), squeeze=False, sharey=True)
+    for ax, (ty, key) in zip(axes.flat, panels):
+        mine = rows if key is None else [r for r in rows if r["sde"] == ty]
+        for r in mine:
+            x = types.index(r["sde"]) if key is None else knobs(r).get(key)
+            ax.scatter([x if isinstance(x, (int, float)) else str(x)], [r["objective"]], s=40,
+                       facecolors="tab:blue" if r["status"] == "finished" else "none", edgecolors="tab:blue")
+        if key is None:
+            ax.set_xticks(range(len(types)), types)
+            ax.set_xlim(-0.5, len(types) - 0.5)
+            ax.set_title("all trials, by SDE", fontsize=9)
+            ax.legend(handles=[Line2D([], [], marker="o", ls="", color="tab:blue", label="ran to the end"),
+                               Line2D([], [], marker="o", ls="", mfc="none", color="tab:blue",
+                                      label="stopped early (ASHA)")], fontsize=7)
+        else:
+            values = [knobs(r).get(key) for r in mine]
+            if key in ("lr", "sigma_min", "sigma_max", "beta_min", "beta_max") and \
+                    all(isinstance(v, (int, float)) and v > 0 for v in values):
+                ax.set_xscale("log")
+            ax.set_title(ty, fontsize=9)
+            ax.set_xlabel(key)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for row in axes:
+        row[0].set_ylabel(f"{metric} (lower is better)")
+    objectives = [r["objective"] for r in rows]
+    if objectives and min(objectives) > 0 and max(objectives) > 20 * min(objectives):
+        axes[0][0].set_yscale("log")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -1,0 +1,138 @@
+"""The standard FID of an evaluation, from local Inception weights only (nothing is ever downloaded): which
+weights file params and the machine offer, pytorch-fid's network on it (features.load_inception), the
+statistics of the whole train split it is measured against, and the real-vs-real baseline's images.
+
+    path, reason = inception_weights(params, root, is_image)     # (None, why) where there are none
+    net = inception_network(path)                                # on a GPU where there is one
+    fid, info = inception_scorer(net, path, manifest, x_train, ref_file)
+    fid(x)                                                       # FID of images x against the train split
+
+The train split's statistics are cached in ref_file under the weights file's sha256 and the dataset's
+checksum. ValueError, with the message the evaluate stage shows, for a named weights file that is
+missing or invalid, and for no weights at all when evaluate.require_inception is set.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import storage
+from .config import Params
+from .data import Manifest
+from .features import (INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, INCEPTION_WEIGHTS_SHA256_PREFIX,
+                       find_inception_weights, inception_stats, load_inception)
+from .metrics import frechet_distance
+
+BATCH = 50  # images per Inception forward (299x299): pytorch-fid's default
+
+
+def inception_weights(params: Params, root: Path, is_image: bool) -> tuple[Path | None, str | None]:
+    """(the weights file, None), or (None, why there is none). ValueError when evaluate.inception_weights
+    names a missing file, or when evaluate.require_inception is set and there are no weights."""
+    if not is_image:
+        return None, "2-D data: there are no images"
+    cfg = params.evaluate
+    explicit = None if cfg.inception_weights is None else root / Path(cfg.inception_weights).expanduser()
+    try:
+        path = find_inception_weights(None if explicit is None else str(explicit))
+    except ValueError as e:
+        if explicit is not None:  # named in params: a typo must fail, not quietly drop the FID
+            raise ValueError(f"evaluate.inception_weights: {e}") from None
+        path, reason = None, str(e)
+    else:
+        reason = None if path is not None else (
+            f"no local Inception weights ({INCEPTION_WEIGHTS_FILE}) at evaluate.inception_weights, "
+            f"${INCEPTION_WEIGHTS_ENV} or in the torch hub cache; nothing is downloaded")
+    if path is None and cfg.require_inception:
+        raise ValueError(f"evaluate.require_inception is true, but {reason}: set evaluate.inception_weights to "
+                         f"a local copy of {INCEPTION_WEIGHTS_FILE}")
+    return path, reason
+
+
+def inception_network(path: Path) -> torch.nn.Module:
+    """features.load_inception on a GPU where there is one (299x299 forwards); ValueError saying what to do."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return load_inception(path, device)
+    except ValueError as e:
+        raise ValueError(f"{e}; replace the file, or set evaluate.inception_weights to another one") from None
+
+
+def inception_scorer(net: torch.nn.Module, path: Path, manifest: Manifest, x_train: torch.Tensor,
+                     ref_file: Path) -> tuple[Callable[[torch.Tensor], float], dict[str, Any]]:
+    """FID of a set of images against the Inception statistics of the whole train split (cached in
+    ref_file under the weights file's sha256 and the dataset's checksum), and what was used."""
+    import pytorch_fid
+
+    sha = storage.sha256_file(path)
+    key = json.dumps({"weights_sha256": sha, "dataset_checksum": manifest.checksum, "split": "train",
+                      "n": len(x_train), "pytorch_fid": pytorch_fid.__version__}, sort_keys=True)
+    try:
+        with np.load(ref_file) as z:
+            cached = str(z["key"]) == key
+            if cached:
+                ref_mu, ref_sigma = z["mu"], z["sigma"]
+    except Exception:  # absent, truncated or foreign: computed again below
+        cached = False
+    if not cached:
+        ref_mu, ref_sigma = inception_stats(net, x_train, BATCH)
+        buf = io.BytesIO()
+        np.savez(buf, mu=ref_mu, sigma=ref_sigma, key=np.array(key))
+        storage.write_bytes(ref_file, buf.getvalue())
+
+    def fid(x: torch.Tensor) -> float:
+        return frechet_distance(*inception_stats(net, x, BATCH), ref_mu, ref_sigma)
+
+    info = {"weights": str(path), "weights_sha256": sha,
+            "standard_weights": sha.startswith(INCEPTION_WEIGHTS_SHA256_PREFIX),
+            "network": f"pytorch-fid {pytorch_fid.__version__} InceptionV3 (FID variant), pool3 features (2048-d); "
+                       "images mapped to [0, 1], resized bilinearly to 299x299, grayscale repeated to 3 channels",
+            "reference": f"all {len(x_train)} images of the train split", "reference_n": len(x_train),
+            "reference_file": str(ref_file), "reference_cached": cached}
+    return fid, info
+
+
+def inception_baseline_images(x_test: torch.Tensor, x_train: torch.Tensor, train_idx: dict[int, torch.Tensor] | None,
+                              seed_ids: list[int], n: int, seed: int) -> tuple[dict[int, torch.Tensor] | None, str]:
+    """The real-vs-real Inception FID's images at N, per seed, and how they were chosen: N test images per
+    seed, against the train statistics; with fewer than N test images, the N train images of the other
+    baseline metrics (train_idx), which are part of the reference (what a model that memorised the train
+    split would score: biased low). (None, why) when both splits are too small."""
+    if len(x_test) >= n:
+        images = {s: x_test[torch.from_numpy(np.sort(np.random.default_rng([seed, s]).choice(len(x_test), n,
+                                                                                              replace=False)))]
+                  for s in seed_ids}
+        return images, f"{n} random test images per seed (drawn from (params.seed, seed)) against the train statistics"
+    if train_idx is not None:
+        return ({s: x_train[idx] for s, idx in train_idx.items()},
+                f"the same {n} train images per seed against the train statistics (the test split has only "
+                f"{len(x_test)}): part of the reference, so a memorising model's score, biased low")
+    return None, f"both splits hold fewer than N = {n} images"
+
+
+def inception_summary(results: dict[str, Any], info: dict[str, Any], n: int, seeds: int) -> dict[str, Any]:
+    """The top-level inception_fid: the best setting's mean over seeds (the report shows one number per
+    variant), which setting that is, and what produced it."""
+    scored = {k: r["inception_fid_mean"] for k, r in results.items() if r.get("inception_fid_mean") is not None}
+    if not scored:
+        return {"inception_fid": None, "inception_fid_reason": "not finite for any setting", "inception": info}
+    best = min(scored, key=scored.__getitem__)
+    r = results[best]
+    std = "" if r["inception_fid_std"] is None else f" ± {r['inception_fid_std']:.3g}"
+    reason = (f"best setting {best}: {r['inception_fid_mean']:.4g}{std} (mean ± std over {seeds} seed(s), N = {n} "
+              f"per seed, against {info['reference']})")
+    if not info["standard_weights"]:
+        reason += (f"; the weights (sha256 {info['weights_sha256'][:12]}...) are not the standard file: not "
+                   "comparable with published FIDs")
+    return {"inception_fid": r["inception_fid_mean"], "inception_fid_setting": best, "inception_fid_reason": reason,
+            "inception": info}
+
+
+__all__ = ["BATCH", "inception_baseline_images", "inception_network", "inception_scorer", "inception_summary",
+           "inception_weights"]

@@ -1,0 +1,91 @@
+"""Where each stage writes, relative to the repository root: the one spelling of every output path.
+
+    out = Layout(root)
+    out.model(variant)        # <root>/outputs/train/<variant>/model.pt (the sweep's winner: outputs/tune/model.pt)
+    out.samples(variant)      # <root>/outputs/samples/<variant>
+    out.eval_metrics(variant) # <root>/outputs/eval/<variant>/metrics.json
+
+`dvc.yaml` stays the table of contents of the same paths (tests/test_layout.py keeps the two in
+agreement); the stage scripts, the report and the error messages ask this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+TUNED_VARIANT = "tuned"  # the sweep's winner, a variant of outputs/tune/best_params.yaml (never of params.yaml)
+
+OUTPUTS = "outputs"
+METRICS_FILE = "metrics.json"
+MODEL_FILE = "model.pt"
+GRID_FILE = "grid.png"
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path  # the repository root
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    def dataset(self, dataset_dir: Path) -> Path:
+        """params.data.dataset_dir, relative to the root unless absolute."""
+        return dataset_dir if Path(dataset_dir).is_absolute() else self.root / dataset_dir
+
+    @property
+    def featurizer(self) -> Path:
+        return self.root / OUTPUTS / "featurizer"
+
+    @property
+    def tune(self) -> Path:
+        return self.root / OUTPUTS / "tune"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    def train(self, variant: str) -> Path:
+        """The train stage's folder; the sweep's winner was trained by the tune stage."""
+        return self.tune if variant == TUNED_VARIANT else self.root / OUTPUTS / "train" / variant
+
+    def model(self, variant: str) -> Path:
+        return self.train(variant) / MODEL_FILE
+
+    def train_metrics(self, variant: str) -> Path:
+        return self.train(variant) / METRICS_FILE
+
+    def samples(self, variant: str) -> Path:
+        return self.root / OUTPUTS / "samples" / variant
+
+    def grid(self, variant: str, setting: str) -> Path:
+        return self.samples(variant) / setting / GRID_FILE
+
+    def eval(self, variant: str) -> Path:
+        return self.root / OUTPUTS / "eval" / variant
+
+    def eval_metrics(self, variant: str) -> Path:
+        return self.eval(variant) / METRICS_FILE
+
+    def shown(self, path: Path) -> str:
+        """`path` relative to the root where it lies inside it: what messages print."""
+        try:
+            return str(Path(path).relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+
+STAGE_SCRIPTS = {"prepare": "prepare", "featurizer": "featurizer", "train": "train", "tune": "tune",
+                 "sample": "sample", "evaluate": "evaluate", "report": "report"}
+
+
+def stage_command(stage: str, variant: str | None = None) -> str:
+    """How to run one stage by hand, for error messages: `python pipeline/<stage>.py ...`. The sweep's
+    winner is trained by the tune stage, and sampled and evaluated from the files it writes."""
+    if variant == TUNED_VARIANT:
+        if stage in ("train", "tune"):
+            return "python pipeline/tune.py --params params.yaml"
+        return (f"python pipeline/{STAGE_SCRIPTS[stage]}.py --params {OUTPUTS}/tune/best_params.yaml --variant "
+                f"{TUNED_VARIANT} --model {OUTPUTS}/tune/{MODEL_FILE}")
+    command = f"python pipeline/{STAGE_SCRIPTS[stage]}.py --params params.yaml"
+    return command + (f" --variant {variant}" if variant else "")

@@ -1,0 +1,322 @@
+"""The report's inputs: each variant's training and evaluation results, read and checked, and its best setting.
+
+    variants, primary = load_inputs(params, root)   # ReportError names every missing or malformed file
+    variants[0].best.key                            # the setting with the lowest mean of `primary`
+
+What each file holds is described in scorelab.report. Also here: the few ways of spelling a result
+(fmt, nfe_text, best_title) and of comparing the variants' baselines (baselines, baseline_value) that the
+Markdown, the figures and the DVC metrics share.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from .layout import TUNED_VARIANT, Layout, stage_command
+from .modality import PRIMARY_METRICS
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .config import Params
+
+
+class ReportError(RuntimeError):
+    """An input of the report is missing or malformed; the message is one line naming the file."""
+
+    def __init__(self, message: str, missing: list[Path] | None = None):
+        super().__init__(message)
+        self.missing = list(missing or [])
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # "ddim-20", "ode-adaptive", ...
+    method: str
+    steps: int | None
+    nfe: float | None  # the adaptive ODE reports a mean over chunks
+    metrics: dict[str, tuple[float, float]]  # name -> (mean, std over seeds)
+
+
+@dataclass(frozen=True)
+class Likelihood:
+    name: str  # "bits_per_dim" or "test_loglik"
+    mean: float
+    stderr: float
+    n: int | None
+    dequantization: str | None
+    reference: float | None = None  # 2-D mixture data: the true density's mean log-likelihood of the same points
+
+
+@dataclass
+class VariantResult:
+    name: str
+    sde: str
+    n_per_seed: int
+    seeds: int
+    baseline: dict[str, tuple[float, float]]
+    baseline_notes: list[str]  # the evaluation's description of its baseline, extra values, why it was skipped
+    settings: list[Setting]  # by sampler (first appearance), then NFE
+    likelihood: Likelihood | None
+    inception_fid: float | None
+    inception_fid_reason: str | None
+    declared_primary: str | None  # the evaluation's own "primary_metric", when it names one
+    train_steps: int
+    train_seconds: float
+    final_loss: float | None
+    run_id: str | None
+    best: Setting | None = None  # None when no setting has a finite primary value
+    grid_path: Path | None = None
+    grid: "np.ndarray | None" = None
+
+
+Histories = dict[str, tuple[list[int], list[float]]]  # variant -> (training steps, loss values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _stage_hint(stage: str, variant: str) -> str:
+    stage = "tune" if stage == "train" and variant == TUNED_VARIANT else stage  # the sweep trains the winner
+    return f"made by the {stage} stage: {stage_command(stage, variant)}"
+
+
+def _read_json(path: Path, layout: Layout) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"{layout.shown(path)}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{layout.shown(path)}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{layout.shown(path)}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _number(value: Any, where: str, *, optional: bool = False) -> float | None:
+    """A JSON number (null -> NaN, or None when optional)."""
+    if value is None:
+        return None if optional else math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ReportError(f"{where}: must be a number, got {value!r}")
+    return float(value)
+
+
+def _integer(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ReportError(f"{where}: must be an integer, got {value!r}")
+    return value
+
+
+def _metric_pairs(block: Mapping[str, Any], where: str) -> dict[str, tuple[float, float]]:
+    """{"kid_mean": m, "kid_std": s, ...} -> {"kid": (m, s)}; a mean without a std gets std NaN."""
+    out: dict[str, tuple[float, float]] = {}
+    for k, v in block.items():
+        if k.endswith("_mean"):
+            name = k[: -len("_mean")]
+            mean = _number(v, f"{where}.{k}")
+            std = _number(block.get(f"{name}_std"), f"{where}.{name}_std")
+            out[name] = (mean, std)
+    return out
+
+
+def _load_train(path: Path, layout: Layout) -> dict[str, Any]:
+    data = _read_json(path, layout)
+    where = layout.shown(path)
+    for key in ("steps", "seconds"):
+        if key not in data:
+            raise ReportError(f"{where}: missing key {key!r}")
+    run_id = data.get("best_run_id", data.get("mlflow_run_id"))  # a sweep: the winning trial's run
+    if run_id is not None and not isinstance(run_id, str):
+        raise ReportError(f"{where}.mlflow_run_id: must be a string, got {run_id!r}")
+    return {"steps": _integer(data["steps"], f"{where}.steps"), "seconds": _number(data["seconds"], f"{where}.seconds"),
+            "final_loss": _number(data.get("final_loss"), f"{where}.final_loss", optional=True),
+            "run_id": run_id or None}
+
+
+def _load_eval(path: Path, layout: Layout, variant: str, train: dict[str, Any]) -> VariantResult:
+    data = _read_json(path, layout)
+    where = layout.shown(path)
+    for key in ("n_per_seed", "seeds", "baseline", "settings"):
+        if key not in data:
+            raise ReportError(f"{where}: missing key {key!r}")
+    if data.get("variant") not in (None, variant):
+        raise ReportError(f"{where}: is for variant {data['variant']!r}, not {variant!r}")
+    if not isinstance(data["baseline"], dict):
+        raise ReportError(f"{where}.baseline: must be an object")
+    if not isinstance(data["settings"], dict) or not data["settings"]:
+        raise ReportError(f"{where}.settings: must be a non-empty object of sampler settings")
+
+    settings: list[Setting] = []
+    for key, s in data["settings"].items():
+        w = f"{where}.settings.{key}"
+        if not isinstance(s, dict):
+            raise ReportError(f"{w}: must be an object")
+        if not isinstance(s.get("method"), str):
+            raise ReportError(f"{w}.method: missing or not a string")
+        steps = s.get("steps")
+        settings.append(Setting(key=key, method=s["method"],
+                                steps=None if steps is None else _integer(steps, f"{w}.steps"),
+                                nfe=_number(s.get("nfe"), f"{w}.nfe", optional=True),
+                                metrics=_metric_pairs(s, w)))
+    methods = list(dict.fromkeys(s.method for s in settings))
+    settings.sort(key=lambda s: (methods.index(s.method), s.nfe is None, s.nfe or 0.0, s.key))
+
+    likelihood = None
+    for name in ("bits_per_dim", "test_loglik"):
+        block = data.get(name)
+        if isinstance(block, dict):
+            w = f"{where}.{name}"
+            n = block.get("n")
+            likelihood = Likelihood(name, _number(block.get("mean"), f"{w}.mean"),
+                                    _number(block.get("stderr"), f"{w}.stderr"),
+                                    None if n is None else _integer(n, f"{w}.n"),
+                                    block.get("dequantization"),
+                                    _number(block.get("data_mean"), f"{w}.data_mean", optional=True))
+            break
+
+    base = data["baseline"]
+    baseline_notes = [str(base[k]) for k in ("description", "skipped") if isinstance(base.get(k), str)]
+    baseline_notes += [f"{k} = {fmt(x)}" for k, x in base.items() if not k.endswith(("_mean", "_std"))
+                       and isinstance(x, (int, float)) and not isinstance(x, bool)]
+    declared = data.get("primary_metric")
+
+    reason = data.get("inception_fid_reason")
+    return VariantResult(
+        name=variant, sde=str(data.get("sde", "?")),
+        n_per_seed=_integer(data["n_per_seed"], f"{where}.n_per_seed"), seeds=_integer(data["seeds"], f"{where}.seeds"),
+        baseline=_metric_pairs(base, f"{where}.baseline"), baseline_notes=baseline_notes, settings=settings,
+        likelihood=likelihood,
+        inception_fid=_number(data.get("inception_fid"), f"{where}.inception_fid", optional=True),
+        inception_fid_reason=None if reason is None else str(reason),
+        declared_primary=declared if isinstance(declared, str) else None,
+        train_steps=train["steps"], train_seconds=train["seconds"], final_loss=train["final_loss"],
+        run_id=train["run_id"])
+
+
+def primary_metric(variants: list[VariantResult]) -> str:
+    """The one primary metric every setting of every variant reports: the one the evaluations name as
+    "primary_metric" if they do (all the same one), else domain_fd or sliced_w2, whichever is present."""
+    declared = {v.declared_primary for v in variants if v.declared_primary}
+    if len(declared) > 1:
+        raise ReportError(f"the evaluations name different primary metrics ({', '.join(sorted(declared))}): were "
+                          "the variants evaluated on different data? Re-run the evaluate stage")
+    for name in [*declared, *PRIMARY_METRICS]:
+        if any(name in s.metrics for v in variants for s in v.settings):
+            lacking = [f"{v.name}/{s.key}" for v in variants for s in v.settings if name not in s.metrics]
+            if lacking:
+                raise ReportError(f"the primary metric {name!r} is missing from setting(s) {', '.join(lacking)} "
+                                  "in outputs/eval/<variant>/metrics.json: evaluate them again")
+            return name
+    raise ReportError(f"no primary metric ({' or '.join(PRIMARY_METRICS)}) in the settings of "
+                      "outputs/eval/<variant>/metrics.json: re-run the evaluate stage")
+
+
+def best_setting(variant: VariantResult, primary: str) -> Setting | None:
+    """The setting with the lowest finite mean of the primary metric (the first one on a tie)."""
+    finite = [s for s in variant.settings if math.isfinite(s.metrics[primary][0])]
+    return min(finite, key=lambda s: s.metrics[primary][0]) if finite else None
+
+
+def load_inputs(params: Params, root: Path) -> tuple[list[VariantResult], str]:
+    """Read and check every input, grids included; ReportError lists every missing file at once."""
+    import matplotlib.image as mpimg
+
+    layout = Layout(root)
+    missing: list[tuple[Path, str]] = []
+    variants: list[VariantResult] = []
+    # the tune stage's winner joins as variant `tuned`: its "training" is the sweep (outputs/tune/metrics.json
+    # holds its steps and the winning trial's MLflow run, as a train stage's metrics.json does)
+    for name in [*params.variants, *([TUNED_VARIANT] if params.tune is not None else [])]:
+        train_path = layout.train_metrics(name)
+        eval_path = layout.eval_metrics(name)
+        if not train_path.is_file():
+            missing.append((train_path, _stage_hint("train", name)))
+        if not eval_path.is_file():
+            missing.append((eval_path, _stage_hint("evaluate", name)))
+        if train_path.is_file() and eval_path.is_file():
+            variants.append(_load_eval(eval_path, layout, name, _load_train(train_path, layout)))
+    if missing:
+        raise _missing_error(missing, layout)
+
+    primary = primary_metric(variants)
+    for v in variants:
+        v.best = best_setting(v, primary)
+        if v.best is not None:
+            v.grid_path = layout.grid(v.name, v.best.key)
+            if not v.grid_path.is_file():
+                missing.append((v.grid_path, _stage_hint("sample", v.name)))
+    if missing:
+        raise _missing_error(missing, layout)
+    for v in variants:
+        if v.grid_path is not None:
+            try:
+                v.grid = mpimg.imread(v.grid_path)
+            except Exception as e:  # PIL and matplotlib raise several types for a damaged PNG
+                raise ReportError(f"{layout.shown(v.grid_path)}: cannot read the image: {e}") from None
+    return variants, primary
+
+
+def _missing_error(missing: list[tuple[Path, str]], layout: Layout) -> ReportError:
+    parts = "; ".join(f"{layout.shown(p)} ({hint})" for p, hint in missing)
+    return ReportError(f"missing input(s): {parts}; or run `dvc repro`", [p for p, _ in missing])
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the outputs
+
+
+def baseline_value(variants: list[VariantResult], primary: str) -> float | None:
+    """The real-vs-real primary value: the one every variant measured, or their mean if they differ."""
+    values = [v.baseline[primary][0] for v in variants if primary in v.baseline]
+    if not values:
+        return None
+    return values[0] if all(x == values[0] for x in values) else sum(values) / len(values)
+
+
+def baselines(variants: list[VariantResult]) -> list[tuple[str, VariantResult]]:
+    """One baseline row when every variant's evaluation measured the same real-vs-real values, else one each."""
+    first = variants[0].baseline
+    same = all(_same_metrics(v.baseline, first) for v in variants)
+    return [("real vs real (baseline)", variants[0])] if same else [(f"real vs real ({v.name})", v) for v in variants]
+
+
+def _same_metrics(a: dict[str, tuple[float, float]], b: dict[str, tuple[float, float]]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    return all(math.isclose(x, y, rel_tol=1e-9) or (math.isnan(x) and math.isnan(y))
+               for k in a for x, y in zip(a[k], b[k]))
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    """A value as the report prints it: 4 significant digits, "—" for none, nan/inf/-inf spelled out."""
+    if x is None:
+        return "—"
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.{digits}g}"
+
+
+def nfe_text(nfe: float | None) -> str:
+    """An NFE as the report prints it: an integer as one, the adaptive ODE's mean to one decimal."""
+    if nfe is None:
+        return "—"
+    return str(int(nfe)) if float(nfe).is_integer() else f"{nfe:.1f}"
+
+
+def best_title(v: VariantResult) -> str:
+    """"<variant>: <sampler> NFE <n>" of the best setting: the caption of the variant's samples."""
+    return f"{v.name}: {v.best.method} NFE {nfe_text(v.best.nfe)}" if v.best else f"{v.name}: no finite result"
+
+
+__all__ = [
+    "Histories", "Likelihood", "ReportError", "Setting", "VariantResult", "baseline_value", "baselines",
+    "best_setting", "best_title", "fmt", "load_inputs", "nfe_text", "primary_metric",
+]

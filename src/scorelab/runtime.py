@@ -1,0 +1,247 @@
+"""Running on Ray: one session (local or a cluster), one TorchTrainer factory, and preemption.
+
+    with ray_session(params.ray.address, num_cpus=4):          # attach to a cluster, or start a local Ray
+        trainer = torch_trainer(loop, job, name=..., storage_path=..., workers=2, cpus_per_worker=1.0)
+        with checkpoint_on_sigterm(stop_path, "vp"):           # SIGTERM: workers checkpoint and stop
+            result = trainer.fit()
+
+Used by training (one Ray Train run per variant), the sweep (one Ray Train run per Tune trial) and
+sampling (Ray tasks). Signals reach only the main thread: the SIGTERM helpers do nothing elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from . import storage
+
+
+class RuntimeSetupError(RuntimeError):
+    """Ray cannot be reached where params say it runs."""
+
+
+def check_ray_address(address: str, where: str, timeout_s: float) -> None:
+    """A TCP connect to a "host:port" or "ray://host:port" address ("auto" and the like are left to Ray)."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        reason = " ".join(str(e.strerror or e).split()) if not isinstance(e, TimeoutError) else "timed out"
+        raise RuntimeSetupError(f"{where} {address}: no Ray cluster answers there ({reason}) within {timeout_s:g}s "
+                            "(ray.connect_timeout_s): start it (ray start --head) or fix the address") from None
+
+
+@contextmanager
+def ray_session(address: str, num_cpus: float | None = None, connect_timeout_s: float = 10.0,
+                dashboard: bool = False) -> Iterator[None]:
+    """Attach to the cluster named by `address` (or RAY_ADDRESS), else start a local Ray with explicit
+    CPUs; never silently attach to a stale cluster of an earlier `ray start`. A host:port where nothing
+    answers within connect_timeout_s is a RuntimeSetupError (ray.init would wait far longer). Inside a
+    running Ray, does nothing.
+
+    dashboard: a local Ray also starts its dashboard on a free port and tells its processes where it is.
+    Ray Train's placement-group cleaner, which frees the resources of a trial that Tune's scheduler stops,
+    asks the state API for "the" local Ray otherwise, and fails when the machine runs several (then the
+    next trials wait for those resources forever)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    where = "ray.address" if address else "$RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        check_ray_address(address, where, connect_timeout_s)
+        ray.init(address=address, **kwargs)
+    elif dashboard:
+        with socket.socket() as s:  # a free port for the dashboard, named before Ray starts
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+                 **kwargs)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return len([n for n in ray.nodes() if n.get("Alive")])
+
+
+def torch_trainer(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], *, name: str, storage_path: str,
+                  workers: int, cpus_per_worker: float, gpus_per_worker: float = 0.0, placement_strategy: str = "PACK",
+                  max_failures: int = 0, callbacks: list | None = None):
+    """The TorchTrainer of a training run or a Tune trial: `workers` workers running loop(config), checkpoints
+    under storage_path/name (the last two kept; relaunching the same name resumes from the latest), and
+    FailureConfig restarts after a worker or node dies."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    return TorchTrainer(
+        loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources,
+                                     placement_strategy=placement_strategy),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=3),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks,
+                             logging_config=LoggingConfig(log_level="WARNING")),
+    )
+
+
+def worker_error(error: BaseException) -> BaseException:
+    """The exception a Ray Train worker (lowest rank) or the controller raised, unwrapped from Ray's
+    error and its traceback wrapper; `error` itself when it holds none."""
+    failures = getattr(error, "worker_failures", None)
+    inner = failures[min(failures)] if failures else getattr(error, "controller_failure", None)
+    if inner is None:
+        return error
+    return getattr(inner, "_base_exc", inner)
+
+
+def say(line: str) -> None:
+    """One progress line to the driver. Not print(): Ray Train patches print in workers and, with the
+    stream wrapped, emits each line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def checkpoint_on_sigterm(stop_path: str, variant: str):
+    """Preemption: the first SIGTERM writes stop_path (in the run's storage, which every node reaches), and
+    the workers (rank 0 watches for it) checkpoint the step they are at and stop; the driver then raises
+    the caller's "preempted" error. A second SIGTERM exits at once (status 143), keeping the last registered checkpoint.
+    Signals reach only the main thread, so elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    requested, forced = threading.Event(), threading.Event()  # first SIGTERM seen; second one seen
+
+    def request_stop() -> None:
+        try:
+            storage.write_json(stop_path, {"signal": "SIGTERM", "time": time.time()})
+        except OSError as e:
+            sys.stderr.write(f"train {variant}: could not write the stop request {stop_path} ({e}): "
+                             "send SIGTERM again to exit without a new checkpoint\n")
+
+    def handler(signum, frame):
+        if requested.is_set():
+            sys.stderr.write(f"train {variant}: second SIGTERM: exiting now; the last registered checkpoint is "
+                             "kept, the steps since it are lost\n")
+            forced.set()
+            raise SystemExit(128 + signum)
+        requested.set()
+        # written from a thread: on an object store this is a request, not something to wait on in a handler
+        threading.Thread(target=request_stop, name="scorelab-stop-request", daemon=True).start()
+        sys.stderr.write(f"train {variant}: SIGTERM: asking the workers to checkpoint and stop\n")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except BaseException:
+        if forced.is_set():  # Ray may have wrapped the handler's SystemExit in an error of its own
+            raise SystemExit(128 + signal.SIGTERM) from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def graceful_sigterm(name: str = "tune"):
+    """Preemption of the sweep's driver: the first SIGTERM becomes Ray Tune's own graceful stop (it
+    listens for SIGUSR1 as for Ctrl-C: the trials are stopped and the experiment state is saved); a
+    second SIGTERM, or one before Tune has installed its handler, exits at once (143). Yields an Event
+    that is set once a SIGTERM arrived. Signals reach only the main thread; elsewhere this does nothing."""
+    received = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        if received.is_set() or not tune_listens:
+            sys.stderr.write(f"{name}: SIGTERM: exiting now; rerunning the stage resumes the sweep from its last "
+                             "saved state\n")
+            raise SystemExit(128 + signum)
+        received.set()
+        sys.stderr.write(f"{name}: SIGTERM: stopping the trials and saving the sweep's state\n")
+        signal.raise_signal(signal.SIGUSR1)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class StopWatch:
+    """Looks for a file every `interval_s` seconds in a background thread, so that the training step only
+    reads a flag: on an object store each look is a request that takes tens of milliseconds."""
+
+    def __init__(self, path: str, interval_s: float = 0.5):
+        self.path, self.interval_s = path, interval_s
+        self._seen = threading.Event()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="scorelab-stop-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        filesystem = None  # made once: on an object store it resolves credentials
+        while not self._closed.is_set():
+            try:
+                filesystem = filesystem or storage.filesystem(self.path)
+                if storage.exists_on(*filesystem):
+                    self._seen.set()
+                    return
+            except OSError:  # storage briefly unreachable: look again
+                pass
+            self._closed.wait(self.interval_s)
+
+    @property
+    def requested(self) -> bool:
+        return self._seen.is_set()
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def remove_unregistered_checkpoints(result: Any) -> list[str]:
+    """Delete the checkpoint folders of a finished Ray Train run that Ray does not keep: those a killed
+    launch wrote after its last registered one, which no later launch knows of. Only `checkpoint_*` folders
+    directly in the run's folder are considered. Returns the paths removed."""
+    import pyarrow.fs as pafs
+
+    fs, run_dir = result.filesystem, result.path
+    kept = {c.path.rstrip("/") for c, _ in (result.best_checkpoints or [])}
+    if result.checkpoint is not None:
+        kept.add(result.checkpoint.path.rstrip("/"))
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(run_dir)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") \
+                and info.path.rstrip("/") not in kept:
+            fs.delete_dir(info.path)
+            removed.append(info.path)
+    return removed
