@@ -15,9 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _copy_repo(dest: Path) -> None:
+    """The project's files as a fresh clone plus uncommitted work would hold them: never what a run of the
+    DAG left in the working tree (dvc.lock, the report's outputs), which would make the copy's stages look
+    already done."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
     for name in files:
+        if name == "dvc.lock" or name.startswith(("reports/", "outputs/")):
+            continue
         src = REPO / name
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
