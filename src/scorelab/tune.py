@@ -42,7 +42,7 @@ from . import storage, tracking
 from .config import AUTO, ConfigError, Params, TuneConfig, VariantConfig, parse_params
 from .schema import describe_error
 from .checkpoint import export_model, load_state
-from .featurizer import CLASSIFIER_FILE, REF_TEST_FILE
+from .featurizer import CLASSIFIER_FILE, REF_TEST_FILE, FeaturizerError, load_featurizer
 from .features import load_classifier
 from .layout import MODEL_FILE, TUNED_VARIANT
 from .modality import Modality, modality_of
@@ -210,20 +210,6 @@ class Objective:
                 "objective_seconds": time.perf_counter() - start}
 
 
-def _check_featurizer(featurizer_dir: Path, checksum: str) -> None:
-    """Fail before any trial when the image objective's classifier is missing or for other data."""
-    path = featurizer_dir / CLASSIFIER_FILE
-    if not path.is_file() or not (featurizer_dir / REF_TEST_FILE).is_file():
-        raise TuneError(f"{featurizer_dir}: no {CLASSIFIER_FILE} and {REF_TEST_FILE}; the image objective needs "
-                        "the featurizer stage (python pipeline/featurizer.py)")
-    try:
-        _, meta = load_classifier(path)
-    except ValueError as e:
-        raise TuneError(f"{e}; rerun the featurizer stage") from None
-    if meta.get("dataset_checksum") != checksum:
-        raise TuneError(f"{path} was trained on other data than the prepared dataset: rerun the featurizer stage")
-
-
 # ---------------------------------------------------------------------------------------------
 # One Tune trial: a Ray Train run of the training loop
 
@@ -300,8 +286,11 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
     trials = plan_trials(params, sigma_auto)
     modality = modality_of(manifest.shape)
     metric = modality.primary_metric
-    if modality.is_image:
-        _check_featurizer(featurizer_dir.resolve(), manifest.checksum)
+    if modality.is_image:  # fail before any trial when the objective's classifier is missing or for other data
+        try:
+            load_featurizer(featurizer_dir.resolve(), manifest)
+        except FeaturizerError as e:
+            raise TuneError(str(e)) from None
     key = sweep_key(params, trials, manifest.checksum)
     name = f"tune-{key[:12]}"
     store = storage.resolve(params.ray.storage_path, root)  # absolute: Tune and the workers run elsewhere
