@@ -414,3 +414,58 @@ def test_background_metrics_land_on_flush_and_failed_batches_are_resent_then_rep
     err = capsys.readouterr().err
     assert lost.dropped == 1
     assert "1 metric batch(es) logged in the background failed (steps 7" in err and "giving up" in err
+
+
+# -- restoring onto a device ---------------------------------------------------------------------
+
+
+def _moments_off_their_parameter(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Optimizer state tensors that do not live on the device of the model parameter they belong to (the
+    optimizer's parameters, in order, are the model's). Adam's `step` counter is a CPU scalar by torch's
+    design unless the optimizer is fused or capturable: only then is it checked."""
+    fused = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    tracked = [p for g in optimizer.param_groups for p in g["params"]]
+    return [f"{name} on {value.device}, parameter on {p.device}"
+            for p, q in zip(model.parameters(), tracked, strict=True)
+            for name, value in optimizer.state[q].items()
+            if torch.is_tensor(value) and value.device != p.device and (name != "step" or fused)]
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_restore_onto_another_device_puts_every_optimizer_moment_on_its_parameters_device():
+    """The order a GPU resume needs, proven on the CPU with the meta device: a checkpoint written on one
+    device and restored for training on another has its Adam moments on the parameters' device. The old
+    order (optimizer and restore on the CPU, then the model moved) leaves them behind, as the check shows."""
+    from scorelab.config import TrainConfig, VariantConfig
+    from scorelab.training import training_state
+
+    variant = VariantConfig.model_validate({**VARIANTS["vp"], "net": {"type": "mlp", "hidden": 16, "layers": 2}})
+    train = TrainConfig.model_validate({"steps": 10, "batch_size": 8, "lr": 1e-3})
+    torch.manual_seed(0)
+    written = training_state(variant, (2,), train, torch.device("cpu"))
+    for _ in range(3):  # a few real steps, so that Adam has moments to restore
+        written.optimizer.zero_grad()
+        written.model(torch.randn(8, 2), torch.rand(8)).square().mean().backward()
+        written.optimizer.step()
+        written.ema.update(written.model)
+    state = {"model": written.model.state_dict(), "ema": written.ema.state_dict(),
+             "optimizer": written.optimizer.state_dict(), "step": 3}
+
+    meta = torch.device("meta")
+    restored = training_state(variant, (2,), train, meta, state)
+    assert restored.step == 3
+    assert {p.device for p in restored.model.parameters()} == {meta}
+    assert {p.device for p in restored.ema.module.parameters()} == {meta}
+    assert len(restored.optimizer.state) == len(list(restored.model.parameters()))
+    assert _moments_off_their_parameter(restored.model, restored.optimizer) == []
+    assert all(p is q for p, q in zip(restored.model.parameters(), restored.optimizer.param_groups[0]["params"]))
+
+    # today's order before the fix: the moments stay on the CPU, and the first GPU step would fail
+    from scorelab.checkpoint import build_model
+
+    old = build_model(variant, (2,))
+    optimizer = torch.optim.Adam(old.parameters(), lr=train.lr, fused=True)
+    optimizer.load_state_dict(state["optimizer"])
+    old.to(meta)
+    off = _moments_off_their_parameter(old, optimizer)
+    assert off and all("on cpu, parameter on meta" in o for o in off), off

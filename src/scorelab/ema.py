@@ -63,10 +63,19 @@ class EMA(AveragedModel):
             self._lists = (model, [e for e, f in zip(ours, floating) if f], [c for c, f in zip(theirs, floating) if f],
                            [e for e, f in zip(ours, floating) if not f], [c for c, f in zip(theirs, floating) if not f])
         _, ema_float, model_float, ema_counters, model_counters = self._lists
-        self._average(ema_float, model_float, self.n_averaged)
+        # the count as a Python int, read from the buffer once after construction or a load: the decay is
+        # then computed on the host, and a GPU step does not wait for its queue to read the buffer back
+        if getattr(self, "_count", None) is None:
+            self._count = int(self.n_averaged)
+        self._average(ema_float, model_float, self._count)
         for e, c in zip(ema_counters, model_counters):
             e.copy_(c)
         self.n_averaged += 1
+        self._count += 1
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._count = None  # n_averaged comes from the state: read it again at the next update
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def decay_at(self, n: Tensor | int) -> Tensor:
         """decay_n for the update made after n earlier updates."""
@@ -76,15 +85,14 @@ class EMA(AveragedModel):
         return torch.clamp((1 + n) / (10 + n), max=self.decay)
 
     @torch.no_grad()
-    def _average(self, ema: list[Tensor], current: list[Tensor], n_averaged: Tensor) -> None:
+    def _average(self, ema: list[Tensor], current: list[Tensor], n_averaged: Tensor | int) -> None:
         decay = self.decay_at(n_averaged - 1)
         if not ema:
             return
         if torch.is_floating_point(ema[0]) or torch.is_complex(ema[0]):
             # One foreach call over all tensors, as torch's own get_ema_multi_avg_fn does: a Python loop of
             # per-tensor lerp_ cost 0.6 ms a step on the CPU against 0.1 ms (bench/overheads.py). The
-            # weight must be a Python number: on a GPU that is one host sync a step, which the training
-            # loop's finiteness check makes anyway.
+            # weight must be a Python number: update() passes the count as an int, so that costs no host sync.
             torch._foreach_lerp_(ema, current, float(1 - decay))
         else:  # integer buffers (e.g. BatchNorm's num_batches_tracked) are counters: copy, don't average
             for e, c in zip(ema, current, strict=True):

@@ -5,21 +5,37 @@
         with checkpoint_on_sigterm(stop_path, "vp"):           # SIGTERM: workers checkpoint and stop
             result = trainer.fit()
 
-Used by training (one Ray Train run per variant), the sweep (one Ray Train run per Tune trial) and
-sampling (Ray tasks). Signals reach only the main thread: the SIGTERM helpers do nothing elsewhere.
+Used by training (one Ray Train run per variant), the sweep (one Ray Train run per Tune trial),
+sampling and evaluation (Ray tasks). Signals reach only the main thread: the SIGTERM helpers do nothing
+elsewhere.
+
+Nothing a worker or task reads is a path on the driver's disk: the cluster's workers may not see it
+(a KubeRay head runs no work, and its disk is its own). Files go through Ray's object store instead:
+
+    shipped = ship_files(data_dir, ["manifest.json", *shard_names])   # driver: one put
+    local = unpack(shipped)                                            # worker: a local copy, once per node
+
+and checkpoints, status files and stop requests through ray.storage_path, which check_storage_shared
+proves every node sees before anything starts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 from . import storage
 
@@ -86,6 +102,111 @@ def alive_nodes() -> int:
     import ray
 
     return len([n for n in ray.nodes() if n.get("Alive")])
+
+
+def task_device(use_gpu: bool):
+    """The torch device of this Ray task or worker: its GPU when it was given one, else the CPU."""
+    import torch
+
+    if use_gpu and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_storage_shared(store: str, setting: str = "ray.storage_path", timeout_s: float = 60.0) -> None:
+    """Prove that every alive node of the running Ray sees the folder `store` (a URI is reached through
+    its own filesystem and passes): the driver writes a probe file into it, and a zero-CPU task pinned
+    to each node looks for it. RuntimeSetupError names the setting and the first node that cannot."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from . import storage
+
+    if storage.is_uri(store):
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.get_runtime_context().get_node_id()
+    if all(n["NodeID"] == here for n in nodes):
+        return  # one node, the driver's own: its disk is the workers' disk
+    Path(store).mkdir(parents=True, exist_ok=True)
+    probe = Path(store) / f".scorelab-probe-{uuid.uuid4().hex}"
+    probe.write_text("scorelab: every node must see this folder\n")
+    try:
+        look = ray.remote(num_cpus=0)(os.path.exists)
+        refs = {n["NodeManagerAddress"] + f" ({n['NodeID'][:8]})": look.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(probe))
+            for n in nodes}
+        try:
+            seen = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeSetupError(f"{setting} {store!r}: the nodes did not answer within {timeout_s:g}s whether "
+                                    "they see it") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    blind = [node for node, ok in seen.items() if not ok]
+    if blind:
+        raise RuntimeSetupError(
+            f"{setting} {store!r} is a folder that node {blind[0]} of the Ray cluster cannot see "
+            f"({len(blind)} of {len(seen)} nodes cannot): checkpoints must be where every node reaches them; "
+            "mount a shared filesystem at that path on every node, or use an s3:// or gs:// URI")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files through the object store
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """Files of a driver's folder, put in Ray's object store once; a worker or task on any node gets a
+    local copy with unpack(). key names the content (sha256 over the names and bytes): the same content
+    is unpacked once per node and reused by every later task there."""
+
+    key: str
+    names: tuple[str, ...]
+    ref: Any  # ray.ObjectRef of {name: bytes}
+
+
+def ship_files(folder: str | Path, names: Iterable[str]) -> Shipment:
+    """Put folder/name for each name (relative, may hold "/") into the object store of the running Ray."""
+    import ray
+
+    folder = Path(folder)
+    files, digest = {}, hashlib.sha256()
+    for name in sorted(dict.fromkeys(names)):
+        data = (folder / name).read_bytes()
+        files[name] = data
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return Shipment(digest.hexdigest(), tuple(files), ray.put(files))
+
+
+def shipped_root() -> Path:
+    """Where unpack() keeps this machine's local copies (one folder per content key)."""
+    return Path(os.environ.get("SCORELAB_SHIPPED_DIR") or Path(tempfile.gettempdir()) / "scorelab-shipped")
+
+
+def unpack(shipment: Shipment) -> Path:
+    """A local folder holding the shipment's files: made once per machine and content (written into a
+    private folder, then renamed into place, so concurrent workers never see half of it)."""
+    import ray
+
+    final = shipped_root() / shipment.key
+    if all((final / n).is_file() for n in shipment.names):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{shipment.key[:16]}-", dir=final.parent))
+    try:
+        for name, data in ray.get(shipment.ref).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another worker of this machine got there first, or an incomplete copy is in the way
+            if not all((final / n).is_file() for n in shipment.names):
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def torch_trainer(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], *, name: str, storage_path: str,

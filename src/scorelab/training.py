@@ -23,7 +23,7 @@ import tempfile
 import time
 import warnings
 from contextlib import closing, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,13 +33,13 @@ from . import storage, tracking
 from .checkpoint import (STATE_FILE, CheckpointError, CheckpointMismatchError, build_model, export_model, load_state,
                          load_trained, save_state, state_dict_mismatch)
 from .config import Params, TrainConfig, VariantConfig
-from .data import load_manifest, read_rows, verify
+from .data import Manifest, load_manifest, read_rows, verify
 from .ema import EMA
 from .losses import dsm_loss, loss_per_bin
 from .parameterization import ScoreModel
 from .layout import METRICS_FILE, MODEL_FILE
-from .runtime import (StopWatch, alive_nodes, checkpoint_on_sigterm, ray_session, remove_unregistered_checkpoints, say,
-                      torch_trainer, worker_error)
+from .runtime import (Shipment, StopWatch, alive_nodes, check_storage_shared, checkpoint_on_sigterm, ray_session,
+                      remove_unregistered_checkpoints, say, ship_files, torch_trainer, unpack, worker_error)
 from .visual import save_samples
 
 STATUS_FILE = "scorelab_status.json"  # in the run's folder under ray.storage_path: rank 0's outcome of a launch
@@ -63,7 +63,7 @@ class TrainJob:
     variant: str
     variant_config: dict[str, Any]
     train: dict[str, Any]
-    data_dir: str  # absolute: workers change directory
+    data: Shipment  # the prepared dataset's files, through the object store: workers may not see the driver's disk
     data_shape: list[int]
     seed: int
     config_hash: str
@@ -78,6 +78,15 @@ class TrainJob:
     # Optional: rank 0 calls evaluate(ema_model, step) at each checkpoint step; the returned metrics are
     # logged and reported with the checkpoint (Ray Tune's early stopping reads them). Picklable.
     evaluate: Callable[[ScoreModel, int], dict[str, float]] | None = None
+
+    def as_config(self) -> dict[str, Any]:
+        """The train_loop_config: the fields as they are (dataclasses.asdict would copy the object refs)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def ship_dataset(manifest: Manifest) -> Shipment:
+    """The prepared dataset (manifest and every shard) in the running Ray's object store."""
+    return ship_files(manifest.root, ["manifest.json", *(s.file for s in manifest.shards)])
 
 
 def resolve_train(params: Params, variant: str) -> TrainConfig:
@@ -165,6 +174,49 @@ class PartitionLoader:
 
 
 # ---------------------------------------------------------------------------------------------
+# What a worker trains: the model on its device, its EMA and optimizer, restored from a checkpoint
+
+SYNC_EVERY = 10  # steps between the host's looks at the device: non-finite values, a stop request
+
+
+@dataclass
+class TrainingState:
+    model: ScoreModel
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    step: int  # the next step to take: 0, or the checkpoint's step
+
+
+def training_state(variant: VariantConfig, data_shape: tuple[int, ...], train: TrainConfig, device: torch.device,
+                   state: dict[str, Any] | None = None, *, what: str = "the variant",
+                   source: str = "the checkpoint") -> TrainingState:
+    """Build -> place -> optimizer -> restore, in that order: the model is on `device` before the optimizer
+    exists, so that loading a checkpoint's optimizer state puts every moment on its parameter's device
+    (torch's Optimizer.load_state_dict casts to it). Adam built over CPU parameters and moved afterwards
+    would keep its state on the CPU, and the first GPU step of every resume would fail.
+
+    The weights are drawn on the CPU from torch's global generator (seeded by the caller, the same on
+    every rank), so a model's initial weights do not depend on the device it trains on."""
+    model = build_model(variant, tuple(data_shape)).to(device)
+    ema = EMA(model, decay=variant.ema.decay, warmup=variant.ema.warmup)
+    # fused: one kernel for all parameters instead of a loop over them; on the CPU it cut the optimizer +
+    # EMA share of a digits step from 6.5 to 4.0 ms of CPU (docs/BENCHMARKS.md, "Overheads"). Same update.
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
+                                 fused=device.type in ("cpu", "cuda"))
+    if state is None:
+        return TrainingState(model, ema, optimizer, 0)
+    try:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:  # e.g. the default net changed since it was written
+        raise CheckpointMismatchError(
+            f"{source} holds weights of another architecture than {what} builds ({state_dict_mismatch(e)}): "
+            "it cannot be resumed; change ray.storage_path or remove the old run to start fresh") from None
+    return TrainingState(model, ema, optimizer, int(state["step"]))
+
+
+# ---------------------------------------------------------------------------------------------
 # The loop each Ray Train worker runs
 
 
@@ -186,60 +238,54 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     rows, accum = micro_batch(train, world)
 
-    torch.manual_seed(job.seed)  # identical initial weights on every rank
-    model = build_model(variant, tuple(job.data_shape))
-    ema = EMA(model, decay=variant.ema.decay, warmup=variant.ema.warmup)
-    # fused: one kernel for all parameters instead of a loop over them; on the CPU it cut the optimizer +
-    # EMA share of a digits step from 6.5 to 4.0 ms of CPU (docs/BENCHMARKS.md, "Overheads"). Same update.
-    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
-                                 fused=device.type in ("cpu", "cuda"))
-    start = 0
+    state, where = None, ""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_state(Path(d), job.config_hash)
-            try:
-                model.load_state_dict(state["model"])
-                ema.load_state_dict(state["ema"])
-                optimizer.load_state_dict(state["optimizer"])
-            except (RuntimeError, KeyError, ValueError) as e:  # e.g. the default net changed since it was written
-                raise CheckpointMismatchError(
-                    f"checkpoint {Path(d) / STATE_FILE} holds weights of another architecture than variant "
-                    f"{job.variant!r} builds ({state_dict_mismatch(e)}): it cannot be resumed; change "
-                    "ray.storage_path or remove the old run to start fresh") from None
-        start = int(state["step"])
-    ddp = ray.train.torch.prepare_model(model)
-    ema.to(device)
+            where = f"checkpoint {Path(d) / STATE_FILE}"
+    torch.manual_seed(job.seed)  # identical initial weights on every rank
+    ts = training_state(variant, tuple(job.data_shape), train, device, state, what=f"variant {job.variant!r}",
+                        source=where)
+    model, ema, optimizer, start = ts.model, ts.ema, ts.optimizer, ts.step
+    del state
+    ddp = ray.train.torch.prepare_model(model)  # already on its device: wraps it in DDP when world > 1
     nodes = [ray.get_runtime_context().get_node_id()] * world
     if world > 1:  # where the workers landed, for the run's tags (a cluster run should span its nodes)
         torch.distributed.all_gather_object(nodes, nodes[0])
-    loader = PartitionLoader(job.data_dir, rank, world, rows, job.seed, job.hflip)
+    loader = PartitionLoader(str(unpack(job.data)), rank, world, rows, job.seed, job.hflip)
     logger = tracking.RunLogger(job.tracking_uri, job.run_id) if rank == 0 else None
     if logger is not None:
-        logger.tags({"ray.num_workers": world, "ray.num_nodes": len(set(nodes)), "resumed_from_step": start})
+        logger.tags({"ray.num_workers": world, "ray.num_nodes": len(set(nodes)), "resumed_from_step": start,
+                     "device": device.type})
     # Steps between the checkpoint and where a killed launch got to are redone, bit for bit the same: their
     # metric points already in the run are not logged again (a gap the killed launch left is filled).
     logged = logger.logged_steps("loss") if logger is not None and start > 0 else set()
     use_bf16 = train.bf16 and device.type == "cuda"
 
     sde = model.sde
+    # The host reads the device's values only at sync points (every SYNC_EVERY steps, and where it logs,
+    # checkpoints or samples): a per-micro-batch .item() would stall a GPU's queue every step. The first
+    # non-finite step is recorded on the device, as (step, loss, grad norm), and acted on there; until then
+    # the steps after it change only weights that are never saved.
+    nonfinite = torch.full((3,), math.nan, dtype=torch.float64, device=device)
     # rank 0 watches for the driver's stop request in a thread: the step only reads a flag
     stop = StopWatch(job.stop_path) if job.stop_path and rank == 0 else None
     with closing(stop) if stop is not None else nullcontext():
         window: dict[str, list] = {"loss": [], "t": [], "per_sample": []}
         clock, clock_step = time.perf_counter(), start
         phases = ("data", "forward_backward", "optimizer", "log", "checkpoint") + ("evaluate",) * bool(job.evaluate)
-        spent = dict.fromkeys(phases, 0.0)  # s per phase
+        spent = dict.fromkeys(phases, 0.0)  # s per phase (queued device work lands in whichever phase waits)
         for step in range(start, train.steps):
             lr = train.lr * min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else train.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
             for a in range(accum):
                 k = step * accum + a
                 tick = time.perf_counter()
-                x0 = loader.batch(k).to(device)
+                x0 = loader.batch(k).to(device, non_blocking=True)
                 spent["data"] += time.perf_counter() - tick
                 tick = time.perf_counter()
                 gen = torch.Generator(device=device).manual_seed(mix_seed(job.seed, rank, k, 2))
@@ -252,44 +298,61 @@ def train_loop(config: dict[str, Any]) -> None:
                     out = dsm_loss(ddp, sde, x0, weighting=variant.loss.weighting,
                                    reduction=variant.loss.reduction, generator=gen)
                     (out.loss / accum).backward()
-                step_loss += out.loss.item() / accum
-                window["t"].append(out.t.detach().float().cpu())
-                window["per_sample"].append(out.per_sample.detach().float().cpu())
+                step_loss += out.loss.detach().double() / accum  # float64, as the Python float sum it replaces
+                window["t"].append(out.t.detach().float())
+                window["per_sample"].append(out.per_sample.detach().float())
                 spent["forward_backward"] += time.perf_counter() - tick
             tick = time.perf_counter()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or math.inf)
-            if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
-                if logger is not None:
-                    logger.flush()
-                _stop_nonfinite(job, rank, step, step_loss, float(grad_norm))
-                return
+            first_bad = (~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))) & torch.isnan(nonfinite[0])
+            # torch.full fills on the device; torch.tensor(step) would copy from the host and wait for the queue
+            here = torch.stack([torch.full((), step + 1.0, dtype=torch.float64, device=device), step_loss,
+                                grad_norm.detach().double()])
+            nonfinite = torch.where(first_bad, here, nonfinite)
             optimizer.step()
             ema.update(model)
             window["loss"].append(step_loss)
             spent["optimizer"] += time.perf_counter() - tick  # clipping, Adam and EMA
 
             done = step + 1
-            if rank == 0 and (done % train.log_every == 0 or done == train.steps):
+            log_step = done % train.log_every == 0 or done == train.steps
+            sample_step = bool(train.sample_every) and done % train.sample_every == 0 and done != train.steps
+            checkpoint_now = done % train.checkpoint_every == 0 or done == train.steps
+            # Every rank reaches the same sync points, which depend on the step alone (and on the stop flag
+            # with one worker); all see the same all-reduced gradient norm, so all stop together, and they agree
+            # on a stop request there (an all-reduce where world > 1).
+            if not (done % SYNC_EVERY == 0 or log_step or sample_step or checkpoint_now
+                    or (world == 1 and stop is not None and stop.requested)):
+                continue
+            log_now, sample_now = rank == 0 and log_step, rank == 0 and sample_step
+            bad = nonfinite.tolist()
+            if not math.isnan(bad[0]):
+                if logger is not None:
+                    logger.flush()
+                _stop_nonfinite(job, rank, int(bad[0]), bad[1], bad[2])
+                return
+            if log_now:
                 tick = time.perf_counter()
                 elapsed = tick - clock
                 images_per_s = (done - clock_step) * train.batch_size / max(elapsed, 1e-9)
-                mean_loss = sum(window["loss"]) / len(window["loss"])
+                mean_loss = sum(torch.stack(window["loss"]).tolist()) / len(window["loss"])
                 metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "images_per_s": images_per_s}
-                metrics.update(loss_per_bin(torch.cat(window["t"]), torch.cat(window["per_sample"]), sde))
+                metrics.update(loss_per_bin(torch.cat(window["t"]).cpu(), torch.cat(window["per_sample"]).cpu(), sde))
                 # where the wall time went; DDP's gradient all-reduce is inside forward_backward
                 metrics.update({f"time_frac_{k}": v / max(elapsed, 1e-9) for k, v in spent.items()})
                 if done not in logged:  # background: a tracking server away must not stall the steps
                     logger.metrics(metrics, step=done, background=True)
                 eta = (train.steps - done) * elapsed / max(done - clock_step, 1)
                 say(f"[{job.variant}] step {done}/{train.steps} | loss {mean_loss:.4f} | "
-                     f"{images_per_s:.0f} img/s | ETA {eta:.0f}s")
-                window = {"loss": [], "t": [], "per_sample": []}
+                    f"{images_per_s:.0f} img/s | ETA {eta:.0f}s")
                 spent = dict.fromkeys(spent, 0.0)
                 spent["log"] += time.perf_counter() - tick
                 clock, clock_step = tick, done
-            if rank == 0 and train.sample_every and done % train.sample_every == 0 and done != train.steps:
+            if log_now or rank != 0:  # the other ranks log nothing: their window is dropped at each sync
+                window = {"loss": [], "t": [], "per_sample": []}
+            if sample_now:
                 _log_samples(ema.module, variant, job, logger, done)
-            if done % train.checkpoint_every == 0 or done == train.steps:
+            if checkpoint_now:
                 extra: dict[str, float] = {}
                 if rank == 0 and job.evaluate is not None:  # the other ranks wait at the report's barrier
                     tick = time.perf_counter()
@@ -298,11 +361,11 @@ def train_loop(config: dict[str, Any]) -> None:
                         logger.metrics(extra, step=done, background=True)
                     spent["evaluate"] += time.perf_counter() - tick
                 tick = time.perf_counter()
-                _report_checkpoint(job, rank, done, step_loss, model, ema, optimizer, accum, extra)
+                _report_checkpoint(job, rank, done, float(step_loss), model, ema, optimizer, accum, extra)
                 spent["checkpoint"] += time.perf_counter() - tick
             if job.stop_path and done < train.steps and _stop_requested(stop, rank, world, device):
-                if done % train.checkpoint_every:  # unless this step's checkpoint was just reported
-                    _report_checkpoint(job, rank, done, step_loss, model, ema, optimizer, accum)
+                if not checkpoint_now:  # unless this step's checkpoint was just reported
+                    _report_checkpoint(job, rank, done, float(step_loss), model, ema, optimizer, accum)
                 if rank == 0:
                     logger.flush()
                     _write_status(job, {"status": "preempted", "step": done})
@@ -344,10 +407,11 @@ def _stop_requested(stop: StopWatch | None, rank: int, world: int, device: torch
 
 def _stop_nonfinite(job: TrainJob, rank: int, step: int, loss: float, grad_norm: float) -> None:
     """Every rank sees the same all-reduced gradient norm, so all stop together without a checkpoint;
-    the driver turns the status into a clear error and the last good checkpoint stays."""
+    the driver turns the status into a clear error and the last good checkpoint stays. step: the first
+    step (1-based) whose loss or gradient norm was not finite."""
     if rank == 0:
-        _write_status(job, {"status": "nonfinite", "step": step + 1, "loss": loss, "grad_norm": grad_norm})
-        say(f"[{job.variant}] non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step + 1}: stopping")
+        _write_status(job, {"status": "nonfinite", "step": step, "loss": loss, "grad_norm": grad_norm})
+        say(f"[{job.variant}] non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}: stopping")
 
 
 def _write_status(job: TrainJob, status: dict) -> None:
@@ -397,6 +461,7 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
     with ray_session(cfg.address, num_cpus=max(float(os.cpu_count() or 1), needed),
                      connect_timeout_s=cfg.connect_timeout_s):
         tracking.check_reachable_from(uri, alive_nodes())
+        check_storage_shared(store)
         if cfg.use_gpu and not ray.cluster_resources().get("GPU"):
             raise TrainingError("ray.use_gpu is true but the Ray cluster has no GPU: set ray.use_gpu: false")
         vcfg = params.variants[variant]
@@ -413,12 +478,12 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
         storage.remove(stop_path)  # a stop request of an earlier, preempted launch
         job = TrainJob(
             variant=variant, variant_config=vcfg.model_dump(mode="json"), train=train.model_dump(),
-            data_dir=str(data_dir), data_shape=list(manifest.shape), seed=params.seed, config_hash=key,
+            data=ship_dataset(manifest), data_shape=list(manifest.shape), seed=params.seed, config_hash=key,
             tracking_uri=uri, run_id=run_id, status_path=status_path,
             threads_per_worker=max(1, int(cfg.cpus_per_worker)), hflip=params.data.hflip,
             stop_path=stop_path,
         )
-        trainer = torch_trainer(train_loop, asdict(job), name=name, storage_path=store, workers=cfg.num_workers,
+        trainer = torch_trainer(train_loop, job.as_config(), name=name, storage_path=store, workers=cfg.num_workers,
                                 cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=1.0 if cfg.use_gpu else 0.0,
                                 placement_strategy=cfg.placement_strategy, max_failures=cfg.max_failures)
         start = time.perf_counter()

@@ -29,7 +29,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,9 @@ from .featurizer import CLASSIFIER_FILE, REF_TEST_FILE, FeaturizerError, load_fe
 from .features import load_classifier
 from .layout import MODEL_FILE, TUNED_VARIANT
 from .modality import Modality, modality_of
-from .runtime import alive_nodes, graceful_sigterm, ray_session, torch_trainer
-from .training import STATUS_FILE, TrainJob, config_hash, resolve_train, train_loop
+from .runtime import (Shipment, alive_nodes, check_storage_shared, graceful_sigterm, ray_session, ship_files,
+                      torch_trainer, unpack)
+from .training import STATUS_FILE, TrainJob, config_hash, resolve_train, ship_dataset, train_loop
 from .visual import plot_objective
 
 OBJECTIVE = "objective"  # the metric Tune minimises
@@ -158,8 +159,8 @@ class Objective:
     """Called by training.train_loop's rank 0 with the EMA model at each checkpoint step."""
 
     metric: str  # "domain_fd" (images) or "sliced_w2" (2-D points)
-    data_dir: str  # absolute: workers change directory
-    featurizer_dir: str | None
+    data: Shipment  # the prepared dataset (2-D points: the test split is the reference)
+    featurizer: Shipment | None  # images: the featurizer stage's classifier and test statistics
     method: str
     steps: int | None
     options: dict[str, Any]
@@ -176,9 +177,10 @@ class Objective:
         from .data import read_split
 
         if not self.modality.is_image:
-            return read_split(self.data_dir, "test")
-        clf, _ = load_classifier(Path(self.featurizer_dir) / CLASSIFIER_FILE)
-        with np.load(Path(self.featurizer_dir) / REF_TEST_FILE) as z:
+            return read_split(unpack(self.data), "test")
+        folder = unpack(self.featurizer)
+        clf, _ = load_classifier(folder / CLASSIFIER_FILE)
+        with np.load(folder / REF_TEST_FILE) as z:
             return clf, z["mu"], z["sigma"]
 
     @torch.no_grad()
@@ -298,13 +300,15 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
     tracking.check_server(uri, params.mlflow.connect_timeout_s)  # before Ray starts: seconds, not minutes
 
     sampler = tune.objective.sampler
-    objective = Objective(metric, str(data_dir), str(featurizer_dir.resolve()) if modality.is_image else None,
-                          sampler.method, sampler.step_list()[0], sampler.options(), tune.objective.n_samples,
-                          params.seed, tuple(manifest.shape))
     needed = tune.max_concurrent * tune.workers_per_trial * tune.cpus_per_worker + 0.01 * tune.max_concurrent
     with ray_session(params.ray.address, num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
                      connect_timeout_s=params.ray.connect_timeout_s, dashboard=True):
         tracking.check_reachable_from(uri, alive_nodes())
+        check_storage_shared(store)
+        data = ship_dataset(manifest)  # trials and their objective run where the driver's disk may not be
+        featurizer = ship_files(featurizer_dir, [CLASSIFIER_FILE, REF_TEST_FILE]) if modality.is_image else None
+        objective = Objective(metric, data, featurizer, sampler.method, sampler.step_list()[0], sampler.options(),
+                              tune.objective.n_samples, params.seed, tuple(manifest.shape))
         exp = tracking.experiment_id(uri, tracking.experiment_name(params.mlflow.experiment, manifest.source), root)
         commit = tracking.git_commit(root)
         parent = tracking.start_or_resume_run(uri, exp, name, "tune", {
@@ -331,11 +335,11 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
             names.append(f"{name}-trial{t.index:03d}-{h[:8]}")
             status = storage.join(store, f"{name}-trials", names[-1], STATUS_FILE)  # where every node reaches
             job = TrainJob(
-                variant=f"trial{t.index}", variant_config=t.variant, train=train.model_dump(), data_dir=str(data_dir),
+                variant=f"trial{t.index}", variant_config=t.variant, train=train.model_dump(), data=data,
                 data_shape=list(manifest.shape), seed=params.seed, config_hash=h, tracking_uri=uri, run_id=run_id,
                 status_path=status, threads_per_worker=max(1, int(tune.cpus_per_worker)),
-                hflip=params.data.hflip)
-            jobs.append({**asdict(job), "evaluate": objective})  # not through asdict, which would flatten it
+                hflip=params.data.hflip, evaluate=objective)
+            jobs.append(job.as_config())
             run_ids.append(run_id)
         plan = _Plan(jobs, names, storage.join(store, f"{name}-trials"), tune.workers_per_trial, tune.cpus_per_worker,
                      tune.gpus_per_worker, params.ray.max_failures)
