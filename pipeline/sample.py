@@ -5,7 +5,8 @@
 
 n, seeds, batch size and workers come from the `sample:` section of params; the flags override them.
 The samplers are those of the variant in params (they do not change the trained weights, so editing
-them needs no retraining). Resumes an interrupted run: complete chunks are kept. Writes
+them needs no retraining). Chunks run as Ray tasks on ray.address's cluster (else a local Ray), one
+GPU each with ray.use_gpu (then sample.gpu_batch_size samples a chunk). Resumes an interrupted run: complete chunks are kept. Writes
 <out>/<setting>/seed<k>/chunk-*.npz and manifest.json, <out>/<setting>/grid.png and <out>/summary.json
 (format: scorelab.generate). Exit codes: 0 done, 2 invalid params or unknown variant, 1 missing or
 mismatched model file, or sampling failed.
@@ -21,6 +22,7 @@ from scorelab.checkpoint import CheckpointError
 from scorelab.cli import load_or_report
 from scorelab.generate import GenerateError, generate
 from scorelab.layout import Layout, stage_command
+from scorelab.runtime import RuntimeSetupError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rows = generate(model, out, n_samples=n, seeds=seeds, batch_size=batch_size, num_workers=workers,
-                        progress=not args.no_progress, variant=params.variants[args.variant])
-    except (GenerateError, CheckpointError) as e:  # CheckpointError: an unreadable or mismatched model file
+                        progress=not args.no_progress, variant=params.variants[args.variant],
+                        address=params.ray.address, connect_timeout_s=params.ray.connect_timeout_s,
+                        use_gpu=params.ray.use_gpu, gpu_batch_size=cfg.gpu_batch_size)
+    except (GenerateError, CheckpointError, RuntimeSetupError) as e:  # CheckpointError: an unreadable or
+        # mismatched model file; RuntimeSetupError: no Ray cluster at ray.address
         print(f"sample {args.variant}: {e}", file=sys.stderr)
         return 1
     for key in dict.fromkeys(r["setting"] for r in rows):

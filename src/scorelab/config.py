@@ -97,6 +97,8 @@ class SampleConfig(_Model):
     seeds: tuple[Annotated[int, Field(ge=0)], ...] = Field((0, 1, 2), min_length=1)
     batch_size: int = Field(256, ge=1)  # samples per chunk: one Ray task, and the unit of resumption
     workers: int = Field(2, ge=1)  # chunks in flight, 1 CPU each (or ray.use_gpu: 1 GPU each)
+    # with ray.use_gpu: samples per chunk and per network call (a GPU is filled by thousands, not 64)
+    gpu_batch_size: int = Field(4096, ge=1, le=1_000_000)
 
     @field_validator("seeds")
     @classmethod

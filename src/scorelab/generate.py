@@ -20,12 +20,18 @@ A manifest holds count, shape (per sample, as stored), dtype, layout ("NHWC" or 
 for the adaptive ODE a list, one per chunk), seconds (sum over chunks, so the same after a resume),
 setting {key, method, steps, options}, seed, eval_block and chunks [{start, end, nfe, seconds}].
 
+Chunks run as Ray tasks on the cluster named by ray.address (else a local Ray), one CPU each, or one
+GPU each with ray.use_gpu: the model file travels through the object store (the tasks' nodes need not
+see the driver's disk), each task loads it once onto its device, and the arrays come back to the driver,
+which alone writes files. On GPUs a chunk is gpu_batch_size samples, drawn in one network call per step.
+
 Sample i of a seed is drawn with per-sample noise keyed by (seed, i) (scorelab.rng), and the network
 always runs on blocks of `eval_block` samples (the last one padded): BLAS and oneDNN pick kernels, and
 so summation orders, by batch size, and a chunk of 7 would otherwise differ from a chunk of 64 in the
 last bits. So for every sampler except the adaptive ODE and the pc sampler with the snr-controlled
 `langevin` corrector (whose step sizes are batch statistics) the arrays do not depend on batch_size
-nor on how many tasks ran, bit for bit.
+nor on how many tasks ran, bit for bit, on a given kind of device (the fingerprint names it: CPU and GPU
+kernels round differently).
 Chunks are written atomically (temporary file, then os.replace), so a rerun keeps every complete
 chunk, regenerates the missing or unreadable ones, and ends with neither gaps nor duplicates.
 """
@@ -50,7 +56,7 @@ from .checkpoint import CheckpointMismatchError, check_same_model, load_trained
 from .config import VariantConfig
 from .layout import GRID_FILE as GRID
 from .modality import Modality, modality_of
-from .runtime import ray_session
+from .runtime import Shipment, ray_session, ship_files, task_device, unpack
 from .sampling import sample
 from .visual import save_preview
 
@@ -114,16 +120,16 @@ def sampler_settings(variant: VariantConfig) -> list[SamplerSetting]:
 # ---------------------------------------------------------------------------------------------
 # One chunk, in a Ray task
 
-_MODEL_CACHE: dict[tuple[str, int, int], Any] = {}
+_MODEL_CACHE: dict[tuple[str, str], Any] = {}
 
 
-def _cached_model(path: str):
-    """The worker process's TrainedModel: Ray reuses workers across tasks, so load once per file version."""
-    st = os.stat(path)
-    key = (path, st.st_mtime_ns, st.st_size)
+def _cached_model(model: Shipment, device: torch.device):
+    """The worker process's TrainedModel on `device`: Ray reuses workers across tasks, so a model file is
+    unpacked once per node and loaded once per worker."""
+    key = (model.key, str(device))
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()  # one model at a time: bounded memory in long-lived workers
-        _MODEL_CACHE[key] = load_trained(path)
+        _MODEL_CACHE[key] = load_trained(unpack(model) / model.names[0], device=device)
     return _MODEL_CACHE[key]
 
 
@@ -148,27 +154,33 @@ class BlockedScore:
         return torch.cat(out)
 
 
-def _sample_chunk(model_path: str, setting: dict[str, Any], seed: int, start: int, end: int,
-                  eval_block: int) -> dict[str, Any]:
-    """Samples [start, end) of `seed`; returns the arrays for the driver to write (so the output folder
-    need only exist where the driver runs, not on every node)."""
-    torch.set_num_threads(1)  # one task per CPU: intra-op threads would fight over the same cores
-    trained = _cached_model(model_path)
-    model, shape = trained.model, tuple(trained.data_shape)
+def _sample_chunk(model: Shipment, setting: dict[str, Any], seed: int, start: int, end: int, eval_block: int,
+                  use_gpu: bool = False) -> dict[str, Any]:
+    """Samples [start, end) of `seed` on this task's device; returns the arrays for the driver to write (so
+    the output folder need only exist where the driver runs, not on every node)."""
+    device = task_device(use_gpu)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # one task per CPU: intra-op threads would fight over the same cores
+    trained = _cached_model(model, device)
+    net, shape = trained.model, tuple(trained.data_shape)
     tick = time.perf_counter()
-    result = sample(BlockedScore(model, eval_block), model.sde, (end - start, *shape), method=setting["method"],
-                    steps=setting["steps"], seed=seed, indices=torch.arange(start, end), **setting["options"])
+    result = sample(BlockedScore(net, eval_block), net.sde, (end - start, *shape), method=setting["method"],
+                    steps=setting["steps"], seed=seed, indices=torch.arange(start, end), device=device,
+                    **setting["options"])
+    x = result.x.cpu().numpy()  # waits for the device: the time below is the sampling's, not the queue's
     seconds = time.perf_counter() - tick
-    x = modality_of(shape).to_stored(result.x.cpu().numpy())
-    return {"x": x, "indices": np.arange(start, end, dtype=np.int64), "nfe": np.int64(result.nfe),
-            "seconds": np.float64(seconds)}
+    import ray
+
+    where = f"{ray.get_runtime_context().get_node_id()[:12]}/{device.type}"  # for the summary, not the file
+    return {"x": modality_of(shape).to_stored(x), "indices": np.arange(start, end, dtype=np.int64),
+            "nfe": np.int64(result.nfe), "seconds": np.float64(seconds), "where": where}
 
 
 @functools.cache
-def _remote_chunk():
+def _remote_chunk(use_gpu: bool):
     import ray
 
-    return ray.remote(num_cpus=1)(_sample_chunk)
+    return ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_sample_chunk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +253,7 @@ class _Job:
     folder: Path
     plan: list[tuple[int, int]]
     todo: list[tuple[int, int]]
+    drawn_on: set[str] = field(default_factory=set)  # "<node id>/<device>" of the tasks that drew chunks now
 
 
 def _prepare_folder(folder: Path, fingerprint: dict[str, Any], plan: list[tuple[int, int]],
@@ -273,23 +286,30 @@ def generate(
     *,
     n_samples: int,  # per setting and seed
     seeds: Iterable[int] = (0, 1, 2),
-    batch_size: int = 256,  # samples per chunk (one Ray task, one file)
-    num_workers: int = 2,  # Ray tasks in flight at once, 1 CPU each
+    batch_size: int = 256,  # samples per chunk (one Ray task, one file) on CPUs
+    num_workers: int = 2,  # Ray tasks in flight at once, 1 CPU (or 1 GPU) each
     progress: bool = True,
     variant: VariantConfig | None = None,  # samplers to run; default: those saved with the model
-    eval_block: int = 64,  # samples per network call (see the module docstring); part of a run's identity
+    eval_block: int = 64,  # samples per network call on CPUs (see the module docstring); part of a run's identity
+    address: str = "",  # the Ray cluster (ray.address); "" = $RAY_ADDRESS, else a local Ray
+    connect_timeout_s: float = 10.0,
+    use_gpu: bool = False,  # one GPU per task; chunks and network calls of gpu_batch_size samples
+    gpu_batch_size: int = 4096,
 ) -> list[dict[str, Any]]:
     """Draw n_samples per sampler setting and seed into out_dir (format: module docstring), resuming
     whatever an earlier run left; write a manifest per setting/seed and a grid per setting.
 
-    Returns one summary row per (setting, seed). Uses the running Ray, else starts a local one.
+    Returns one summary row per (setting, seed). Uses the running Ray, else attaches to `address`, else
+    starts a local one.
     """
     from tqdm.auto import tqdm
 
-    if min(n_samples, batch_size, num_workers, eval_block) < 1:
-        raise ValueError(f"n_samples, batch_size, num_workers and eval_block must be >= 1, "
-                         f"got {n_samples}, {batch_size}, {num_workers}, {eval_block}")
-    model_path, out_dir = Path(model_path).resolve(), Path(out_dir).resolve()  # Ray workers change directory
+    if min(n_samples, batch_size, num_workers, eval_block, gpu_batch_size) < 1:
+        raise ValueError(f"n_samples, batch_size, num_workers, eval_block and gpu_batch_size must be >= 1, "
+                         f"got {n_samples}, {batch_size}, {num_workers}, {eval_block}, {gpu_batch_size}")
+    if use_gpu:  # a GPU is filled by thousands of samples a call: one call per chunk and step
+        batch_size = eval_block = gpu_batch_size
+    model_path, out_dir = Path(model_path).resolve(), Path(out_dir).resolve()
     trained = load_trained(model_path)
     variant = variant or trained.variant
     try:
@@ -311,14 +331,22 @@ def generate(
         for seed in seeds:
             folder = out_dir / s.key / f"seed{seed}"
             fingerprint = {"model_sha256": model_sha, "setting": s.describe(), "seed": seed,
-                           "data_shape": list(data_shape), "eval_block": eval_block}
+                           "data_shape": list(data_shape), "eval_block": eval_block,
+                           "device": "cuda" if use_gpu else "cpu"}
             jobs.append(_Job(s, seed, folder, plan, _prepare_folder(folder, fingerprint, plan, sample_shape, dtype)))
 
     pending = [(job, a, b) for job in jobs for a, b in job.todo]
     if pending:
-        with ray_session("", num_cpus=float(max(num_workers, os.cpu_count() or 1))):
-            _run_chunks(str(model_path), pending, num_workers, eval_block,
-                        tqdm(total=len(pending), desc="sample chunks", disable=not progress))
+        import ray
+
+        with ray_session(address, num_cpus=float(max(num_workers, os.cpu_count() or 1)),
+                         connect_timeout_s=connect_timeout_s):
+            if use_gpu and not ray.cluster_resources().get("GPU"):
+                raise GenerateError("ray.use_gpu is true but the Ray cluster has no GPU: set ray.use_gpu: false")
+            model = ship_files(model_path.parent, [model_path.name])  # the tasks' nodes may not see this disk
+            bar = tqdm(total=sum(b - a for _, a, b in pending), desc="sampling", unit="sample", unit_scale=True,
+                       disable=not progress)
+            _run_chunks(model, pending, num_workers, eval_block, use_gpu, bar)
 
     rows = [_finish(job, sample_shape, dtype, modality.layout, n_samples, eval_block) for job in jobs]
     grid_seed = 0 if 0 in seeds else seeds[0]
@@ -328,21 +356,21 @@ def generate(
     return rows
 
 
-def _run_chunks(model_path: str, pending: list[tuple[_Job, int, int]], num_workers: int, eval_block: int,
-                bar) -> None:
+def _run_chunks(model: Shipment, pending: list[tuple[_Job, int, int]], num_workers: int, eval_block: int,
+                use_gpu: bool, bar) -> None:
     """Keep num_workers tasks in flight; write each chunk as it arrives, so an interruption loses only
-    the chunks still running."""
+    the chunks still running. The bar counts samples (its rate is samples/s)."""
     import ray
 
-    task = _remote_chunk()
+    task = _remote_chunk(use_gpu)
     queue = list(reversed(pending))
     running: dict[Any, tuple[_Job, int, int]] = {}
     try:
         while queue or running:
             while queue and len(running) < num_workers:
                 job, a, b = queue.pop()
-                ref = task.remote(model_path, {"method": job.setting.method, "steps": job.setting.steps,
-                                               "options": job.setting.options}, job.seed, a, b, eval_block)
+                ref = task.remote(model, {"method": job.setting.method, "steps": job.setting.steps,
+                                          "options": job.setting.options}, job.seed, a, b, eval_block, use_gpu)
                 running[ref] = (job, a, b)
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:
@@ -350,9 +378,11 @@ def _run_chunks(model_path: str, pending: list[tuple[_Job, int, int]], num_worke
                 try:
                     arrays = ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    raise GenerateError(f"{job.setting.key} seed {job.seed}, samples {a}..{b - 1}: {e}") from e
+                    cause = " ".join(str(getattr(e, "cause", None) or e).split())[:300]
+                    raise GenerateError(f"{job.setting.key} seed {job.seed}, samples {a}..{b - 1}: {cause}") from e
+                job.drawn_on.add(arrays.pop("where"))
                 _write_chunk(chunk_path(job.folder, a, b), arrays)
-                bar.update(1)
+                bar.update(b - a)
     finally:
         for ref in running:
             ray.cancel(ref)
@@ -379,7 +409,8 @@ def _finish(job: _Job, sample_shape: tuple[int, ...], dtype: np.dtype, layout: s
     storage.write_json(job.folder / MANIFEST, manifest, indent=2)
     return {"setting": job.setting.key, "method": job.setting.method, "steps": job.setting.steps,
             "seed": job.seed, "count": n_samples, "nfe": nfe, "seconds": round(seconds, 4),
-            "chunks_drawn": len(job.todo), "chunks_reused": len(job.plan) - len(job.todo), "path": str(job.folder)}
+            "chunks_drawn": len(job.todo), "chunks_reused": len(job.plan) - len(job.todo), "path": str(job.folder),
+            "drawn_on": sorted(job.drawn_on)}
 
 
 def _save_grid(out_dir: Path, setting: SamplerSetting, seed: int, modality: Modality) -> Path:
