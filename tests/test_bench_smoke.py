@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -56,3 +58,36 @@ def test_samplers_one_net_runs(tmp_path):
          "--threads", "1", "--classifier-epochs", "1", "--out", str(tmp_path))
     rows = (tmp_path / "samplers_one_net.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 + 1 + 3 + 1  # scorelab methods, the ODE, diffusers schedulers, the baseline
+
+
+@pytest.mark.timeout(1200)
+def test_gpu_check_runs_on_cpu(tmp_path):
+    """bench/gpu_check.py --cpu-smoke: the train, preemption and sample stages through one Ray, at a tiny size.
+    Several stage processes on 2 cores: minutes, not seconds."""
+    import csv
+
+    import torch
+
+    script = str(REPO / "bench" / "gpu_check.py")
+    if not torch.cuda.is_available():  # without --cpu-smoke it refuses, in one line, where there is no GPU
+        refused = subprocess.run([sys.executable, script, "--out", str(tmp_path)], capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "no CUDA device" in refused.stderr and not list(tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, script, "--cpu-smoke", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=1100)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "gpu_check_cpu_smoke.csv")))
+    train = [r for r in rows if r["what"] == "train"]
+    assert sorted((r["net"], r["precision"]) for r in train) == [("cifar32", "fp32"), ("digits", "fp32")]
+    assert all(float(r["images_per_s"]) > 0 and float(r["gflop_per_image"]) > 0 and float(r["mfu_bf16"]) > 0
+               for r in train)
+    (pre,) = [r for r in rows if r["what"] == "preempt"]
+    assert pre["exit_code"] == "143" and pre["ok"] == "True" and pre["metric_points_ok"] == "True"
+    assert 0 < int(pre["resumed_from_step"]) == int(pre["checkpointed_step"]) < int(pre["final_step"]) \
+        == int(pre["steps"])
+    assert pre["bit_equal"] == "True", "resumed on the CPU: the same weights as the uninterrupted run"
+    samples = {r["role"]: r for r in rows if r["what"] == "sample"}
+    assert int(samples["sample-smoke"]["n"]) == 128 and int(samples["sample-cpu-worker"]["n"]) == 128
+    assert float(samples["sample-smoke"]["samples_per_s"]) > 0 and float(samples["sample-smoke"]["x_cpu_worker"]) > 0
+    assert "goal: GPU samples/s >= 50x one CPU worker's" in proc.stdout
