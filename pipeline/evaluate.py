@@ -9,12 +9,15 @@ real-vs-real baseline at the same sample size and the model's bits/dim of test i
 exist (params.evaluate.inception_weights, $SCORELAB_INCEPTION_WEIGHTS or the torch hub cache; nothing is
 downloaded), and required when params.evaluate.require_inception is true.
 
+The features, distances and likelihood are computed as one Ray task on the cluster of ray.address (or
+$RAY_ADDRESS), on a GPU with ray.use_gpu; with no cluster named, in this process, without starting Ray.
+
 Writes <out>/metrics.json (only once everything is computed) and <out>/fid_vs_nfe.csv (format:
 scorelab.evaluate), and logs the distances at step = NFE, the baseline, bits/dim and the files into the
 variant's MLflow training run. Exit codes: 0 done, 2 invalid params, arguments or unknown variant,
 1 a missing input (the message names the file and the stage that makes it), samples that fail their
-checks (the message names the setting's folder), or Inception weights that are required but absent, or
-invalid (the message names the file or the params field).
+checks (the message names the setting's folder), Inception weights that are required but absent, or
+invalid (the message names the file or the params field), an unreachable cluster, or a failed Ray task.
 """
 
 from __future__ import annotations
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         unit = "bits/dim" if "bits_per_dim" in metrics else "nats (test log-likelihood)"
         err = "" if lik["stderr"] is None else f" ± {lik['stderr']:.3g}"
         print(f"  {unit}: {lik['mean']:.4g}{err}")
+    where = metrics["computed_on"]
+    node = where["node"] + (f", Ray node {where['ray_node_id'][:12]}" if where["ray_node_id"] else "")
+    print(f"  computed on {node} ({where['device']})")
     print(f"-> {out / METRICS_FILE}")
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +26,13 @@ from PIL import Image
 from test_inception import save_random_inception
 
 from scorelab import tracking
-from scorelab.config import EvalConfig, load_params
+from scorelab.config import EvalConfig, RayConfig, load_params
 from scorelab.data import load_manifest, prepare, read_split
 from scorelab.evaluate import INCEPTION_REF_FILE, EvaluateError, evaluate_variant
 from scorelab.features import (INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, domain_frechet, inception_stats,
                                load_classifier, load_inception)
 from scorelab.generate import generate, load_samples
-from scorelab.inception import inception_scorer, inception_weights
+from scorelab.inception import read_reference, reference_key, inception_weights
 from scorelab.metrics import frechet_distance, sliced_wasserstein
 from scorelab.modality import dequantize
 from scorelab.storage import sha256_file
@@ -137,11 +138,14 @@ def rgb(tmp_path_factory) -> dict:
     return project
 
 
-def _evaluate(project: dict, params, out: Path) -> dict:
-    root = project["root"]
-    return evaluate_variant(params, "v", samples_dir=project["samples"], featurizer_dir=root / "outputs" / "featurizer",
-                            model_path=root / "outputs" / "train" / "v" / "model.pt", out_dir=out, root=root,
-                            bpd_samples=0, log_to_mlflow=False)
+def _evaluate(project: dict, params, out: Path, root: Path | None = None, bpd_samples: int = 0,
+              probes: int | None = None) -> dict:
+    """evaluate_variant on the project's samples, featurizer and model; the dataset under `root` (default:
+    the project's)."""
+    here = project["root"]
+    return evaluate_variant(params, "v", samples_dir=project["samples"], featurizer_dir=here / "outputs" / "featurizer",
+                            model_path=here / "outputs" / "train" / "v" / "model.pt", out_dir=out, root=root or here,
+                            bpd_samples=bpd_samples, probes=probes, log_to_mlflow=False)
 
 
 @pytest.fixture(scope="module")
@@ -287,13 +291,12 @@ def test_inception_fid_with_local_weights(rgb, tmp_path):
     assert fids[1] == pytest.approx(frechet_distance(*inception_stats(net, x), *ref), rel=1e-6)
 
     # the reference is cached under the weights' sha256: the same file reuses it, another recomputes it
-    _, again = inception_scorer(net, weights, manifest, x_train, out / INCEPTION_REF_FILE)
-    assert again["reference_cached"] is True
+    cached = read_reference(out / INCEPTION_REF_FILE, reference_key(sha256_file(weights), manifest))
+    assert cached is not None
+    np.testing.assert_allclose(cached[0], ref[0], rtol=1e-6)
     other = save_random_inception(tmp_path / "other.pth", seed=1)
-    _, fresh = inception_scorer(load_inception(other), other, manifest, x_train, out / INCEPTION_REF_FILE)
-    assert fresh["reference_cached"] is False
-    with np.load(out / INCEPTION_REF_FILE) as z:
-        assert json.loads(str(z["key"]))["weights_sha256"] == sha256_file(other)
+    assert read_reference(out / INCEPTION_REF_FILE, reference_key(sha256_file(other), manifest)) is None
+    assert read_reference(tmp_path / "absent.npz", reference_key(sha256_file(weights), manifest)) is None
 
 
 def test_evaluate_digits_settings_baseline_bpd_and_mlflow(digits, featurizer, capsys):
@@ -333,6 +336,9 @@ def test_evaluate_digits_settings_baseline_bpd_and_mlflow(digits, featurizer, ca
     assert bpd["dequantization"] == "uniform, y = (x + u)/256, model x = 2y - 1"
     assert m["inception_fid"] is None and m["inception_fid_reason"]
     assert m["classifier"]["test_accuracy"] >= 0.95
+    # no cluster named: computed in this process, with no Ray of its own
+    assert m["computed_on"] == {"node": socket.gethostname(), "ray_node_id": None, "device": "cpu"}
+    assert "computed on" in printed
     rows = (out / "fid_vs_nfe.csv").read_text().splitlines()
     assert rows[0].startswith("variant,setting,method,steps,nfe,domain_fd_mean,domain_fd_std")
     assert rows[2].startswith("v,ddim-8,ddim,8,8,") and len(rows) == 4
@@ -432,3 +438,65 @@ def test_stage_bad_samples_and_missing_inputs(digits, featurizer, tmp_path, caps
     assert evaluate_main(["--params", str(digits["root"] / "params.yaml"), "--variant", "nope"]) == 2
     assert "'nope'" in capsys.readouterr().err
     assert not (out / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# On a Ray cluster. These come last: their fixture stops the module's local Ray.
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A real two-node Ray cluster on this machine whose head offers no CPU, so the evaluation's task must
+    run on the other node. The module's local Ray is stopped first: evaluate_variant attaches to the
+    cluster itself (ray.address), as the stage does."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster.address, worker.node_id
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_evaluate_on_a_two_node_cluster_equals_in_process(digits, featurizer, two_nodes, tmp_path):
+    import ray
+
+    address, worker_node = two_nodes
+    kwargs = {"bpd_samples": 3, "probes": 1}  # bits/dim through the ODE too, on a few images
+    here = _evaluate(digits, digits["params"], tmp_path / "here", **kwargs)
+    assert not ray.is_initialized()  # no cluster named: no Ray started
+    cluster = digits["params"].model_copy(update={"ray": RayConfig(address=address)})
+    there = _evaluate(digits, cluster, tmp_path / "there", **kwargs)
+    assert not ray.is_initialized()  # attached for the evaluation, and detached after it
+    assert here["computed_on"] == {"node": socket.gethostname(), "ray_node_id": None, "device": "cpu"}
+    assert there["computed_on"] == {"node": socket.gethostname(), "ray_node_id": worker_node, "device": "cpu"}
+    assert {**there, "computed_on": None} == {**here, "computed_on": None}  # bit for bit, wherever it ran
+    assert there["bits_per_dim"]["n"] == 3 and np.isfinite(there["bits_per_dim"]["mean"])
+    csv = [(tmp_path / d / "fid_vs_nfe.csv").read_text() for d in ("here", "there")]
+    assert csv[0] == csv[1]
+
+
+def test_a_failed_task_is_an_evaluate_error_naming_the_variant_and_the_cause(digits, featurizer, two_nodes, tmp_path,
+                                                                            monkeypatch):
+    address, _ = two_nodes
+    root = tmp_path / "project"  # a copy of the dataset whose test shard only the task reads, damaged
+    shutil.copytree(digits["root"] / "data", root / "data")
+    (root / "data" / "prepared" / "digits" / "test-00000.parquet").write_bytes(b"not parquet")
+    cluster = digits["params"].model_copy(update={"ray": RayConfig(address=address)})
+    with pytest.raises(EvaluateError) as e:
+        _evaluate(digits, cluster, tmp_path / "eval", root=root)
+    message = str(e.value)
+    assert message.startswith("variant v: the evaluation task failed on the Ray cluster (DataError: ")
+    assert "test-00000.parquet: unreadable Parquet shard" in message and "\n" not in message
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+
+    monkeypatch.setenv("RAY_ADDRESS", address)  # the same through $RAY_ADDRESS, with ray.address unset
+    with pytest.raises(EvaluateError, match=r"^variant v: the evaluation task failed on the Ray cluster"):
+        _evaluate(digits, digits["params"], tmp_path / "eval", root=root)
+
+    nowhere = digits["params"].model_copy(update={"ray": RayConfig(address="127.0.0.1:1", connect_timeout_s=1)})
+    with pytest.raises(EvaluateError, match=r"ray\.address 127\.0\.0\.1:1: no Ray cluster answers there"):
+        _evaluate(digits, nowhere, tmp_path / "eval")

@@ -13,8 +13,9 @@ import torch
 from scorelab.data import DataConfig, Manifest, prepare, read_split
 from scorelab.features import (
     INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, DigitClassifier, accuracy, domain_frechet, extract_features,
-    feature_stats, find_inception_weights, load_classifier, save_classifier, train_classifier,
+    feature_stats, find_inception_weights, load_classifier, save_classifier, stream_features, train_classifier,
 )
+from scorelab.metrics import gaussian_stats
 
 
 def _labels(m: Manifest, split: str) -> np.ndarray:
@@ -90,6 +91,19 @@ def test_feature_stats_do_not_depend_on_batch_size(model, digits):
     mu2, s2 = feature_stats(model, x, batch_size=7)
     np.testing.assert_allclose(mu1, mu2, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(s1, s2, rtol=1e-4, atol=1e-6)
+
+
+def test_streamed_features_are_the_rows_statistics_and_keep_the_leading_rows(model, digits):
+    x = digits["x_test"]
+    rows = extract_features(model, x)
+    running = stream_features(model, x, batch_size=16, keep=40)  # 12 batches, the kept rows span three
+    assert running.n == len(x) and torch.equal(running.rows, rows[:40].double())
+    mu, sigma = running.stats()
+    ref_mu, ref_sigma = gaussian_stats(rows)
+    np.testing.assert_allclose(mu, ref_mu, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sigma, ref_sigma, rtol=0, atol=1e-12 * np.abs(ref_sigma).max())
+    whole = stream_features(model, x, batch_size=len(x))  # one batch: gaussian_stats exactly
+    assert all(np.array_equal(a, b) for a, b in zip(whole.stats(), (ref_mu, ref_sigma)))
 
 
 def test_save_load_round_trip(model, digits, tmp_path):

@@ -106,6 +106,14 @@ def test_stats(net, pixels):
     np.testing.assert_allclose(sigma, expected[1], rtol=1e-6, atol=1e-9 * np.abs(sigma).max())
 
 
+def test_stats_stream_over_batches(net, pixels):
+    x = torch.cat([pixels, pixels.flip(-1), pixels.flip(-2)])
+    expected = gaussian_stats(inception_features(net, x))
+    mu, sigma = inception_stats(net, x, batch_size=2)  # three batches merged in float64
+    np.testing.assert_allclose(mu, expected[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sigma, expected[1], rtol=0, atol=1e-12 * np.abs(sigma).max())
+
+
 def test_bad_inputs_are_refused(net):
     with pytest.raises(ValueError, match=r"expected \(N, 1 or 3, H, W\) images with N >= 1, found shape "
                                          r"\(2, 2, 8, 8\)"):

@@ -11,7 +11,7 @@ import torch
 from pytorch_fid.fid_score import calculate_frechet_distance
 from scipy import stats
 
-from scorelab.metrics import frechet_distance, gaussian_stats, mmd_rbf, sliced_wasserstein
+from scorelab.metrics import RunningStats, frechet_distance, gaussian_stats, mmd_rbf, sliced_wasserstein
 
 
 
@@ -83,6 +83,38 @@ def test_gaussian_stats_are_numpy_mean_and_cov():
     np.testing.assert_allclose(sigma, np.cov(f.astype(np.float32).astype(np.float64), rowvar=False), rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="at least 2"):
         gaussian_stats(np.ones((1, 3)))
+
+
+@pytest.mark.parametrize("splits", [[500], [1, 499], [250, 250], [7, 64, 1, 300, 128], [2] * 250])
+def test_running_stats_are_the_exact_float64_mean_and_cov_over_all_rows(splits):
+    # a mean far from 0 against the spread: raw sums of squares would lose ~8 digits to cancellation here
+    rng = np.random.default_rng(3)
+    f = 1e4 + rng.standard_normal((500, 9)) @ rng.standard_normal((9, 9))
+    rs = RunningStats()
+    for part in np.split(f, np.cumsum(splits)[:-1]):
+        rs.update(torch.from_numpy(part))
+    mu, sigma = rs.stats()
+    assert rs.n == 500 and mu.dtype == sigma.dtype == np.float64
+    cov = np.cov(f, rowvar=False)
+    np.testing.assert_allclose(mu, f.mean(0), rtol=1e-14, atol=0)  # within a few ulps of numpy's own rounding
+    np.testing.assert_allclose(sigma, cov, rtol=0, atol=1e-12 * np.abs(cov).max())  # naive sums: ~3e-8
+
+
+def test_running_stats_one_batch_is_gaussian_stats_bit_for_bit_and_keeps_leading_rows():
+    f = torch.randn(300, 5, generator=torch.Generator().manual_seed(0))
+    mu, sigma = RunningStats().update(f).stats()
+    ref_mu, ref_sigma = gaussian_stats(f)
+    assert np.array_equal(mu, ref_mu) and np.array_equal(sigma, ref_sigma)
+
+    rs = RunningStats(keep=130)
+    for part in (f[:100], f[100:100], f[100:200], f[200:]):  # an empty batch changes nothing
+        rs.update(part)
+    assert rs.n == 300 and torch.equal(rs.rows, f[:130].double())
+    assert RunningStats(keep=10).rows.shape == (0, 0)
+    with pytest.raises(ValueError, match="dimension 4 after 5"):
+        rs.update(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="at least 2 samples, got 1"):
+        RunningStats().update(f[:1]).stats()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,15 +12,33 @@ FID, reused while the weights file (by sha256) and the dataset are the same.
 
 Distances are biased at small N (the Frechet distance most of all), so every number comes with the same
 metric for N real training images against the same test split: a model cannot be expected to beat it.
+
+Where it runs: the driver (the stage's process) checks every input, reads and writes files and logs to
+MLflow; the heavy compute (classifier and Inception features, KID, precision/recall, bits/dim through the
+probability-flow ODE) runs where params say. With a cluster (ray.address, or $RAY_ADDRESS) it is one Ray
+task there, with one GPU when ray.use_gpu: the task reads nothing of the driver's disk, only files shipped
+through the object store (runtime.ship_files) and arrays passed as its argument. Without one it runs in
+the stage's own process, on its GPU when ray.use_gpu and there is one, and starts no Ray (a local Ray
+costs seconds per stage and buys nothing here). metrics.json's computed_on says where it ran; the numbers
+do not depend on it (beyond a GPU's rounding).
+
+Memory does not grow with N beyond the samples themselves: features stream into float64 running sums
+(metrics.RunningStats) for the Frechet distances; KID and precision/recall see the first _ROWS feature
+rows of each set.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
+import os
 import re
+import socket
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,13 +49,16 @@ from . import storage
 from .checkpoint import CheckpointMismatchError, check_same_model, load_trained
 from .config import Params
 from .data import Manifest, load_manifest, read_split
-from .featurizer import FeaturizerError, load_featurizer
+from .features import DigitClassifier, extract_features, stream_features
+from .featurizer import CLASSIFIER_FILE, REF_TEST_FILE, REF_TRAIN_FILE, FeaturizerError, load_featurizer
 from .generate import FINGERPRINT, MANIFEST, SamplerSetting, load_samples, sampler_settings
-from .inception import (inception_baseline_images, inception_network, inception_scorer, inception_summary,
-                        inception_weights)
+from .inception import (Stats, fid_scorer, inception_baseline_images, inception_info, inception_network,
+                        inception_summary, inception_weights, read_reference, reference_key, reference_stats,
+                        write_reference)
 from .layout import METRICS_FILE, Layout
-from .metrics import check_samples, frechet_distance, gaussian_stats, kid, mmd_rbf, precision_recall, sliced_wasserstein
+from .metrics import check_samples, frechet_distance, kid, mmd_rbf, precision_recall, sliced_wasserstein
 from .modality import Modality
+from .runtime import RuntimeSetupError, Shipment, ray_session, ship_files, task_device, unpack
 
 CURVE_FILE = "fid_vs_nfe.csv"
 INCEPTION_REF_FILE = "inception_ref_train.npz"
@@ -47,6 +68,7 @@ _MIN_SAMPLES = 4  # per seed: precision/recall's k = 3 nearest neighbours need a
 _KNN_K = 3
 _KID_SUBSET, _KID_SUBSETS = 1000, 100
 _SW_PROJECTIONS = 256
+_ROWS = 10_000  # feature rows per set (samples of a seed, test split) that KID and precision/recall see
 _MMD_REFERENCE = 2000  # test points MMD compares against: its memory is O((N + M)^2)
 _SEED_DIR = re.compile(r"^seed(\d+)$")
 
@@ -56,10 +78,13 @@ _DESCRIPTIONS = {
     "inception_fid": "standard FID: Frechet distance between pytorch-fid InceptionV3 pool3 features (2048-d, images "
                      "resized to 299) of the samples and of the whole train split (lower is better; biased upwards "
                      "at small N)",
-    "kid": "kernel distance (unbiased MMD^2, cubic polynomial kernel) between classifier features of the samples "
-           "and of the test split, mean over subsets (lower is better; about 0 for real data)",
-    "precision": "fraction of samples inside the k=3 nearest-neighbour manifold of test features (higher is better)",
-    "recall": "fraction of test features inside the k=3 nearest-neighbour manifold of the samples (higher is better)",
+    "kid": f"kernel distance (unbiased MMD^2, cubic polynomial kernel) between classifier features of the samples "
+           f"and of the test split (the first {_ROWS} of each at most), mean over subsets (lower is better; about 0 "
+           "for real data)",
+    "precision": "fraction of samples inside the k=3 nearest-neighbour manifold of test features (the first "
+                 f"{_ROWS} of each at most; higher is better)",
+    "recall": "fraction of test features inside the k=3 nearest-neighbour manifold of the samples (the first "
+              f"{_ROWS} of each at most; higher is better)",
     "sliced_w2": "sliced 2-Wasserstein distance to the test split, 256 directions (lower is better)",
     "mmd": f"unbiased MMD^2, RBF kernels at the median distance x (0.5, 1, 2), against up to {_MMD_REFERENCE} test "
            "points (lower is better; about 0 for real data)",
@@ -92,40 +117,45 @@ def _num(v: float) -> float | None:
 Scorer = Callable[[torch.Tensor], dict[str, float]]
 
 
-def _image_scorer(featurizer_dir: Path, manifest: Manifest,
-                  x_test: torch.Tensor) -> tuple[Scorer, dict[str, Any], float]:
-    """Domain FD against ref_test.npz, KID and precision/recall against the test split's features; also
-    what the classifier is, and the domain FD of all train images (the distance's floor at full size)."""
-    from .features import extract_features
-
+def _featurizer(featurizer_dir: Path, manifest: Manifest) -> tuple[DigitClassifier, dict[str, Any], Stats, Stats]:
+    """featurizer.load_featurizer, its error as the stage's."""
     try:
-        clf, meta, (ref_mu, ref_sigma), (train_mu, train_sigma) = load_featurizer(featurizer_dir, manifest)
+        return load_featurizer(featurizer_dir, manifest)
     except FeaturizerError as e:
         raise EvaluateError(str(e)) from None
-    test_features = extract_features(clf, x_test)
+
+
+def _image_scorer(featurizer_dir: Path, manifest: Manifest, x_test: torch.Tensor, device: torch.device) -> Scorer:
+    """Domain FD against ref_test.npz (every sample's features, streamed into float64 sums), KID and
+    precision/recall against the test split's features (the first _ROWS rows of each set)."""
+    clf, _, (ref_mu, ref_sigma), _ = _featurizer(featurizer_dir, manifest)
+    clf = clf.to(device)
+    test_rows = extract_features(clf, x_test[:_ROWS])  # the split is in random order: its head is a random subset
 
     def score(x: torch.Tensor) -> dict[str, float]:
-        f = extract_features(clf, x)
-        m = min(_KID_SUBSET, len(f), len(test_features))
-        precision, recall = precision_recall(test_features, f, k=_KNN_K)
-        return {"domain_fd": frechet_distance(*gaussian_stats(f), ref_mu, ref_sigma),  # = features.domain_frechet
-                "kid": kid(f, test_features, subset_size=m, subsets=_KID_SUBSETS, seed=0)[0],
+        running = stream_features(clf, x, keep=_ROWS)
+        f = running.rows
+        m = min(_KID_SUBSET, len(f), len(test_rows))
+        precision, recall = precision_recall(test_rows, f, k=_KNN_K)
+        return {"domain_fd": frechet_distance(*running.stats(), ref_mu, ref_sigma),  # = features.domain_frechet
+                "kid": kid(f, test_rows, subset_size=m, subsets=_KID_SUBSETS, seed=0)[0],
                 "precision": precision, "recall": recall}
 
-    info = {"classifier": {"test_accuracy": meta.get("test_accuracy"), "seed": meta.get("seed")}}
-    return score, info, frechet_distance(train_mu, train_sigma, ref_mu, ref_sigma)
+    return score
 
 
-def _point_scorer(manifest: Manifest, x_test: torch.Tensor) -> Scorer:
+def _point_scorer(manifest: Manifest, x_test: torch.Tensor, device: torch.device) -> Scorer:
     """Sliced W2 and MMD against the test split; for mixture data, the exact data log-density."""
     mixture = manifest.gaussian_mixture() if manifest.params.get("mixture") else None
+    x_test = x_test.to(device)
     mmd_reference = x_test[:_MMD_REFERENCE]  # the split is in random order: its head is a random subset
 
     def score(x: torch.Tensor) -> dict[str, float]:
+        x = x.to(device)
         out = {"sliced_w2": sliced_wasserstein(x, x_test, n_projections=_SW_PROJECTIONS, seed=0),
                "mmd": mmd_rbf(x, mmd_reference)}
         if mixture is not None:
-            out["data_loglik"] = float(mixture.log_prob(x.double()).mean())
+            out["data_loglik"] = float(mixture.log_prob(x.cpu().double()).mean())
         return out
 
     return score
@@ -166,10 +196,21 @@ def _load_model(model_path: Path, params: Params, variant: str, manifest: Manife
     return trained
 
 
+def _from_stored(stored: np.ndarray, modality: Modality) -> np.ndarray:
+    """Samples as a chunk stores them -> model space (a chunk of another dtype as it is: check_samples says so)."""
+    return modality.from_stored(stored) if stored.dtype == np.uint8 and stored.ndim == 4 else stored
+
+
+def _model_space(stored: np.ndarray, modality: Modality) -> torch.Tensor:
+    """Checked samples as a chunk stores them -> float32 model space."""
+    return torch.from_numpy(np.ascontiguousarray(_from_stored(stored, modality), dtype=np.float32))
+
+
 def _load_setting(samples_dir: Path, setting: SamplerSetting, variant: str, modality: Modality,
-                  data_shape: tuple[int, ...], model_sha: str) -> tuple[dict[int, torch.Tensor], list[int]]:
-    """{seed: samples in model space, checked} of every seed folder of the setting, and the NFE of every
-    chunk (one per seed for a fixed-step sampler)."""
+                  data_shape: tuple[int, ...], model_sha: str) -> tuple[dict[int, np.ndarray], list[int]]:
+    """{seed: samples as stored (checked in model space)} of every seed folder of the setting, and the NFE
+    of every chunk (one per seed for a fixed-step sampler). Stored, not model space: uint8 pixels are a
+    quarter of the float32 images on their way to the compute."""
     folder = samples_dir / setting.key
     seeds = sorted(int(m[1]) for p in (folder.iterdir() if folder.is_dir() else [])
                    if p.is_dir() and (m := _SEED_DIR.match(p.name)))
@@ -188,13 +229,12 @@ def _load_setting(samples_dir: Path, setting: SamplerSetting, variant: str, moda
                                 "stage")
         try:
             stored = load_samples(samples_dir, setting.key, seed)
-            x = modality.from_stored(stored) if stored.dtype == np.uint8 and stored.ndim == 4 else stored
-            check_samples(x, shape=data_shape, value_range=modality.value_range,
+            check_samples(_from_stored(stored, modality), shape=data_shape, value_range=modality.value_range,
                           name=str(seed_dir))
         except ValueError as e:  # load_samples' own messages name the folder; numpy's may not
             message = str(e) if str(seed_dir) in str(e) else f"{seed_dir}: {e}"
             raise EvaluateError(f"setting {setting.key}: {message}") from None
-        xs[seed] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        xs[seed] = stored
         nfe = json.loads((seed_dir / MANIFEST).read_text())["nfe"]
         nfes += nfe if isinstance(nfe, list) else [nfe]
     return xs, nfes
@@ -231,12 +271,12 @@ def _log_new_metrics(logger, points: list[tuple[str, float | None, int]]) -> Non
 # Likelihood of test data under the model
 
 
-def _bits_per_dim(trained, x_test: torch.Tensor, n: int, probes: int, seed: int, rtol: float,
-                  atol: float) -> dict[str, Any]:
+def _bits_per_dim(model, x_test: torch.Tensor, n: int, probes: int, seed: int, rtol: float,
+                  atol: float, device: torch.device) -> dict[str, Any]:
     from .likelihood import bits_per_dim
 
     x_int = torch.round((x_test[:n].double() + 1) * 127.5).to(torch.uint8)  # the stored pixels, exactly
-    res = bits_per_dim(trained.model, trained.model.sde, x_int, bits=8, scale=2.0, shift=-1.0, probes=probes,
+    res = bits_per_dim(model, model.sde, x_int.to(device), bits=8, scale=2.0, shift=-1.0, probes=probes,
                        seed=seed, rtol=rtol, atol=atol)
     bpd = res.bpd.cpu()
     return {"mean": _num(bpd.mean()), "stderr": _num(bpd.std() / math.sqrt(n)) if n > 1 else None,
@@ -246,17 +286,166 @@ def _bits_per_dim(trained, x_test: torch.Tensor, n: int, probes: int, seed: int,
             "note": "stderr is over test images (probe noise included); a one-draw upper bound on the discrete NLL"}
 
 
-def _test_loglik(trained, manifest: Manifest, x_test: torch.Tensor, n: int, seed: int) -> dict[str, Any]:
+def _test_loglik(model, manifest: Manifest, x_test: torch.Tensor, n: int, seed: int,
+                 device: torch.device) -> dict[str, Any]:
     from .likelihood import log_likelihood
 
     x = x_test[:n]
-    logp = log_likelihood(trained.model, trained.model.sde, x, exact=True, seed=seed).cpu()
+    logp = log_likelihood(model, model.sde, x.to(device), exact=True, seed=seed).cpu()
     out = {"mean": _num(logp.mean()), "stderr": _num(logp.std() / math.sqrt(n)) if n > 1 else None,
            "n": n, "split": "test", "units": "nats", "divergence": "exact",
            "note": "mean log p_model(x) of test points through the probability-flow ODE (higher is better)"}
     if manifest.params.get("mixture"):
         out["data_mean"] = _num(manifest.gaussian_mixture().log_prob(x.double()).mean())  # the true density's
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The compute: in the stage's process, or one Ray task on the cluster
+
+
+@dataclass(frozen=True)
+class _Files:
+    """What the compute reads: in-process the driver's own paths; in a Ray task its local copies of what
+    the driver shipped through the object store (the task's node may not see the driver's disk)."""
+
+    data: Path  # the prepared dataset's folder
+    model: Path  # model.pt
+    featurizer: Path | None  # image data: the featurizer stage's folder
+    inception: Path | None  # the Inception weights file, where the standard FID is computed
+
+    def ship(self, manifest: Manifest) -> dict[str, Shipment]:
+        """Every file, into the running Ray's object store (driver)."""
+        shipped = {"data": ship_files(self.data, ["manifest.json", *(s.file for s in manifest.shards)]),
+                   "model": ship_files(self.model.parent, [self.model.name])}
+        if self.featurizer is not None:
+            shipped["featurizer"] = ship_files(self.featurizer, [CLASSIFIER_FILE, REF_TEST_FILE, REF_TRAIN_FILE])
+        if self.inception is not None:
+            shipped["inception"] = ship_files(self.inception.parent, [self.inception.name])
+        return shipped
+
+    @staticmethod
+    def unpacked(shipped: dict[str, Shipment]) -> _Files:
+        """This node's local copies of shipped files (task)."""
+
+        def one_file(key: str) -> Path | None:
+            return unpack(shipped[key]) / shipped[key].names[0] if key in shipped else None
+
+        return _Files(data=unpack(shipped["data"]), model=one_file("model"),
+                      featurizer=unpack(shipped["featurizer"]) if "featurizer" in shipped else None,
+                      inception=one_file("inception"))
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything the compute needs besides files: plain values and arrays, a Ray task's argument as they are."""
+
+    variant: str
+    samples: dict[str, dict[int, np.ndarray]]  # setting -> seed -> samples as stored, checked by the driver
+    n: int  # samples per seed
+    seed: int  # params.seed: the baselines' draws, bits/dim's dequantisation and probes
+    train_idx: dict[int, np.ndarray] | None  # the baseline's N train rows per seed; None: the split has fewer
+    likelihood_n: int  # test images for bits/dim (2-D: test points for the log-likelihood); 0 skips
+    probes: int
+    rtol: float
+    atol: float
+    inception_ref: Stats | None  # the cached Inception statistics of the train split; None: compute them
+    use_gpu: bool
+    cpus: float  # a Ray task's CPUs (ray.cpus_per_worker): its torch threads
+    progress: bool  # a Ray task's progress bar, shown by the driver (the driver's stderr is a terminal)
+
+
+def _compute(job: _Job, files: _Files, device: torch.device, bar: Callable[..., Any],
+             ray_node: str | None = None) -> dict[str, Any]:
+    """The heavy work on `device`: every setting and seed, the baselines, the likelihood. Reads only `files`
+    and the job. Returns per-seed metrics, the Inception train statistics when it computed them (for the
+    driver to cache), the likelihood and computed_on."""
+    manifest = load_manifest(files.data)
+    modality = manifest.modality
+    x_test, x_train = read_split(files.data, "test"), read_split(files.data, "train")
+    domain_score = (_image_scorer(files.featurizer, manifest, x_test, device) if modality.is_image
+                    else _point_scorer(manifest, x_test, device))
+    fid: Callable[[torch.Tensor], float] | None = None
+    fresh_ref: Stats | None = None
+    if files.inception is not None:
+        net = inception_network(files.inception, device)
+        if job.inception_ref is None:
+            fresh_ref = reference_stats(net, x_train)
+        fid = fid_scorer(net, job.inception_ref if fresh_ref is None else fresh_ref)
+
+    sets = sum(len(xs) for xs in job.samples.values()) + len(job.train_idx or {})
+    progress = bar(total=sets * job.n, desc=f"evaluate {job.variant}", unit="sample")
+
+    def scored(x: torch.Tensor, metric: Callable[[torch.Tensor], dict[str, float]]) -> dict[str, float]:
+        out = metric(x)
+        progress.update(len(x))
+        return out
+
+    def score(x: torch.Tensor) -> dict[str, float]:
+        """Every setting and seed: the domain (or point) metrics, and the standard FID where it is computed."""
+        out = domain_score(x)
+        if fid is not None:
+            out["inception_fid"] = fid(x)
+        return out
+
+    settings = {key: {seed: scored(_model_space(stored, modality), score) for seed, stored in xs.items()}
+                for key, xs in job.samples.items()}
+    # domain metrics only: Inception FID's reference is the train split itself, its baseline is apart
+    train_idx = None if job.train_idx is None else {s: torch.from_numpy(i) for s, i in job.train_idx.items()}
+    baseline = None if train_idx is None else {s: scored(x_train[i], domain_score) for s, i in train_idx.items()}
+    inception_baseline, how = None, None
+    if fid is not None:  # N real images per seed against the train statistics, where there are N
+        seed_ids = sorted({seed for xs in job.samples.values() for seed in xs})
+        images, how = inception_baseline_images(x_test, x_train, train_idx, seed_ids, job.n, job.seed)
+        inception_baseline = None if images is None else {s: fid(x) for s, x in images.items()}
+    progress.close()
+
+    likelihood = None
+    if job.likelihood_n:
+        model, n_lik = load_trained(files.model, device=device).model, job.likelihood_n
+        likelihood = (_bits_per_dim(model, x_test, n_lik, job.probes, job.seed, job.rtol, job.atol, device)
+                      if modality.is_image else _test_loglik(model, manifest, x_test, n_lik, job.seed, device))
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return {"settings": settings, "baseline": baseline, "inception_baseline": inception_baseline,
+            "inception_baseline_how": how, "inception_ref": fresh_ref, "likelihood": likelihood,
+            "computed_on": {"node": socket.gethostname(), "ray_node_id": ray_node, "device": f"{device}{gpu}"}}
+
+
+def _remote_compute(job: _Job, shipped: dict[str, Shipment]) -> dict[str, Any]:
+    """The Ray task: this node's copies of the shipped files, on the task's device (its GPU where it got one)."""
+    import ray
+    from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+    from tqdm.auto import tqdm
+
+    device = task_device(job.use_gpu)
+    torch.set_num_threads(max(1, int(job.cpus)))  # a reused worker may have run with other threads
+    bar = ray_tqdm if job.progress else functools.partial(tqdm, disable=True)
+    return _compute(job, _Files.unpacked(shipped), device, bar, ray_node=ray.get_runtime_context().get_node_id())
+
+
+def _run_on_ray(job: _Job, files: _Files, manifest: Manifest, address: str, timeout_s: float) -> dict[str, Any]:
+    """_compute as one Ray task on the cluster at `address` ("" = $RAY_ADDRESS); a failure of the task is an
+    EvaluateError naming the variant and the cause."""
+    import ray
+
+    try:
+        with ray_session(address, connect_timeout_s=timeout_s):
+            if job.use_gpu and not ray.cluster_resources().get("GPU"):
+                raise EvaluateError("ray.use_gpu is true but the Ray cluster has no GPU: set ray.use_gpu: false")
+            task = ray.remote(_remote_compute).options(num_cpus=job.cpus, num_gpus=1 if job.use_gpu else 0)
+            ref = task.remote(job, files.ship(manifest))
+            try:
+                return ray.get(ref)
+            except ray.exceptions.RayError as e:
+                cause = getattr(e, "cause", None) or e
+                text = " ".join(str(cause).split())[:300]
+                raise EvaluateError(f"variant {job.variant}: the evaluation task failed on the Ray cluster "
+                                    f"({type(cause).__name__}: {text})") from None
+            except BaseException:  # Ctrl-C, SIGTERM: the task must not go on computing for nobody
+                ray.cancel(ref, force=True)
+                raise
+    except RuntimeSetupError as e:
+        raise EvaluateError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,11 +482,18 @@ def evaluate_variant(
                   and the reference (the whole train split); every setting and the baseline then also hold
                   inception_fid_mean, inception_fid_std and per-seed values
         classifier (images): its test accuracy and seed
+        computed_on: where the features, distances and likelihood were computed: {node (host name),
+                  ray_node_id (the Ray task's node; null in the stage's own process), device}
+
+    The compute runs as one Ray task on the cluster of ray.address (or $RAY_ADDRESS), with ray.cpus_per_worker
+    CPUs and, with ray.use_gpu, one GPU; with no cluster named, in this process (on its GPU with
+    ray.use_gpu, where there is one) and without starting Ray.
 
     Image metrics: domain_fd, kid, precision, recall; 2-D: sliced_w2, mmd (and data_loglik for mixture
     data). std is over seeds (ddof 1, null with one seed). EvaluateError for a missing input, samples
     that fail check_samples, an invalid Inception weights file, a missing evaluate.inception_weights file,
-    or no weights at all with evaluate.require_inception; DataError when the dataset is not prepared.
+    or no weights at all with evaluate.require_inception, an unreachable cluster or a failed Ray task
+    (naming the variant and the cause); DataError when the dataset is not prepared.
     """
     root, samples_dir, featurizer_dir = Path(root).resolve(), Path(samples_dir), Path(featurizer_dir)
     model_path, out_dir = Path(model_path), Path(out_dir)
@@ -311,7 +507,8 @@ def evaluate_variant(
     # Inception first: required-but-absent or invalid weights fail the stage before anything expensive runs.
     try:
         weights, inception_reason = inception_weights(params, root, modality.is_image)
-        inception_net = inception_network(weights) if weights is not None else None
+        if weights is not None:
+            inception_network(weights)  # the file is checked here; the compute loads it again on its device
     except ValueError as e:
         raise EvaluateError(str(e)) from None
     trained = _load_model(model_path, params, variant, manifest)
@@ -330,52 +527,61 @@ def evaluate_variant(
     if n < _MIN_SAMPLES:
         raise EvaluateError(f"{samples_dir}: {n} samples per seed; the metrics need at least {_MIN_SAMPLES} "
                             "(pipeline/sample.py --n)")
+    info: dict[str, Any] = {}
+    fd_train_full = None
+    if modality.is_image:  # the featurizer's folder, checked here; its train statistics give the floor
+        _, meta, ref_test, ref_train = _featurizer(featurizer_dir, manifest)
+        info = {"classifier": {"test_accuracy": meta.get("test_accuracy"), "seed": meta.get("seed")}}
+        fd_train_full = frechet_distance(*ref_train, *ref_test)
 
-    x_test, x_train = read_split(manifest.root, "test"), read_split(manifest.root, "train")
-    if modality.is_image:
-        domain_score, info, fd_train_full = _image_scorer(featurizer_dir, manifest, x_test)
-    else:
-        domain_score, info, fd_train_full = _point_scorer(manifest, x_test), {}, None
-    primary = modality.primary_metric
-    inception_fid: Callable[[torch.Tensor], float] | None = None
-    inception_info: dict[str, Any] = {}
-    if inception_net is not None:
-        inception_fid, inception_info = inception_scorer(inception_net, weights, manifest, x_train,
-                                                         out_dir / INCEPTION_REF_FILE)
+    seed_ids = sorted({seed for xs, _ in loaded.values() for seed in xs})
+    n_train, n_test = manifest.counts["train"], manifest.counts["test"]
+    train_idx = None
+    if n_train >= n:
+        train_idx = {seed: np.sort(np.random.default_rng([params.seed, seed]).choice(n_train, n, replace=False))
+                     for seed in seed_ids}
+    ref_file, weights_sha, ref_key, cached_ref = out_dir / INCEPTION_REF_FILE, "", "", None
+    if weights is not None:  # the train split's Inception statistics, cached by the driver
+        weights_sha = storage.sha256_file(weights)
+        ref_key = reference_key(weights_sha, manifest)
+        cached_ref = read_reference(ref_file, ref_key)
+    job = _Job(variant=variant, samples={key: xs for key, (xs, _) in loaded.items()}, n=n, seed=params.seed,
+               train_idx=train_idx, likelihood_n=min(bpd_samples, n_test), probes=probes,
+               rtol=params.evaluate.bpd_rtol, atol=params.evaluate.bpd_atol,
+               inception_ref=cached_ref, use_gpu=params.ray.use_gpu,
+               cpus=params.ray.cpus_per_worker, progress=sys.stderr.isatty())
+    files = _Files(data=manifest.root, model=model_path.resolve(),
+                   featurizer=featurizer_dir.resolve() if modality.is_image else None, inception=weights)
+    if params.ray.address or os.environ.get("RAY_ADDRESS"):
+        computed = _run_on_ray(job, files, manifest, params.ray.address, params.ray.connect_timeout_s)
+    else:  # no cluster: here, with no Ray started
+        from tqdm.auto import tqdm
 
-    def score(x: torch.Tensor) -> dict[str, float]:
-        """Every setting and seed: the domain (or point) metrics, and the standard FID where it is computed."""
-        out = domain_score(x)
-        if inception_fid is not None:
-            out["inception_fid"] = inception_fid(x)
-        return out
+        computed = _compute(job, files, task_device(params.ray.use_gpu), functools.partial(tqdm, disable=None))
+    if computed["inception_ref"] is not None:
+        write_reference(ref_file, ref_key, computed["inception_ref"])
 
     results: dict[str, Any] = {}
     for s in settings:
-        xs, nfes = loaded[s.key]
+        _, nfes = loaded[s.key]
         nfe = nfes[0] if len(set(nfes)) == 1 else round(float(np.mean(nfes)), 1)
         row = {"method": s.method, "steps": s.steps, "nfe": nfe}
         if len(set(nfes)) > 1:
             row["nfe_range"] = [min(nfes), max(nfes)]  # the adaptive ODE: its NFE differs per chunk
-        results[s.key] = {**row, **_summary({seed: score(x) for seed, x in xs.items()})}
-    seed_ids = sorted({seed for xs, _ in loaded.values() for seed in xs})
+        results[s.key] = {**row, **_summary(computed["settings"][s.key])}
 
     baseline: dict[str, Any] = {"description": f"{n} random train points per seed (drawn from (params.seed, seed)) "
                                                "against the test split, with the same metrics"}
-    train_idx: dict[int, torch.Tensor] | None = None
-    if len(x_train) >= n:
-        train_idx = {seed: torch.from_numpy(np.sort(np.random.default_rng([params.seed, seed]).choice(
-            len(x_train), n, replace=False))) for seed in seed_ids}
-        # domain metrics only: Inception FID's reference is the train split itself, its baseline is apart
-        baseline.update(_summary({seed: domain_score(x_train[idx]) for seed, idx in train_idx.items()}))
+    if computed["baseline"] is not None:
+        baseline.update(_summary(computed["baseline"]))
     else:
-        baseline["skipped"] = f"the train split has {len(x_train)} points, fewer than N = {n}"
-    if inception_fid is not None:  # N real images per seed against the train statistics, where there are N
-        images, how = inception_baseline_images(x_test, x_train, train_idx, seed_ids, n, params.seed)
-        if images is None:
+        baseline["skipped"] = f"the train split has {n_train} points, fewer than N = {n}"
+    if weights is not None:
+        how = computed["inception_baseline_how"]
+        if computed["inception_baseline"] is None:
             baseline["inception_fid_skipped"] = how
         else:
-            summary = _summary({s: {"inception_fid": inception_fid(x)} for s, x in images.items()})
+            summary = _summary({s: {"inception_fid": v} for s, v in computed["inception_baseline"].items()})
             baseline["description"] = f"{baseline['description']}; inception_fid: {how}"
             baseline.update({k: summary[k] for k in ("inception_fid_mean", "inception_fid_std")})
             for s, values in summary["per_seed"].items():
@@ -383,6 +589,7 @@ def evaluate_variant(
     if fd_train_full is not None:  # all train images against the test split: the floor at full size
         baseline["domain_fd_train_full"] = _num(fd_train_full)
 
+    primary = modality.primary_metric
     metrics: dict[str, Any] = {
         "variant": variant, "sde": vcfg.sde.type, "data": manifest.source, "n_per_seed": n,
         "seeds": min(r["seeds"] for r in results.values()), "seed_ids": seed_ids, "primary_metric": primary,
@@ -390,18 +597,13 @@ def evaluate_variant(
         "std": "sample standard deviation over seeds (ddof 1); null with one seed",
         "baseline": baseline, "settings": results, **info,
     }
-    n_lik, ev = min(bpd_samples, len(x_test)), params.evaluate
-    if not n_lik:
-        metrics[modality.likelihood] = None
-    elif modality.is_image:
-        metrics[modality.likelihood] = _bits_per_dim(trained, x_test, n_lik, probes, params.seed, ev.bpd_rtol,
-                                                     ev.bpd_atol)
-    else:
-        metrics[modality.likelihood] = _test_loglik(trained, manifest, x_test, n_lik, params.seed)
-    if inception_fid is not None:
-        metrics.update(inception_summary(results, inception_info, n, metrics["seeds"]))
+    metrics[modality.likelihood] = computed["likelihood"]
+    if weights is not None:
+        info_inc = inception_info(weights, weights_sha, manifest, ref_file, cached=cached_ref is not None)
+        metrics.update(inception_summary(results, info_inc, n, metrics["seeds"]))
     else:
         metrics.update({"inception_fid": None, "inception_fid_reason": inception_reason})
+    metrics["computed_on"] = computed["computed_on"]
 
     storage.write_text(out_dir / CURVE_FILE, _curve_csv(variant, results))
     storage.write_json(out_dir / METRICS_FILE, metrics, indent=2)

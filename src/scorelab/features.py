@@ -9,7 +9,10 @@ features instead (a "domain FID"):
     model, meta = load_classifier("models/digits_classifier.pt")
     ref_mu, ref_sigma = feature_stats(model, x_test)            # the reference statistics, once
     fd = domain_frechet(model, x_fake, ref_mu, ref_sigma)
+    running = stream_features(model, x_fake, keep=10_000)       # float64 running sums, the first rows kept
+    fd = frechet_distance(*running.stats(), ref_mu, ref_sigma)  # = domain_frechet; running.rows for KID
 
+Statistics accumulate batch by batch (metrics.RunningStats): 50k samples never become 50k feature rows.
 Numbers from different classifiers are not comparable: keep the classifier file with the results.
 
 For natural images, the standard FID uses pytorch-fid's Inception network, built from a local weights
@@ -26,14 +29,14 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import storage
-from .metrics import ArrayLike, check_samples, frechet_distance, gaussian_stats
+from .metrics import ArrayLike, RunningStats, check_samples, frechet_distance
 from .nets import state_dict_mismatch
 
 # pytorch-fid's weights (FID_WEIGHTS_URL), also accepted by torch-fidelity and torchmetrics.
@@ -141,22 +144,41 @@ def train_classifier(
 
 
 @torch.no_grad()
-def _batched(fn: Any, model: nn.Module, x: ArrayLike, batch_size: int) -> Tensor:
-    """fn(batch) over x in batches on the model's device, in eval mode; the model's mode is restored."""
+def _batches(fn: Any, model: nn.Module, x: ArrayLike, batch_size: int) -> Iterator[Tensor]:
+    """fn(batch) over x, one batch at a time on the model's device, in eval mode; the model's mode is
+    restored once the batches are done."""
     x = torch.as_tensor(x)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        out = [fn(b.to(device, torch.float32)) for b in x.split(batch_size)]
+        for b in x.split(batch_size):
+            yield fn(b.to(device, torch.float32))
     finally:
         model.train(was_training)
+
+
+def _batched(fn: Any, model: nn.Module, x: ArrayLike, batch_size: int) -> Tensor:
+    out = list(_batches(fn, model, x, batch_size))
     return torch.cat(out) if out else torch.empty(0)
+
+
+def _accumulate(batches: Iterator[Tensor], keep: int) -> RunningStats:
+    stats = RunningStats(keep)
+    for f in batches:
+        stats.update(f)
+    return stats
 
 
 def extract_features(model: DigitClassifier, x: ArrayLike, batch_size: int = 512) -> Tensor:
     """(N, C, H, W) images -> (N, feature_dim) float32 features, on the model's device."""
     return _batched(model.features, model, x, batch_size)
+
+
+def stream_features(model: DigitClassifier, x: ArrayLike, batch_size: int = 512, keep: int = 0) -> RunningStats:
+    """The running statistics of the features of x, fed batch by batch (metrics.RunningStats: float64 sums
+    on the model's device), keeping the first `keep` feature rows: memory O(keep + D^2), not O(N)."""
+    return _accumulate(_batches(model.features, model, x, batch_size), keep)
 
 
 def accuracy(model: DigitClassifier, x: ArrayLike, y: ArrayLike, batch_size: int = 512) -> float:
@@ -166,8 +188,9 @@ def accuracy(model: DigitClassifier, x: ArrayLike, y: ArrayLike, batch_size: int
 
 
 def feature_stats(model: DigitClassifier, x: ArrayLike, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, covariance) of the features of x in float64, as metrics.gaussian_stats computes them."""
-    return gaussian_stats(extract_features(model, x, batch_size))
+    """(mean, covariance) of the features of x in float64, as metrics.gaussian_stats computes them,
+    accumulated batch by batch (stream_features)."""
+    return stream_features(model, x, batch_size).stats()
 
 
 def domain_frechet(model: DigitClassifier, x_fake: ArrayLike, ref_mu: ArrayLike, ref_sigma: ArrayLike,
@@ -315,10 +338,8 @@ def load_inception(path: str | Path, device: torch.device | str = "cpu") -> nn.M
     return wrapper.to(device).eval()
 
 
-def inception_features(model: nn.Module, x: ArrayLike, batch_size: int = 50) -> Tensor:
-    """(N, C, H, W) images -> (N, 2048) float32 pool3 features, on the model's device. uint8 pixels
-    (0..255) or floats in [-1, 1] (model space) are mapped to [0, 1], the range pytorch-fid's network
-    takes (it resizes to 299 and rescales itself); one-channel images are repeated to three."""
+def _pool3_batches(model: nn.Module, x: ArrayLike, batch_size: int) -> Iterator[Tensor]:
+    """inception_features, one batch at a time (x is checked before the first batch)."""
     x = torch.as_tensor(x)
     if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
         raise ValueError(f"inception_features: expected (N, 1 or 3, H, W) images with N >= 1, found shape "
@@ -332,18 +353,26 @@ def inception_features(model: nn.Module, x: ArrayLike, batch_size: int = 50) -> 
         b = b.clamp(0, 1).expand(-1, 3, -1, -1)  # clamp: check_samples leaves 1e-3 of rounding slack
         return model(b)[0].flatten(1)
 
-    return _batched(pool3, model, x, batch_size)
+    return _batches(pool3, model, x, batch_size)
+
+
+def inception_features(model: nn.Module, x: ArrayLike, batch_size: int = 50) -> Tensor:
+    """(N, C, H, W) images -> (N, 2048) float32 pool3 features, on the model's device. uint8 pixels
+    (0..255) or floats in [-1, 1] (model space) are mapped to [0, 1], the range pytorch-fid's network
+    takes (it resizes to 299 and rescales itself); one-channel images are repeated to three."""
+    return torch.cat(list(_pool3_batches(model, x, batch_size)))
 
 
 def inception_stats(model: nn.Module, x: ArrayLike, batch_size: int = 50) -> tuple[np.ndarray, np.ndarray]:
     """(mean, covariance) of the Inception pool3 features of x in float64 (metrics.gaussian_stats), the
-    statistics pytorch-fid's FID compares with metrics.frechet_distance."""
-    return gaussian_stats(inception_features(model, x, batch_size))
+    statistics pytorch-fid's FID compares with metrics.frechet_distance. Accumulated batch by batch
+    (metrics.RunningStats): the (N, 2048) features are never held at once."""
+    return _accumulate(_pool3_batches(model, x, batch_size), 0).stats()
 
 
 __all__ = [
     "DigitClassifier", "INCEPTION_FEATURE_DIM", "INCEPTION_WEIGHTS_ENV", "INCEPTION_WEIGHTS_FILE",
     "INCEPTION_WEIGHTS_SHA256_PREFIX", "accuracy", "domain_frechet", "extract_features", "feature_stats",
     "find_inception_weights", "inception_features", "inception_stats", "load_classifier", "load_inception",
-    "save_classifier", "train_classifier",
+    "save_classifier", "stream_features", "train_classifier",
 ]

@@ -3,13 +3,18 @@ weights file params and the machine offer, pytorch-fid's network on it (features
 statistics of the whole train split it is measured against, and the real-vs-real baseline's images.
 
     path, reason = inception_weights(params, root, is_image)     # (None, why) where there are none
-    net = inception_network(path)                                # on a GPU where there is one
-    fid, info = inception_scorer(net, path, manifest, x_train, ref_file)
+    net = inception_network(path, device)                        # the evaluation's device
+    key = reference_key(storage.sha256_file(path), manifest)
+    ref = read_reference(ref_file, key)                          # None: not cached (yet)
+    ref = reference_stats(net, x_train) if ref is None else ref  # then write_reference(ref_file, key, ref)
+    fid = fid_scorer(net, ref)
     fid(x)                                                       # FID of images x against the train split
 
 The train split's statistics are cached in ref_file under the weights file's sha256 and the dataset's
-checksum. ValueError, with the message the evaluate stage shows, for a named weights file that is
-missing or invalid, and for no weights at all when evaluate.require_inception is set.
+checksum: the evaluate stage's driver reads and writes that file; its compute (perhaps a Ray task on
+another node) only gets and returns the arrays. ValueError, with the message the evaluate stage shows,
+for a named weights file that is missing or invalid, and for no weights at all when
+evaluate.require_inception is set.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from .features import (INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, INCEPTION_
 from .metrics import frechet_distance
 
 BATCH = 50  # images per Inception forward (299x299): pytorch-fid's default
+
+Stats = tuple[np.ndarray, np.ndarray]  # (mu, sigma) of pool3 features
 
 
 def inception_weights(params: Params, root: Path, is_image: bool) -> tuple[Path | None, str | None]:
@@ -55,47 +62,66 @@ def inception_weights(params: Params, root: Path, is_image: bool) -> tuple[Path 
     return path, reason
 
 
-def inception_network(path: Path) -> torch.nn.Module:
-    """features.load_inception on a GPU where there is one (299x299 forwards); ValueError saying what to do."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def inception_network(path: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """features.load_inception on `device` (the evaluation's: a GPU where it has one); ValueError saying what
+    to do."""
     try:
         return load_inception(path, device)
     except ValueError as e:
         raise ValueError(f"{e}; replace the file, or set evaluate.inception_weights to another one") from None
 
 
-def inception_scorer(net: torch.nn.Module, path: Path, manifest: Manifest, x_train: torch.Tensor,
-                     ref_file: Path) -> tuple[Callable[[torch.Tensor], float], dict[str, Any]]:
-    """FID of a set of images against the Inception statistics of the whole train split (cached in
-    ref_file under the weights file's sha256 and the dataset's checksum), and what was used."""
+def reference_key(weights_sha256: str, manifest: Manifest) -> str:
+    """What the cached train statistics were computed from: the weights, the dataset, pytorch-fid."""
     import pytorch_fid
 
-    sha = storage.sha256_file(path)
-    key = json.dumps({"weights_sha256": sha, "dataset_checksum": manifest.checksum, "split": "train",
-                      "n": len(x_train), "pytorch_fid": pytorch_fid.__version__}, sort_keys=True)
+    return json.dumps({"weights_sha256": weights_sha256, "dataset_checksum": manifest.checksum, "split": "train",
+                       "n": manifest.counts["train"], "pytorch_fid": pytorch_fid.__version__}, sort_keys=True)
+
+
+def read_reference(ref_file: Path, key: str) -> Stats | None:
+    """The (mu, sigma) cached in ref_file under `key`; None when the file is absent, unreadable or for
+    another key (the statistics are then computed again)."""
     try:
         with np.load(ref_file) as z:
-            cached = str(z["key"]) == key
-            if cached:
-                ref_mu, ref_sigma = z["mu"], z["sigma"]
-    except Exception:  # absent, truncated or foreign: computed again below
-        cached = False
-    if not cached:
-        ref_mu, ref_sigma = inception_stats(net, x_train, BATCH)
-        buf = io.BytesIO()
-        np.savez(buf, mu=ref_mu, sigma=ref_sigma, key=np.array(key))
-        storage.write_bytes(ref_file, buf.getvalue())
+            return (z["mu"], z["sigma"]) if str(z["key"]) == key else None
+    except Exception:  # absent, truncated or foreign
+        return None
+
+
+def write_reference(ref_file: Path, key: str, stats: Stats) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, mu=stats[0], sigma=stats[1], key=np.array(key))
+    storage.write_bytes(ref_file, buf.getvalue())
+
+
+def reference_stats(net: torch.nn.Module, x_train: torch.Tensor) -> Stats:
+    """The Inception statistics of the whole train split (accumulated batch by batch)."""
+    return inception_stats(net, x_train, BATCH)
+
+
+def fid_scorer(net: torch.nn.Module, reference: Stats) -> Callable[[torch.Tensor], float]:
+    """FID of a set of images against the reference statistics; the features stream into float64 sums."""
+    ref_mu, ref_sigma = reference
 
     def fid(x: torch.Tensor) -> float:
         return frechet_distance(*inception_stats(net, x, BATCH), ref_mu, ref_sigma)
 
-    info = {"weights": str(path), "weights_sha256": sha,
-            "standard_weights": sha.startswith(INCEPTION_WEIGHTS_SHA256_PREFIX),
+    return fid
+
+
+def inception_info(path: Path, weights_sha256: str, manifest: Manifest, ref_file: Path,
+                   cached: bool) -> dict[str, Any]:
+    """What the standard FID was computed with, for metrics.json."""
+    import pytorch_fid
+
+    n = manifest.counts["train"]
+    return {"weights": str(path), "weights_sha256": weights_sha256,
+            "standard_weights": weights_sha256.startswith(INCEPTION_WEIGHTS_SHA256_PREFIX),
             "network": f"pytorch-fid {pytorch_fid.__version__} InceptionV3 (FID variant), pool3 features (2048-d); "
                        "images mapped to [0, 1], resized bilinearly to 299x299, grayscale repeated to 3 channels",
-            "reference": f"all {len(x_train)} images of the train split", "reference_n": len(x_train),
+            "reference": f"all {n} images of the train split", "reference_n": n,
             "reference_file": str(ref_file), "reference_cached": cached}
-    return fid, info
 
 
 def inception_baseline_images(x_test: torch.Tensor, x_train: torch.Tensor, train_idx: dict[int, torch.Tensor] | None,
@@ -134,5 +160,6 @@ def inception_summary(results: dict[str, Any], info: dict[str, Any], n: int, see
             "inception": info}
 
 
-__all__ = ["BATCH", "inception_baseline_images", "inception_network", "inception_scorer", "inception_summary",
-           "inception_weights"]
+__all__ = ["BATCH", "Stats", "fid_scorer", "inception_baseline_images", "inception_info", "inception_network",
+           "inception_summary", "inception_weights", "read_reference", "reference_key", "reference_stats",
+           "write_reference"]

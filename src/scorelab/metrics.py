@@ -1,7 +1,7 @@
 """Sample-quality metrics: Frechet distance of Gaussian statistics, sliced Wasserstein, and MMD.
 
 Everything is computed in float64 on the CPU-or-GPU tensors given (numpy arrays are accepted too)
-and returned as a Python float.
+and returned as a Python float. Gaussian statistics of features accumulate batch by batch (RunningStats).
 """
 
 from __future__ import annotations
@@ -47,17 +47,69 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     return max(float(fd), 0.0)  # a distance: rounding must not make it negative
 
 
+class RunningStats:
+    """Mean and covariance of feature rows fed batch by batch, in float64 on the first batch's device, so
+    that 50k feature rows never need to be held at once:
+
+        rs = RunningStats(keep=10_000)     # also keep the first 10,000 rows (for KID, precision/recall)
+        for f in batches:                  # (B, D) tensors or arrays
+            rs.update(f)
+        mu, sigma = rs.stats()             # as gaussian_stats: numpy float64, covariance over N - 1
+
+    Batches merge by Chan et al.'s pairwise update of the mean and the centred scatter sum (f - mu)(f - mu)^T,
+    not by raw sums of squares, which cancel catastrophically when the mean is large against the spread.
+    A single batch gives gaussian_stats' numbers bit for bit (gaussian_stats is this class)."""
+
+    def __init__(self, keep: int = 0):
+        self.n = 0
+        self.keep = keep  # leading rows to keep (in float64), for the metrics that need rows
+        self._mean: Tensor | None = None
+        self._scatter: Tensor | None = None
+        self._rows: list[Tensor] = []
+        self._kept = 0
+
+    def update(self, features: ArrayLike) -> RunningStats:
+        f = _f64(features, None if self._mean is None else self._mean.device)
+        b = f.shape[0]
+        if b == 0:  # (an empty batch has no shape to reshape to)
+            return self
+        f = f.reshape(b, -1)
+        if self._mean is not None and f.shape[1] != self._mean.numel():
+            raise ValueError(f"RunningStats: features of dimension {f.shape[1]} after {self._mean.numel()}")
+        if self._kept < self.keep:
+            self._rows.append(f[:self.keep - self._kept])
+            self._kept += self._rows[-1].shape[0]
+        mean = f.mean(0)
+        centred = f - mean
+        scatter = centred.T @ centred
+        if self._mean is None:  # the first batch as it is: one batch is exactly gaussian_stats' formula
+            self._mean, self._scatter = mean, scatter
+        else:
+            total = self.n + b
+            delta = mean - self._mean
+            self._mean = self._mean + delta * (b / total)
+            self._scatter = self._scatter + scatter + torch.outer(delta, delta) * (self.n * b / total)
+        self.n += b
+        return self
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean (D,), covariance (D, D)), the covariance unbiased (N - 1), as numpy float64 arrays."""
+        if self.n < 2:
+            raise ValueError(f"gaussian statistics need at least 2 samples, got {self.n}")
+        return self._mean.cpu().numpy(), (self._scatter / (self.n - 1)).cpu().numpy()
+
+    @property
+    def rows(self) -> Tensor:
+        """The first min(N, keep) rows fed, in float64 on the statistics' device."""
+        if not self._rows:
+            return torch.empty(0, 0 if self._mean is None else self._mean.numel(), dtype=torch.float64)
+        return torch.cat(self._rows)
+
+
 def gaussian_stats(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """(mean (D,), covariance (D, D)) of (N, D) features in float64, the covariance unbiased (N - 1), as
-    pytorch_fid's statistics files hold them."""
-    f = _f64(features)
-    f = f.reshape(f.shape[0], -1)
-    if f.shape[0] < 2:
-        raise ValueError(f"gaussian_stats needs at least 2 samples, got {f.shape[0]}")
-    mu = f.mean(0)
-    centred = f - mu
-    sigma = centred.T @ centred / (f.shape[0] - 1)
-    return mu.cpu().numpy(), sigma.cpu().numpy()
+    pytorch_fid's statistics files hold them. ValueError for fewer than 2 rows."""
+    return RunningStats().update(features).stats()
 
 
 def _wasserstein_1d_pow(xs: Tensor, ys: Tensor, p: float) -> Tensor:
