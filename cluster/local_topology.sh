@@ -165,7 +165,9 @@ NODES="$("$PY" -c "import ray; ray.init(address='$RAY_ADDRESS', logging_level='E
 say "Ray cluster at $RAY_ADDRESS with $NODES nodes (head $HEAD_CPUS CPUs, worker $WORKER_CPUS CPUs, topology $TOPOLOGY)"
 
 # --- the repository copy the DAG runs in --------------------------------------------------------------
-(cd "$REPO" && git ls-files -co --exclude-standard -z | xargs -0 -I{} cp --parents {} "$COPY/")
+# the project's files, never a run's record (dvc.lock, reports/): the copy's stages must not look done
+(cd "$REPO" && git ls-files -co --exclude-standard -z | grep -zv -e '^dvc\.lock$' -e '^reports/' \
+  | xargs -0 -I{} cp --parents {} "$COPY/")
 (cd "$COPY" && git init -q)
 "$PY" "$REPO/cluster/tiny_profile.py" "$COPY/params.yaml" --ray-address "$RAY_ADDRESS" \
   --tracking-uri "$TRACKING" --storage-path "$SHARED/ray"

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = {"type": "mlp", "hidden": 64, "layers": 2}
 
 
 def _copy_repo(dest: Path) -> None:
@@ -30,8 +31,32 @@ def _copy_repo(dest: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
 
 
-def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+def tiny_repo(repo: Path, train_steps: int) -> dict:
+    """A copy of the repository whose params.yaml is the 2-D mixture, one variant `vp` with a small MLP trained
+    train_steps steps on 2 Ray workers, two sampler settings, 2000 samples x 2 seeds in chunks of 50."""
+    _copy_repo(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"] = {"source": "toy2d", "out_dir": "data/prepared", "toy": {"n_train": 2000, "n_test": 300}}
+    params["train"].update({"steps": train_steps, "batch_size": 64, "checkpoint_every": 50, "log_every": 10,
+                            "warmup_steps": 0, "sample_every": 0})
+    params["ray"].update({"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0, "storage_path": "outputs/ray"})
+    params["variants"] = {"vp": {**params["variants"]["vp"], "net": TINY, "samplers": [
+        {"method": "euler_maruyama", "steps": [100]}, {"method": "ddim", "steps": [10]}]}}
+    params["sample"] = {"n": 2000, "seeds": [0, 1], "batch_size": 50, "workers": 1}
+    params["tune"] = {  # as the whole-DAG test below: valid for 2-D data, and not run here
+        "space": [{"sde": {"type": "vp", "beta_min": 0.1, "beta_max": 20.0}, "parameterization": {"type": "eps"},
+                   "net": TINY}],
+        "lr": [1.0e-3], "num_trials": 1, "max_concurrent": 1, "steps": 6, "batch_size": 16, "eval_every": 3,
+        "grace_period": 3, "objective": {"sampler": {"method": "ddim", "steps": [5]}, "n_samples": 200},
+        "samplers": [{"method": "ddim", "steps": [5]}],
+    }
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def _dvc(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {}), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
     return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -100,3 +125,52 @@ def test_dvc_repro_runs_the_whole_dag_then_is_a_no_op(tmp_path):
     again = _dvc(repo, "repro")
     assert again.returncode == 0
     assert "Running stage" not in again.stdout, again.stdout
+
+
+# Appended to the copy's sampling.py: a change to sampling alone, which moves every sample by +1e-3.
+_SHIFTED_SAMPLER = """
+
+_unshifted_sample = sample
+
+
+def sample(*args, **kwargs):
+    drawn = _unshifted_sample(*args, **kwargs)
+    return SampleResult(x=drawn.x + 1e-3, nfe=drawn.nfe)
+"""
+
+
+def test_a_sampling_only_code_change_redraws_the_samples(tmp_path):
+    """The sample stage keeps finished chunks across runs so that an interrupted run resumes
+    (tests/test_faults.py); after a change to the sampling code, the re-run stage must draw them anew
+    rather than keep the old ones under a new lock. The copy runs its own src/ (PYTHONPATH), so editing
+    it is a code change that both DVC and the chunks' fingerprint see."""
+    from scorelab.generate import load_samples
+    from scorelab.storage import sha256_file
+
+    repo = tmp_path / "repo"
+    params = tiny_repo(repo, train_steps=20)
+    params["sample"].update({"n": 200, "seeds": [0], "batch_size": 100})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {"PYTHONPATH": str(repo / "src")}
+    first = _dvc(repo, "repro", "sample@vp", env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    samples, model = repo / "outputs" / "samples" / "vp", repo / "outputs" / "train" / "vp" / "model.pt"
+    settings = ("euler_maruyama-100", "ddim-10")
+    before = {s: load_samples(samples, s, 0) for s in settings}
+    model_sha = sha256_file(model)
+
+    with open(repo / "src" / "scorelab" / "sampling.py", "a") as f:
+        f.write(_SHIFTED_SAMPLER)
+    # the sample stage alone (-s): the same model.pt, only the code that draws from it changed
+    second = _dvc(repo, "repro", "-s", "sample@vp", env=env)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "Running stage 'sample@vp'" in second.stdout, second.stdout
+    assert sha256_file(model) == model_sha
+    summary = json.loads((samples / "summary.json").read_text())
+    assert sum(r["chunks_reused"] for r in summary) == 0, "no chunk of the old code is kept"
+    for s in settings:
+        shift = load_samples(samples, s, 0) - before[s]
+        assert abs(shift - 1e-3).max() < 1e-5, (s, abs(shift - 1e-3).max())
+
+    third = _dvc(repo, "repro", "-s", "sample@vp", env=env)
+    assert third.returncode == 0 and "Running stage" not in third.stdout, "the same code is up to date"

@@ -43,10 +43,10 @@ from scorelab.training import STOP_FILE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import wait_for_mlflow  # noqa: E402
+from test_dvc import TINY, tiny_repo  # noqa: E402
 from test_training import VARIANTS, _wait_for_registered_checkpoint, make_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"type": "mlp", "hidden": 64, "layers": 2}
 
 
 def report(line: str) -> None:
@@ -378,29 +378,6 @@ def _chunks(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("chunk-*.npz")}
 
 
-def _tiny_repo(repo: Path, train_steps: int) -> dict:
-    from test_dvc import _copy_repo
-
-    _copy_repo(repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"] = {"source": "toy2d", "out_dir": "data/prepared", "toy": {"n_train": 2000, "n_test": 300}}
-    params["train"].update({"steps": train_steps, "batch_size": 64, "checkpoint_every": 50, "log_every": 10,
-                            "warmup_steps": 0, "sample_every": 0})
-    params["ray"].update({"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0, "storage_path": "outputs/ray"})
-    params["variants"] = {"vp": {**params["variants"]["vp"], "net": TINY, "samplers": [
-        {"method": "euler_maruyama", "steps": [100]}, {"method": "ddim", "steps": [10]}]}}
-    params["sample"] = {"n": 2000, "seeds": [0, 1], "batch_size": 50, "workers": 1}
-    params["tune"] = {  # as tests/test_dvc.py: valid for 2-D data, and not run here
-        "space": [{"sde": {"type": "vp", "beta_min": 0.1, "beta_max": 20.0}, "parameterization": {"type": "eps"},
-                   "net": TINY}],
-        "lr": [1.0e-3], "num_trials": 1, "max_concurrent": 1, "steps": 6, "batch_size": 16, "eval_every": 3,
-        "grace_period": 3, "objective": {"sampler": {"method": "ddim", "steps": [5]}, "n_samples": 200},
-        "samplers": [{"method": "ddim", "steps": [5]}],
-    }
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return params
-
-
 def test_dvc_repro_killed_in_train_then_in_sample_resumes_to_the_uninterrupted_result(tmp_path):
     """`dvc repro sample@vp` SIGKILLed during training, then interrupted (SIGINT, as Ctrl-C) during sampling:
     neither stage is recorded as done, each rerun resumes (training from its checkpoint, sampling from its
@@ -410,7 +387,7 @@ def test_dvc_repro_killed_in_train_then_in_sample_resumes_to_the_uninterrupted_r
 
     repo, log = tmp_path / "repo", tmp_path / "dvc.log"
     steps = 600
-    _tiny_repo(repo, steps)
+    tiny_repo(repo, steps)
     uri = f"sqlite:///{repo / 'mlflow.db'}"
 
     # the train stage, SIGKILLed after its first registered checkpoint

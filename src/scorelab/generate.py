@@ -5,7 +5,7 @@ On disk, under out_dir:
 
     <setting>/seed<k>/chunk-<start>-<end>.npz   samples [start, end) of that seed, one file per chunk
     <setting>/seed<k>/manifest.json             written once every chunk is there
-    <setting>/seed<k>/fingerprint.json          model and setting the chunks were drawn from
+    <setting>/seed<k>/fingerprint.json          model, setting and code the chunks were drawn with
     <setting>/grid.png                          first 64 samples of seed 0 (else the first seed);
                                                 2-D data: a scatter of all that seed's samples
 
@@ -56,6 +56,7 @@ from .checkpoint import CheckpointMismatchError, check_same_model, load_trained
 from .config import VariantConfig
 from .layout import GRID_FILE as GRID
 from .modality import Modality, modality_of
+from .provenance import code_fingerprint
 from .runtime import Shipment, ray_session, ship_files, task_device, unpack
 from .sampling import sample
 from .visual import save_preview
@@ -260,7 +261,7 @@ def _prepare_folder(folder: Path, fingerprint: dict[str, Any], plan: list[tuple[
                     sample_shape: tuple[int, ...], dtype: np.dtype) -> list[tuple[int, int]]:
     """Make `folder` ready for `plan`; return the chunks still to draw.
 
-    Chunks from another model or setting are discarded (the fingerprint differs), as are chunks of
+    Chunks from another model, setting or code are discarded (the fingerprint differs), as are chunks of
     another split into files (n_samples or batch_size changed), which would otherwise overlap."""
     folder.mkdir(parents=True, exist_ok=True)
     fp_path = folder / FINGERPRINT
@@ -324,6 +325,7 @@ def generate(
         raise ValueError("seeds must name at least one seed")
     settings = sampler_settings(variant)
     model_sha = storage.sha256_file(model_path)
+    code = code_fingerprint("generate")  # this module and all it imports draw the chunks
 
     plan = [(a, min(a + batch_size, n_samples)) for a in range(0, n_samples, batch_size)]
     jobs: list[_Job] = []
@@ -332,7 +334,7 @@ def generate(
             folder = out_dir / s.key / f"seed{seed}"
             fingerprint = {"model_sha256": model_sha, "setting": s.describe(), "seed": seed,
                            "data_shape": list(data_shape), "eval_block": eval_block,
-                           "device": "cuda" if use_gpu else "cpu"}
+                           "device": "cuda" if use_gpu else "cpu", "code_sha256": code, "torch": torch.__version__}
             jobs.append(_Job(s, seed, folder, plan, _prepare_folder(folder, fingerprint, plan, sample_shape, dtype)))
 
     pending = [(job, a, b) for job in jobs for a, b in job.todo]
