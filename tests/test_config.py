@@ -24,6 +24,7 @@ from scorelab.schema import describe_error
 from scorelab.sde import SDE_FAMILY, SDE_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PARAMS = ROOT / "presets" / "digits.yaml"  # the committed params.yaml
 
 # A valid base; each bad case below is one small edit of it.
 BASE: dict[str, Any] = {
@@ -96,7 +97,9 @@ def test_base_is_valid():
 
 
 def test_committed_params_yaml_validates():
-    params = load_params(ROOT / "params.yaml")
+    # presets/digits.yaml is the committed params.yaml (tests/test_presets.py); the working copy of params.yaml
+    # is the user's to change (`make run PRESET=toy2d` copies a preset over it), so tests never read it
+    params = load_params(DEFAULT_PARAMS)
     assert isinstance(params, Params)
     assert set(params.variants) == {"ddpm", "ncsn", "vp", "subvp", "ve"}
     for name, v in params.variants.items():
@@ -364,11 +367,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_validate_ok():
-    r = run_cli("validate", "params.yaml")
+    r = run_cli("validate", "presets/digits.yaml")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith("params.yaml: valid — seed 0; 5 variant(s): ddpm (ddpm), ncsn (ncsn)")
+    assert lines[0].startswith("presets/digits.yaml: valid — seed 0; 5 variant(s): ddpm (ddpm), ncsn (ncsn)")
 
 
 def test_cli_validate_bad_file_lists_every_problem(tmp_path):
@@ -397,7 +400,7 @@ def test_cli_missing_and_broken_files(tmp_path):
 def test_cli_usage_errors_return_a_code():
     from scorelab.cli import main
 
-    assert main(["validate", str(ROOT / "params.yaml")]) == 0
+    assert main(["validate", str(DEFAULT_PARAMS)]) == 0
     assert main([]) == 2
 
 
