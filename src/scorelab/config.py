@@ -99,6 +99,9 @@ class SampleConfig(_Model):
     workers: int = Field(2, ge=1)  # chunks in flight, 1 CPU each (or ray.use_gpu: 1 GPU each)
     # with ray.use_gpu: samples per chunk and per network call (a GPU is filled by thousands, not 64)
     gpu_batch_size: int = Field(4096, ge=1, le=1_000_000)
+    # The divergence guard: a seed whose samples are not finite or reach |x| above this (model space: images lie
+    # in [-1, 1], toy2d within 5) is marked diverged in the summary, the report and MLflow instead of scored.
+    diverged_above: float = Field(100.0, gt=0, allow_inf_nan=False)
 
     @field_validator("seeds")
     @classmethod
