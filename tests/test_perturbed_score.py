@@ -114,3 +114,80 @@ def test_sample_error_grows_at_most_linearly_in_the_score_error(where, sde_kw, m
         assert float(x.abs().max()) < MAX_ABS, f"{method}-{steps} on {sde_kw}: |x| up to {float(x.abs().max()):.3g}"
         assert err <= DELTA_GAIN * delta, (f"{method}-{steps} on {sde_kw}: mean |x_delta - x_0| = {err:.4g} at "
                                            f"delta = {delta}, above {DELTA_GAIN} delta")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the samplers that form x0_hat start, and x0_hat thresholding
+
+
+def test_x0_samplers_start_where_alpha_reaches_the_bound():
+    import math
+
+    import numpy as np
+
+    from scorelab.sampling import X0_ALPHA_MIN, time_grid, x0_start
+
+    # the old toy2d chain: alpha_i = sqrt(prod_{j<=i} (1 - 5 beta_j)), computed here with numpy
+    sde = get_sde("ddpm", **{k: v for k, v in OLD_TOY2D.items() if k != "type"})
+    alphas = np.sqrt(np.cumprod(1 - np.linspace(1e-3, 0.1, 200) * 5))
+    last = int(np.nonzero(alphas >= X0_ALPHA_MIN)[0][-1])
+    assert x0_start(sde) == pytest.approx((last + 1) / 200, abs=1e-12)
+    grid = time_grid(sde, 10, t_max=x0_start(sde))
+    assert float(grid[0]) == pytest.approx((last + 1) / 200) and len(grid) == 11
+
+    # continuous VP, beta_max 40: alpha(t) = exp(-(b0 t + (b1 - b0) t^2 / 2) / 2) = X0_ALPHA_MIN, solved exactly
+    b0, b1 = 0.1, 40.0
+    vp = get_sde("vp", beta_min=b0, beta_max=b1)
+    c = -2 * math.log(X0_ALPHA_MIN)
+    expected = (-b0 + math.sqrt(b0**2 + 2 * (b1 - b0) * c)) / (b1 - b0)
+    assert x0_start(vp) == pytest.approx(expected, rel=1e-9)
+
+    # the standard schedules start at T: nothing changes for them
+    for name, kw in [("ddpm", {}), ("ddpm", {"num_steps": 200, "beta_start": 1e-4, "beta_end": 0.02}), ("vp", {}),
+                     ("subvp", {}), ("vp_cosine", {}), ("ve", {"sigma_max": 50.0}), ("ncsn", {"sigma_max": 50.0})]:
+        s = get_sde(name, **kw)
+        assert x0_start(s) == s.T, (name, kw)
+
+    # DDIM's first evaluation is there; ancestral sampling still walks the whole chain from T
+    seen = []
+    exact = three_blobs().score_fn(sde)
+
+    def spy(x, t):
+        seen.append(float(t.reshape(-1)[0]))
+        return exact(x, t)
+
+    sample(spy, sde, (8, 2), method="ddim", steps=10)
+    assert seen[0] == pytest.approx((last + 1) / 200) and len(seen) == 10
+    seen.clear()
+    sample(spy, sde, (8, 2), method="ancestral", steps=200)
+    assert seen[0] == pytest.approx(1.0) and len(seen) == 200
+
+
+def test_threshold_x0_against_hand_computed_values():
+    import numpy as np
+
+    from scorelab.sampling import threshold_x0
+
+    x0 = torch.tensor([[0.5, -3.0, 2.0, 0.1], [0.2, -0.4, 0.3, 0.9]], dtype=torch.float64)
+    assert torch.equal(threshold_x0(x0, "none"), x0)
+    assert torch.equal(threshold_x0(x0, "clip"), x0.clamp(-1, 1))
+    out = threshold_x0(x0, "dynamic", 0.5)
+    s0 = max(1.0, float(np.quantile(np.abs(x0[0].numpy()), 0.5)))  # 1.25: the row is clamped to +-1.25, then / 1.25
+    assert s0 == 1.25
+    assert torch.allclose(out[0], torch.tensor([0.4, -1.0, 1.0, 0.08], dtype=torch.float64))
+    assert torch.equal(out[1], x0[1]), "s = max(1, quantile) = 1 inside [-1, 1]: unchanged"
+
+
+@pytest.mark.parametrize("method", ["ddim", "dpm_solver", "heun"])
+@pytest.mark.parametrize("kind", ["clip", "dynamic"])
+def test_thresholded_samplers_end_inside_the_data_range(method, kind):
+    from scorelab.toy import GaussianMixture
+
+    sde = get_sde("vp")
+    data = GaussianMixture([0.5, 0.5], [[-0.6, 0.2], [0.5, -0.5]], stds=[0.3, 0.35])  # mostly in [-1, 1]
+    score = data.score_fn(sde)
+    plain = sample(score, sde, (500, 2), method=method, steps=10, seed=1).x
+    assert float(plain.abs().max()) > 1.0  # the Gaussian tails reach past the bound
+    x = sample(score, sde, (500, 2), method=method, steps=10, seed=1, x0_threshold=kind).x
+    assert float(x.abs().max()) <= 1.0 + 1e-6
+    assert float((x - plain).norm(dim=1).median()) < 0.05  # samples well inside the range barely move
