@@ -297,3 +297,11 @@ def test_divergence_guard_marks_exploding_and_non_finite_seeds(toy_model, tmp_pa
     assert not (tmp_path / "nan_out" / "ddim-4" / "grid.png").exists()
     with pytest.raises(ValueError, match="diverged_above must be > 0"):
         run(toy_model, tmp_path / "ok", [DDIM], diverged_above=0.0)
+
+
+def test_a_thresholded_setting_says_so_in_its_key():
+    v = variant([{"method": "ddim", "steps": [10], "x0_threshold": "dynamic"}, {"method": "ddim", "steps": [10]},
+                 {"method": "heun", "steps": [5], "x0_threshold": "clip"}])
+    settings = sampler_settings(v)
+    assert [s.key for s in settings] == ["ddim-10-dynamic", "ddim-10", "heun-5-clip"]
+    assert settings[0].options["x0_threshold"] == "dynamic" and "x0_threshold" not in settings[1].options
