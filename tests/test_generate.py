@@ -282,6 +282,15 @@ def test_divergence_guard_marks_exploding_and_non_finite_seeds(toy_model, tmp_pa
     manifest = json.loads((tmp_path / "ok" / "ddim-4" / "seed0" / "manifest.json").read_text())
     assert manifest["diverged"] is True and manifest["finite"] is True and manifest["max_abs"] == rows[0]["max_abs"]
 
+    # a chunk written before the guard (no max_abs) still loads, and a re-run draws it again to learn its |x|
+    old = tmp_path / "ok" / "ddim-4" / "seed0" / "chunk-0-7.npz"
+    with np.load(old) as z:
+        arrays = {k: z[k] for k in z.files if k != "max_abs"}
+    np.savez(old, **arrays)
+    assert np.array_equal(load_samples(tmp_path / "ok", "ddim-4", 0), x)
+    rows = run(toy_model, tmp_path / "ok", [DDIM], seeds=(0, 1), diverged_above=1e9)
+    assert [r["chunks_drawn"] for r in rows] == [1, 0] and not rows[0]["diverged"]
+
     # a network that returns NaN: not finite, max_abs null, no grid drawn
     nan_model = make_model(tmp_path / "nan" / "model.pt", variant([DDIM]), (2,))
     trained = load_trained(nan_model)

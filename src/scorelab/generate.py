@@ -70,7 +70,7 @@ CHUNK_RE = re.compile(r"^chunk-(\d+)-(\d+)\.npz$")
 MANIFEST = "manifest.json"
 FINGERPRINT = "fingerprint.json"
 SUMMARY = "summary.json"  # one row per (setting, seed): what generate() returns
-_KEYS = ("x", "indices", "nfe", "seconds", "max_abs")
+_KEYS = ("x", "indices", "nfe", "seconds")  # every chunk file; "max_abs" too since the divergence guard
 DIVERGED_ABOVE = 100.0  # |x| in model space; params' sample.diverged_above (images lie in [-1, 1], toy2d within 5)
 
 
@@ -208,8 +208,9 @@ def _write_chunk(path: Path, arrays: dict[str, Any]) -> None:
 
 
 def _read_chunk(path: Path) -> dict[str, np.ndarray]:
+    """The chunk's arrays; max_abs None for a file written before the divergence guard (its samples still load)."""
     with np.load(path) as z:
-        return {k: z[k] for k in _KEYS}
+        return {**{k: z[k] for k in _KEYS}, "max_abs": z["max_abs"] if "max_abs" in z.files else None}
 
 
 def _chunk_ok(path: Path, start: int, end: int, sample_shape: tuple[int, ...], dtype: np.dtype) -> bool:
@@ -219,7 +220,8 @@ def _chunk_ok(path: Path, start: int, end: int, sample_shape: tuple[int, ...], d
     except Exception:  # missing, truncated or garbled: np.load and zipfile fail in many ways
         return False
     return (c["x"].shape == (end - start, *sample_shape) and c["x"].dtype == dtype
-            and np.array_equal(c["indices"], np.arange(start, end)))
+            and np.array_equal(c["indices"], np.arange(start, end))
+            and c["max_abs"] is not None)  # a chunk from before the guard is drawn again: clipped images hide |x|
 
 
 def load_samples(out_dir: str | Path, setting_key: str, seed: int) -> np.ndarray:
