@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def pm(d: dict) -> str:
         mean, std = d.get(f"{primary}_mean"), d.get(f"{primary}_std")
+        if d.get("diverged"):  # the sample stage's guard: not scored
+            return f"DIVERGED (max |x| {'not finite' if d['max_abs'] is None else format(d['max_abs'], '.3g')})"
         return "n/a" if mean is None else f"{mean:.4g}" + ("" if std is None else f" ± {std:.2g}")
 
     print(f"{name}: N = {metrics['n_per_seed']} per seed, {metrics['seeds']} seed(s); "

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = generate(model, out, n_samples=n, seeds=seeds, batch_size=batch_size, num_workers=workers,
                         progress=not args.no_progress, variant=params.variants[args.variant],
                         address=params.ray.address, connect_timeout_s=params.ray.connect_timeout_s,
-                        use_gpu=params.ray.use_gpu, gpu_batch_size=cfg.gpu_batch_size)
+                        use_gpu=params.ray.use_gpu, gpu_batch_size=cfg.gpu_batch_size,
+                        diverged_above=cfg.diverged_above)
     except (GenerateError, CheckpointError, RuntimeSetupError) as e:  # CheckpointError: an unreadable or
         # mismatched model file; RuntimeSetupError: no Ray cluster at ray.address
         print(f"sample {args.variant}: {e}", file=sys.stderr)
@@ -73,9 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         nfe_text = str(nfes[0]) if len(set(nfes)) == 1 else f"{sum(nfes) / len(nfes):.0f} (mean per chunk)"
         drawn = sum(r["chunks_drawn"] for r in mine)
         reused = sum(r["chunks_reused"] for r in mine)
+        diverged = [r for r in mine if r["diverged"]]
+        warning = "" if not diverged else (
+            f" DIVERGED in {len(diverged)} seed(s): max |x| " + ", ".join(
+                "not finite" if r["max_abs"] is None else f"{r['max_abs']:.3g}" for r in diverged)
+            + f" > sample.diverged_above = {cfg.diverged_above:g}; it will be reported, not scored")
         print(f"{key}: {len(mine)} seed(s) x {n} samples, NFE {nfe_text}, "
               f"{sum(r['seconds'] for r in mine):.2f}s sampling, {drawn} chunk(s) drawn, {reused} reused "
-              f"-> {out / key}")
+              f"-> {out / key}{warning}")
     return 0
 
 

@@ -370,8 +370,85 @@ def test_cli_validate_ok():
     r = run_cli("validate", "presets/digits.yaml")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert len(lines) == 1
+    assert len(lines) == 6  # the summary, then each variant's schedule as the code reads it
     assert lines[0].startswith("presets/digits.yaml: valid — seed 0; 5 variant(s): ddpm (ddpm), ncsn (ncsn)")
+    assert lines[1].startswith("  ddpm (ddpm): 1000 steps, effective beta 0.0001..0.02; alpha(T) = 0.00635")
+    assert lines[3].startswith("  vp (vp): beta(t) 0.1..20 over t in [0, 1]; alpha(T) = 0.00657")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules: DDPM's beta_start/beta_end are the 1000-step values, scaled by 1000/num_steps (issue 20)
+
+OLD_TOY2D_DDPM = {"type": "ddpm", "num_steps": 200, "schedule": "linear", "beta_start": 1e-3, "beta_end": 0.1}
+
+
+def _ddpm_alpha_T(num_steps: int, beta_start: float, beta_end: float) -> float:
+    """The chain's alpha(T) = sqrt(prod(1 - beta_i)) with the 1000/N scaling, computed here with numpy."""
+    import numpy as np
+
+    betas = np.linspace(beta_start, beta_end, num_steps) * 1000 / num_steps
+    return float(np.sqrt(np.prod(1 - betas)))
+
+
+def test_a_schedule_read_two_ways_is_refused_and_the_fix_named():
+    assert _ddpm_alpha_T(200, 1e-3, 0.1) == pytest.approx(3.4e-14, rel=0.01)  # the toy2d preset before the fix
+    problems = problems_of(edited(("variants.ddpm.sde", OLD_TOY2D_DDPM)))
+    assert len(problems) == 1
+    assert problems[0].startswith("variants.ddpm.sde: alpha(T) = 3.4e-14 is below 1e-05"), problems[0]
+    assert "effective betas are 0.005..0.5" in problems[0]
+    assert "write beta_start: 0.0002, beta_end: 0.02" in problems[0]
+    assert "(got" not in problems[0]
+    fixed = {**OLD_TOY2D_DDPM, "beta_start": 2e-4, "beta_end": 0.02}  # what the message says to write
+    assert parse_params(edited(("variants.ddpm.sde", fixed))).variants["ddpm"].sde.num_steps == 200
+    assert _ddpm_alpha_T(200, 2e-4, 0.02) == pytest.approx(0.0054, rel=0.02)  # the issue's unscaled chain
+
+
+@pytest.mark.parametrize("kind", ["vp", "subvp"])
+def test_terminal_alpha_bound_of_the_continuous_vp_types(kind):
+    # alpha(1) = exp(-(beta_min + beta_max) / 4) for the linear beta: 1e-5 at beta_max = 4 ln(1e5) - 0.1 = 45.95
+    ok = parse_params(edited(("variants.vp.sde", {"type": kind, "beta_min": 0.1, "beta_max": 45.9})))
+    assert ok.variants["vp"].sde.beta_max == 45.9
+    problems = problems_of(edited(("variants.vp.sde", {"type": kind, "beta_min": 0.1, "beta_max": 46.0})))
+    assert problems == ["variants.vp.sde: alpha(T) = 9.88e-06 is below 1e-05: the last steps carry no signal, and an "
+                        "x0 estimate there multiplies the network's error by std/alpha = 1.01e+05"]
+
+
+def test_tune_space_schedules_are_checked_too():
+    data = edited(("tune", {"space": [{"sde": {"type": "vp", "beta_max": [20.0, 200.0]}}], "num_trials": 1,
+                            "steps": 100, "samplers": [{"method": "ddim", "steps": [10]}]}))
+    problems = problems_of(data)
+    assert len(problems) == 1 and problems[0].startswith("tune.space.0.sde: alpha(T) = 1.88e-22"), problems
+
+
+def test_cli_validate_prints_the_toy2d_chain_and_refuses_the_old_one(tmp_path):
+    r = run_cli("validate", "presets/toy2d.yaml")
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.splitlines()[1]
+    assert line.startswith("  ddpm (ddpm): 200 steps, effective beta 0.0005..0.1; alpha(T) = ")
+    assert float(line.split("alpha(T) = ")[1].split(",")[0]) == pytest.approx(_ddpm_alpha_T(200, 1e-4, 0.02), rel=1e-3)
+    old = yaml.safe_load((ROOT / "presets" / "toy2d.yaml").read_text())
+    old["variants"]["ddpm"]["sde"] = OLD_TOY2D_DDPM
+    bad = tmp_path / "toy2d_old.yaml"
+    bad.write_text(yaml.safe_dump(old))
+    r = run_cli("validate", str(bad))
+    assert r.returncode == 2
+    assert "variants.ddpm.sde: alpha(T) = 3.4e-14 is below 1e-05" in r.stderr
+
+
+def test_x0_thresholding_is_off_by_default_and_only_for_images():
+    from scorelab.config import DDIMSampler, DPMSolverSampler, HeunSampler
+
+    for cls in (DDIMSampler, DPMSolverSampler, HeunSampler):  # off: options as before (same folders, same keys)
+        assert not {"x0_threshold", "threshold_ratio"} & set(cls(steps=[10]).options())
+    assert DDIMSampler(steps=[10], x0_threshold="dynamic").options()["threshold_ratio"] == 0.995
+    assert "threshold_ratio" not in DDIMSampler(steps=[10], x0_threshold="clip").options()
+    points = edited(("data", {"source": "toy2d"}), ("variants.ddpm.samplers.1.x0_threshold", "clip"))
+    assert problems_of(points) == ["variants.ddpm.samplers.1.x0_threshold: only for image data, bounded in [-1, 1]; "
+                                   "data.source is 'toy2d' (unbounded points): use 'none' (got 'clip')"]
+    images = parse_params(edited(("variants.ddpm.samplers.1.x0_threshold", "dynamic")))
+    assert images.variants["ddpm"].samplers[1].x0_threshold == "dynamic"
+    bad = problems_of(edited(("variants.ddpm.samplers.1.threshold_ratio", 1.0)))
+    assert bad == ["variants.ddpm.samplers.1.threshold_ratio: must be < 1 (got 1.0)"]
 
 
 def test_cli_validate_bad_file_lists_every_problem(tmp_path):

@@ -78,7 +78,9 @@ def make_project(root: Path, data: dict, variant: dict, n: int, seeds: tuple[int
              "run_id": run_id}
     model_path = export_model(state, vcfg, manifest.shape, root / "outputs" / "train" / "v" / "model.pt")
     samples = root / "outputs" / "samples" / "v"
-    generate(model_path, samples, n_samples=n, seeds=seeds, batch_size=n, num_workers=1, progress=False)
+    # random weights take an eps-network's DDIM far outside the data: the divergence guard is tested on its own
+    generate(model_path, samples, n_samples=n, seeds=seeds, batch_size=n, num_workers=1, progress=False,
+             diverged_above=1e12)
     return {"root": root, "params": params, "uri": uri, "exp": exp, "run_id": run_id, "samples": samples,
             "args": ["--params", str(root / "params.yaml"), "--variant", "v", "--root", str(root)]}
 
@@ -500,3 +502,33 @@ def test_a_failed_task_is_an_evaluate_error_naming_the_variant_and_the_cause(dig
     nowhere = digits["params"].model_copy(update={"ray": RayConfig(address="127.0.0.1:1", connect_timeout_s=1)})
     with pytest.raises(EvaluateError, match=r"ray\.address 127\.0\.0\.1:1: no Ray cluster answers there"):
         _evaluate(digits, nowhere, tmp_path / "eval")
+
+
+def test_a_diverged_setting_is_reported_not_scored(toy):
+    """Issue 20's guard: a setting with a seed the sample stage marked diverged (here: NaN samples) is written
+    with diverged: true and no metrics, where before a non-finite sample failed the stage; the rest is scored."""
+    out = toy["root"] / "outputs" / "eval" / "v_diverged"
+    samples = toy["root"] / "diverged_samples"
+    shutil.copytree(toy["samples"], samples)
+    seed_dir = samples / "ancestral-6" / "seed1"
+    chunk = seed_dir / "chunk-0-64.npz"
+    with np.load(chunk) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["x"][3, 0] = np.nan
+    np.savez(chunk, **arrays)
+    manifest = json.loads((seed_dir / "manifest.json").read_text())
+    (seed_dir / "manifest.json").write_text(json.dumps({**manifest, "max_abs": None, "finite": False,
+                                                        "diverged_above": 100.0, "diverged": True}))
+    m = evaluate_variant(toy["params"], "v", samples_dir=samples, featurizer_dir=toy["root"] / "none",
+                         model_path=toy["root"] / "outputs" / "train" / "v" / "model.pt", out_dir=out,
+                         root=toy["root"], bpd_samples=0, log_to_mlflow=False)
+    assert m["diverged"] == ["ancestral-6"]
+    row = m["settings"]["ancestral-6"]
+    assert row["diverged"] is True and row["diverged_seeds"] == [1] and row["max_abs"] is None
+    assert not any(k.endswith(("_mean", "_std")) for k in row)
+    scored = m["settings"]["ddim-4"]
+    assert scored["sliced_w2_mean"] is not None and "diverged" not in scored
+    assert "sliced_w2" in m["metrics"] and m["seed_ids"] == [0, 1, 2]
+    curve = (out / "fid_vs_nfe.csv").read_text().splitlines()
+    assert curve[0].split(",")[5:7] == ["sliced_w2_mean", "sliced_w2_std"]
+    assert next(line for line in curve if ",ancestral-6," in line).endswith(",,,,,,")

@@ -264,3 +264,53 @@ def test_stage_runs_in_process(toy_model, tmp_path, capsys):
     # params whose variant no longer matches the weights: the model is stale
     assert main([*args[:1], str(write_params(tmp_path / "ve.yaml", {"type": "ve"})), *args[2:]]) == 1
     assert "rerun the train stage" in capsys.readouterr().err
+
+
+def test_divergence_guard_marks_exploding_and_non_finite_seeds(toy_model, tmp_path):
+    """Issue 20's guard: a seed whose samples reach |x| > diverged_above, or are not finite, is marked diverged
+    in its manifest and the summary; max_abs is the samples' own largest |x| (before any clipping)."""
+    rows = run(toy_model, tmp_path / "ok", [DDIM], seeds=(0, 1), diverged_above=1e9)  # random weights: far out
+    x = load_samples(tmp_path / "ok", "ddim-4", 0)
+    assert rows[0]["max_abs"] == pytest.approx(float(np.abs(x).max()), rel=1e-6)
+    assert not any(r["diverged"] for r in rows)
+    summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
+    assert [r["diverged"] for r in summary] == [False, False]
+
+    # the same samples against a threshold below their range: diverged, no redraw needed (the chunks keep max_abs)
+    rows = run(toy_model, tmp_path / "ok", [DDIM], seeds=(0, 1), diverged_above=0.5 * float(np.abs(x).max()))
+    assert all(r["diverged"] and r["chunks_drawn"] == 0 for r in rows)
+    manifest = json.loads((tmp_path / "ok" / "ddim-4" / "seed0" / "manifest.json").read_text())
+    assert manifest["diverged"] is True and manifest["finite"] is True and manifest["max_abs"] == rows[0]["max_abs"]
+
+    # a chunk written before the guard (no max_abs) still loads, and a re-run draws it again to learn its |x|
+    old = tmp_path / "ok" / "ddim-4" / "seed0" / "chunk-0-7.npz"
+    with np.load(old) as z:
+        arrays = {k: z[k] for k in z.files if k != "max_abs"}
+    np.savez(old, **arrays)
+    assert np.array_equal(load_samples(tmp_path / "ok", "ddim-4", 0), x)
+    rows = run(toy_model, tmp_path / "ok", [DDIM], seeds=(0, 1), diverged_above=1e9)
+    assert [r["chunks_drawn"] for r in rows] == [1, 0] and not rows[0]["diverged"]
+
+    # a network that returns NaN: not finite, max_abs null, no grid drawn
+    nan_model = make_model(tmp_path / "nan" / "model.pt", variant([DDIM]), (2,))
+    trained = load_trained(nan_model)
+    with torch.no_grad():
+        for p in trained.model.parameters():
+            p.fill_(float("nan"))
+    v = variant([DDIM])
+    sd = trained.model.state_dict()
+    export_model({"ema": {"module." + k: t for k, t in sd.items()}, "step": 0, "config_hash": "x", "run_id": "r"},
+                 v, (2,), nan_model)
+    rows = run(nan_model, tmp_path / "nan_out", [DDIM])
+    assert rows[0]["diverged"] is True and rows[0]["max_abs"] is None
+    assert not (tmp_path / "nan_out" / "ddim-4" / "grid.png").exists()
+    with pytest.raises(ValueError, match="diverged_above must be > 0"):
+        run(toy_model, tmp_path / "ok", [DDIM], diverged_above=0.0)
+
+
+def test_a_thresholded_setting_says_so_in_its_key():
+    v = variant([{"method": "ddim", "steps": [10], "x0_threshold": "dynamic"}, {"method": "ddim", "steps": [10]},
+                 {"method": "heun", "steps": [5], "x0_threshold": "clip"}])
+    settings = sampler_settings(v)
+    assert [s.key for s in settings] == ["ddim-10-dynamic", "ddim-10", "heun-5-clip"]
+    assert settings[0].options["x0_threshold"] == "dynamic" and "x0_threshold" not in settings[1].options

@@ -320,3 +320,25 @@ def test_script_exit_codes(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**make_params(TOY_VARIANTS), "sed": 1}))
     assert run_script("--params", str(bad), "--root", str(tmp_path)).returncode == 2
+
+
+def test_a_diverged_setting_is_shown_as_diverged_not_scored(tmp_path):
+    """The evaluate stage writes a setting the sample stage's guard marked (issue 20) without metrics."""
+    params = parse_params(make_params(TOY_VARIANTS, source="toy2d"))
+    evals = write_inputs(tmp_path, TOY_SETTINGS, image=False, seed=2)
+    path = tmp_path / "outputs" / "eval" / "vp" / "metrics.json"
+    data = json.loads(path.read_text())
+    data["settings"]["ddim-10"] = {"method": "ddim", "steps": 10, "nfe": 10, "seeds": 3, "seed_ids": [0, 1, 2],
+                                   "diverged": True, "diverged_seeds": [0, 2], "max_abs": 1.3e5,
+                                   "diverged_above": 100.0}
+    data["diverged"] = ["ddim-10"]
+    path.write_text(json.dumps(data))
+    build_report(params, root=tmp_path, log_to_mlflow=False)
+    md = (tmp_path / "reports" / "comparison.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| vp | ddim | 10 |"))
+    assert "**diverged** (not scored)" in row and "(best)" not in row
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    finite = {k: s["sliced_w2_mean"] for k, s in evals["vp"]["settings"].items() if k != "ddim-10"}
+    assert metrics["vp"]["best_setting"] == min(finite, key=finite.get)
+    with open(tmp_path / "reports" / "fid_vs_nfe.csv", newline="") as f:
+        assert [r["value"] for r in csv.DictReader(f) if r["setting"] == "ddim-10" and r["variant"] == "vp"] == [""]

@@ -8,13 +8,17 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import ConfigError, Params, load_params
+from .sde import describe_schedule
 
 
 def _summary(path: str, params: Params) -> str:
     variants = ", ".join(f"{name} ({v.sde.type})" for name, v in params.variants.items())
     settings = sum(len(s.step_list()) for v in params.variants.values() for s in v.samplers)
-    return (f"{path}: valid — seed {params.seed}; {len(params.variants)} variant(s): {variants}; "
-            f"{settings} sampler settings")
+    # Each schedule as the code reads it (DDPM's betas after the 1000/N scaling): a value meant another way
+    # shows here, next to alpha(T), before anything is trained.
+    schedules = [f"  {name} ({v.sde.type}): {describe_schedule(v.sde.build())}" for name, v in params.variants.items()]
+    return "\n".join([f"{path}: valid — seed {params.seed}; {len(params.variants)} variant(s): {variants}; "
+                      f"{settings} sampler settings", *schedules])
 
 
 def print_problems(path: str, problems: list[str]) -> None:

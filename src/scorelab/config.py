@@ -99,6 +99,9 @@ class SampleConfig(_Model):
     workers: int = Field(2, ge=1)  # chunks in flight, 1 CPU each (or ray.use_gpu: 1 GPU each)
     # with ray.use_gpu: samples per chunk and per network call (a GPU is filled by thousands, not 64)
     gpu_batch_size: int = Field(4096, ge=1, le=1_000_000)
+    # The divergence guard: a seed whose samples are not finite or reach |x| above this (model space: images lie
+    # in [-1, 1], toy2d within 5) is marked diverged in the summary, the report and MLflow instead of scored.
+    diverged_above: float = Field(100.0, gt=0, allow_inf_nan=False)
 
     @field_validator("seeds")
     @classmethod
@@ -303,6 +306,13 @@ class Params(_Model):
         if self.tune is not None and TUNED_VARIANT in self.variants:
             errors.append(line_error(("variants", TUNED_VARIANT), f"the name {TUNED_VARIANT!r} is the tune stage's "
                                      "winner's; rename this variant", TUNED_VARIANT))
+        if self.data.source == "toy2d":  # x0_hat thresholding keeps images inside [-1, 1]; points have no bound
+            lists = [(("variants", name, "samplers"), v.samplers) for name, v in self.variants.items()]
+            lists += [(("tune", "samplers"), self.tune.samplers)] if self.tune is not None else []
+            errors += [line_error((*where, i, "x0_threshold"), "only for image data, bounded in [-1, 1]; "
+                                  "data.source is 'toy2d' (unbounded points): use 'none'", s.x0_threshold)
+                       for where, samplers in lists for i, s in enumerate(samplers)
+                       if getattr(s, "x0_threshold", "none") != "none"]
         if self.train.bf16 and not self.ray.use_gpu:
             errors.append(line_error(("train", "bf16"), "needs ray.use_gpu: true (bf16 autocast is GPU only)",
                                      True))

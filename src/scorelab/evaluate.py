@@ -240,6 +240,32 @@ def _load_setting(samples_dir: Path, setting: SamplerSetting, variant: str, moda
     return xs, nfes
 
 
+def _divergence(samples_dir: Path, setting: SamplerSetting) -> dict[str, Any] | None:
+    """The sample stage's divergence guard for one setting (its manifests' `diverged`): None when no seed
+    diverged (or a manifest is missing: _load_setting reports that), else the row the report shows instead
+    of metrics: a setting with one exploded seed has no meaningful mean over seeds."""
+    folder = samples_dir / setting.key
+    seeds, hits, nfes, manifest = [], {}, [], {}
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not (p.is_dir() and (m := _SEED_DIR.match(p.name))):
+            continue
+        try:
+            manifest = json.loads((p / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        seeds.append(int(m[1]))
+        nfes += manifest["nfe"] if isinstance(manifest["nfe"], list) else [manifest["nfe"]]
+        if manifest.get("diverged"):
+            hits[int(m[1])] = manifest.get("max_abs")
+    if not hits:
+        return None
+    worst = None if None in hits.values() else max(hits.values())
+    return {"method": setting.method, "steps": setting.steps,
+            "nfe": nfes[0] if len(set(nfes)) == 1 else round(float(np.mean(nfes)), 1),
+            "seeds": len(seeds), "seed_ids": sorted(seeds), "diverged": True, "diverged_seeds": sorted(hits),
+            "max_abs": worst, "diverged_above": manifest.get("diverged_above"), "count": manifest["count"]}
+
+
 def _mlflow_logger(params: Params, root: Path, run_id: str, model_path: Path):
     """The variant's training run, checked to exist before any work is done."""
     from . import tracking
@@ -472,6 +498,9 @@ def evaluate_variant(
 
         variant, sde, data, n_per_seed (N), seeds (k), seed_ids, primary_metric, metrics (descriptions)
         settings: {key: {method, steps, nfe, seeds, seed_ids, <metric>_mean, <metric>_std, per_seed}}
+                  (a setting the sample stage marked diverged: method, steps, nfe, seeds, seed_ids, diverged: true,
+                  diverged_seeds, max_abs (null: not finite) and diverged_above, and no metrics)
+        diverged: the keys of those settings
         baseline: the same metrics for N random train points per seed against the test split (images
                   also domain_fd_train_full: every train image, the distance's floor at full size)
         bits_per_dim (images) or test_loglik (2-D): the model's likelihood of test data
@@ -518,8 +547,12 @@ def evaluate_variant(
     # Every sample first: a bad file fails the stage before anything expensive runs.
     settings = sampler_settings(vcfg)
     model_sha = storage.sha256_file(model_path)
-    loaded = {s.key: _load_setting(samples_dir, s, variant, modality, data_shape, model_sha) for s in settings}
-    counts = {len(x) for xs, _ in loaded.values() for x in xs.values()}
+    # Diverged settings (the sample stage's guard) are reported as such, never scored: their samples may not
+    # even be finite, and a distance of 11,400 reads as a number.
+    diverged = {s.key: d for s in settings if (d := _divergence(samples_dir, s)) is not None}
+    loaded = {s.key: _load_setting(samples_dir, s, variant, modality, data_shape, model_sha) for s in settings
+              if s.key not in diverged}
+    counts = {len(x) for xs, _ in loaded.values() for x in xs.values()} | {d["count"] for d in diverged.values()}
     if len(counts) != 1:
         raise EvaluateError(f"{samples_dir}: settings and seeds hold different numbers of samples "
                             f"({sorted(counts)}); rerun the sample stage with one --n")
@@ -534,7 +567,8 @@ def evaluate_variant(
         info = {"classifier": {"test_accuracy": meta.get("test_accuracy"), "seed": meta.get("seed")}}
         fd_train_full = frechet_distance(*ref_train, *ref_test)
 
-    seed_ids = sorted({seed for xs, _ in loaded.values() for seed in xs})
+    seed_ids = sorted({seed for xs, _ in loaded.values() for seed in xs}
+                      | {seed for d in diverged.values() for seed in d["seed_ids"]})
     n_train, n_test = manifest.counts["train"], manifest.counts["test"]
     train_idx = None
     if n_train >= n:
@@ -563,6 +597,9 @@ def evaluate_variant(
 
     results: dict[str, Any] = {}
     for s in settings:
+        if s.key in diverged:
+            results[s.key] = {k: v for k, v in diverged[s.key].items() if k != "count"}
+            continue
         _, nfes = loaded[s.key]
         nfe = nfes[0] if len(set(nfes)) == 1 else round(float(np.mean(nfes)), 1)
         row = {"method": s.method, "steps": s.steps, "nfe": nfe}
@@ -590,10 +627,12 @@ def evaluate_variant(
         baseline["domain_fd_train_full"] = _num(fd_train_full)
 
     primary = modality.primary_metric
+    example = next((r for r in results.values() if not r.get("diverged")), {})
     metrics: dict[str, Any] = {
         "variant": variant, "sde": vcfg.sde.type, "data": manifest.source, "n_per_seed": n,
         "seeds": min(r["seeds"] for r in results.values()), "seed_ids": seed_ids, "primary_metric": primary,
-        "metrics": {k: v for k, v in _DESCRIPTIONS.items() if f"{k}_mean" in next(iter(results.values()))},
+        "metrics": {k: v for k, v in _DESCRIPTIONS.items() if f"{k}_mean" in example},
+        "diverged": sorted(diverged),  # settings marked by the sample stage's guard: in settings, without metrics
         "std": "sample standard deviation over seeds (ddof 1); null with one seed",
         "baseline": baseline, "settings": results, **info,
     }
@@ -614,21 +653,22 @@ def evaluate_variant(
 
 def _curve_csv(variant: str, results: dict[str, Any]) -> str:
     """One row per setting: mean and std over seeds of every metric, for `dvc plots` (x: nfe)."""
-    names = [k for k in next(iter(results.values())) if k.endswith(("_mean", "_std"))]
+    example = next((r for r in results.values() if not r.get("diverged")), {})  # diverged rows: empty cells
+    names = [k for k in example if k.endswith(("_mean", "_std"))]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["variant", "setting", "method", "steps", "nfe", *names])
     for key, r in results.items():
         w.writerow([variant, key, r["method"], "" if r["steps"] is None else r["steps"], r["nfe"],
-                    *["" if r[k] is None else r[k] for k in names]])
+                    *["" if r.get(k) is None else r[k] for k in names]])
     return buf.getvalue()
 
 
 def _log(logger, metrics: dict[str, Any], primary: str, samples_dir: Path, out_dir: Path) -> None:
     """Into the training run: eval_<primary>_<method> at step = NFE (the chart is distance against NFE,
     one line per sampler), the baseline, the likelihood, and metrics.json and the grids under eval/."""
-    points = [(f"eval_{primary}_{r['method']}", r[f"{primary}_mean"], int(round(r["nfe"])))
-              for r in metrics["settings"].values()]
+    points = [(f"eval_{primary}_{r['method']}", r.get(f"{primary}_mean"), int(round(r["nfe"])))
+              for r in metrics["settings"].values()]  # a diverged setting has no value: no point
     points.append((f"eval_{primary}_baseline", metrics["baseline"].get(f"{primary}_mean"), 0))
     if metrics.get("inception"):  # the standard FID against NFE too
         points += [(f"eval_inception_fid_{r['method']}", r.get("inception_fid_mean"), int(round(r["nfe"])))
@@ -639,6 +679,8 @@ def _log(logger, metrics: dict[str, Any], primary: str, samples_dir: Path, out_d
     if metrics.get("test_loglik"):
         points.append(("eval_test_loglik", metrics["test_loglik"]["mean"], 0))
     _log_new_metrics(logger, points)
+    # the divergence guard: which settings were not scored, as one tag ("none" when every setting was)
+    logger.tags({"eval_diverged": ",".join(metrics["diverged"]) or "none"})
     logger.artifacts([out_dir / METRICS_FILE, out_dir / CURVE_FILE], "eval")
     for key in metrics["settings"]:
         grid = samples_dir / key / "grid.png"

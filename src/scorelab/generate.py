@@ -15,10 +15,15 @@ A chunk file holds
     indices  int64 (n,): the global sample indices start..end-1
     nfe      int64 scalar: score evaluations the chunk's sampler call made
     seconds  float64 scalar: the sampler call's wall time
+    max_abs  float64 scalar: the largest |x| in model space before storing (inf if any value is not finite):
+             images are clipped when stored, so an exploded sampler is seen only here
 
 A manifest holds count, shape (per sample, as stored), dtype, layout ("NHWC" or "ND"), nfe (one int;
 for the adaptive ODE a list, one per chunk), seconds (sum over chunks, so the same after a resume),
-setting {key, method, steps, options}, seed, eval_block and chunks [{start, end, nfe, seconds}].
+setting {key, method, steps, options}, seed, eval_block, chunks [{start, end, nfe, seconds}], and the
+divergence guard: max_abs (null when not finite), finite, diverged_above and diverged. A seed whose samples
+are not finite or reach |x| > diverged_above (params sample.diverged_above) is `diverged`: the evaluate stage
+then reports the setting as diverged instead of scoring it.
 
 Chunks run as Ray tasks on the cluster named by ray.address (else a local Ray), one CPU each, or one
 GPU each with ray.use_gpu: the model file travels through the object store (the tasks' nodes need not
@@ -41,6 +46,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -65,7 +71,8 @@ CHUNK_RE = re.compile(r"^chunk-(\d+)-(\d+)\.npz$")
 MANIFEST = "manifest.json"
 FINGERPRINT = "fingerprint.json"
 SUMMARY = "summary.json"  # one row per (setting, seed): what generate() returns
-_KEYS = ("x", "indices", "nfe", "seconds")
+_KEYS = ("x", "indices", "nfe", "seconds")  # every chunk file; "max_abs" too since the divergence guard
+DIVERGED_ABOVE = 100.0  # |x| in model space; params' sample.diverged_above (images lie in [-1, 1], toy2d within 5)
 
 
 class GenerateError(RuntimeError):
@@ -99,7 +106,8 @@ def _options_hash(options: dict[str, Any]) -> str:
 def sampler_settings(variant: VariantConfig) -> list[SamplerSetting]:
     """Every (method, steps, options) the variant configures, one per step count, in config order.
 
-    Keys are "<method>-<steps>" ("adaptive" for the ODE, "levels" for ALD on the SDE's own ladder);
+    Keys are "<method>-<steps>" ("adaptive" for the ODE, "levels" for ALD on the SDE's own ladder), with
+    "-clip" or "-dynamic" when x0_hat is thresholded (so every table and chart that names the setting says so);
     settings that share method and steps but differ in options get "-<hash of options>" appended,
     and exact duplicates are dropped (they would draw the same samples).
     """
@@ -108,6 +116,7 @@ def sampler_settings(variant: VariantConfig) -> list[SamplerSetting]:
         options = s.options()
         for steps in s.step_list():
             tag = str(steps) if steps is not None else ("adaptive" if s.method == "ode" else "levels")
+            tag += f"-{options['x0_threshold']}" if "x0_threshold" in options else ""
             candidate = (f"{s.method}-{tag}", s.method, steps, options)
             if candidate not in raw:
                 raw.append(candidate)
@@ -170,11 +179,13 @@ def _sample_chunk(model: Shipment, setting: dict[str, Any], seed: int, start: in
                     **setting["options"])
     x = result.x.cpu().numpy()  # waits for the device: the time below is the sampling's, not the queue's
     seconds = time.perf_counter() - tick
+    max_abs = float(np.abs(x).max()) if np.isfinite(x).all() else math.inf  # before images are clipped to uint8
     import ray
 
     where = f"{ray.get_runtime_context().get_node_id()[:12]}/{device.type}"  # for the summary, not the file
     return {"x": modality_of(shape).to_stored(x), "indices": np.arange(start, end, dtype=np.int64),
-            "nfe": np.int64(result.nfe), "seconds": np.float64(seconds), "where": where}
+            "nfe": np.int64(result.nfe), "seconds": np.float64(seconds), "max_abs": np.float64(max_abs),
+            "where": where}
 
 
 @functools.cache
@@ -198,8 +209,9 @@ def _write_chunk(path: Path, arrays: dict[str, Any]) -> None:
 
 
 def _read_chunk(path: Path) -> dict[str, np.ndarray]:
+    """The chunk's arrays; max_abs None for a file written before the divergence guard (its samples still load)."""
     with np.load(path) as z:
-        return {k: z[k] for k in _KEYS}
+        return {**{k: z[k] for k in _KEYS}, "max_abs": z["max_abs"] if "max_abs" in z.files else None}
 
 
 def _chunk_ok(path: Path, start: int, end: int, sample_shape: tuple[int, ...], dtype: np.dtype) -> bool:
@@ -209,7 +221,8 @@ def _chunk_ok(path: Path, start: int, end: int, sample_shape: tuple[int, ...], d
     except Exception:  # missing, truncated or garbled: np.load and zipfile fail in many ways
         return False
     return (c["x"].shape == (end - start, *sample_shape) and c["x"].dtype == dtype
-            and np.array_equal(c["indices"], np.arange(start, end)))
+            and np.array_equal(c["indices"], np.arange(start, end))
+            and c["max_abs"] is not None)  # a chunk from before the guard is drawn again: clipped images hide |x|
 
 
 def load_samples(out_dir: str | Path, setting_key: str, seed: int) -> np.ndarray:
@@ -296,15 +309,18 @@ def generate(
     connect_timeout_s: float = 10.0,
     use_gpu: bool = False,  # one GPU per task; chunks and network calls of gpu_batch_size samples
     gpu_batch_size: int = 4096,
+    diverged_above: float = DIVERGED_ABOVE,  # a seed with |x| beyond this (or not finite) is marked diverged
 ) -> list[dict[str, Any]]:
     """Draw n_samples per sampler setting and seed into out_dir (format: module docstring), resuming
     whatever an earlier run left; write a manifest per setting/seed and a grid per setting.
 
-    Returns one summary row per (setting, seed). Uses the running Ray, else attaches to `address`, else
-    starts a local one.
+    Returns one summary row per (setting, seed), with `diverged` and `max_abs` (the divergence guard). Uses
+    the running Ray, else attaches to `address`, else starts a local one.
     """
     from tqdm.auto import tqdm
 
+    if not diverged_above > 0:
+        raise ValueError(f"diverged_above must be > 0, got {diverged_above}")
     if min(n_samples, batch_size, num_workers, eval_block, gpu_batch_size) < 1:
         raise ValueError(f"n_samples, batch_size, num_workers, eval_block and gpu_batch_size must be >= 1, "
                          f"got {n_samples}, {batch_size}, {num_workers}, {eval_block}, {gpu_batch_size}")
@@ -350,10 +366,12 @@ def generate(
                        disable=not progress)
             _run_chunks(model, pending, num_workers, eval_block, use_gpu, bar)
 
-    rows = [_finish(job, sample_shape, dtype, modality.layout, n_samples, eval_block) for job in jobs]
+    rows = [_finish(job, sample_shape, dtype, modality.layout, n_samples, eval_block, diverged_above) for job in jobs]
     grid_seed = 0 if 0 in seeds else seeds[0]
+    not_finite = {r["setting"] for r in rows if r["seed"] == grid_seed and r["max_abs"] is None}
     for s in settings:
-        _save_grid(out_dir, s, grid_seed, modality)
+        if s.key not in not_finite:  # NaN has no picture; the manifest and the summary say what happened
+            _save_grid(out_dir, s, grid_seed, modality)
     storage.write_json(out_dir / SUMMARY, rows, indent=2)
     return rows
 
@@ -392,27 +410,31 @@ def _run_chunks(model: Shipment, pending: list[tuple[_Job, int, int]], num_worke
 
 
 def _finish(job: _Job, sample_shape: tuple[int, ...], dtype: np.dtype, layout: str, n_samples: int,
-            eval_block: int) -> dict[str, Any]:
-    """Check every planned chunk is on disk and complete, then write the manifest."""
-    chunks = []
+            eval_block: int, diverged_above: float) -> dict[str, Any]:
+    """Check every planned chunk is on disk and complete, then write the manifest (with the divergence guard)."""
+    chunks, max_abs = [], 0.0
     for a, b in job.plan:
         path = chunk_path(job.folder, a, b)
         if not _chunk_ok(path, a, b, sample_shape, dtype):
             raise GenerateError(f"{path} is missing or incomplete after sampling")
         c = _read_chunk(path)
+        max_abs = max(max_abs, float(c["max_abs"]))
         chunks.append({"start": a, "end": b, "nfe": int(c["nfe"]), "seconds": float(c["seconds"])})
     nfes = [c["nfe"] for c in chunks]
     # one NFE for fixed-step samplers; the adaptive ODE's step count is per batch, so one per chunk
     nfe: int | list[int] = nfes if job.setting.adaptive or len(set(nfes)) > 1 else nfes[0]
     seconds = sum(c["seconds"] for c in chunks)
+    finite = math.isfinite(max_abs)
+    guard = {"max_abs": max_abs if finite else None, "finite": finite, "diverged_above": diverged_above,
+             "diverged": not finite or max_abs > diverged_above}
     manifest = {"count": n_samples, "shape": list(sample_shape), "dtype": dtype.name, "layout": layout,
                 "nfe": nfe, "seconds": round(seconds, 4), "setting": job.setting.describe(), "seed": job.seed,
-                "eval_block": eval_block, "chunks": chunks}
+                "eval_block": eval_block, "chunks": chunks, **guard}
     storage.write_json(job.folder / MANIFEST, manifest, indent=2)
     return {"setting": job.setting.key, "method": job.setting.method, "steps": job.setting.steps,
             "seed": job.seed, "count": n_samples, "nfe": nfe, "seconds": round(seconds, 4),
             "chunks_drawn": len(job.todo), "chunks_reused": len(job.plan) - len(job.todo), "path": str(job.folder),
-            "drawn_on": sorted(job.drawn_on)}
+            "drawn_on": sorted(job.drawn_on), "diverged": guard["diverged"], "max_abs": guard["max_abs"]}
 
 
 def _save_grid(out_dir: Path, setting: SamplerSetting, seed: int, modality: Modality) -> Path:

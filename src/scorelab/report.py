@@ -67,7 +67,7 @@ def _csv_text(variants: list[VariantResult], primary: str) -> str:
     w.writerow(["variant", "method", "setting", "nfe", "value", "std"])
     for v in variants:
         for s in v.settings:
-            mean, std = s.metrics[primary]
+            mean, std = s.metrics.get(primary, (math.nan, math.nan))  # a diverged setting has none
             w.writerow([v.name, s.method, s.key, "" if s.nfe is None else nfe_text(s.nfe),
                         mean if math.isfinite(mean) else "", std if math.isfinite(std) else ""])
     return buf.getvalue()

@@ -40,6 +40,7 @@ class Setting:
     steps: int | None
     nfe: float | None  # the adaptive ODE reports a mean over chunks
     metrics: dict[str, tuple[float, float]]  # name -> (mean, std over seeds)
+    diverged: bool = False  # the sample stage's guard marked it: no metrics, shown as diverged
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def _load_eval(path: Path, layout: Layout, variant: str, train: dict[str, Any]) 
         settings.append(Setting(key=key, method=s["method"],
                                 steps=None if steps is None else _integer(steps, f"{w}.steps"),
                                 nfe=_number(s.get("nfe"), f"{w}.nfe", optional=True),
-                                metrics=_metric_pairs(s, w)))
+                                metrics=_metric_pairs(s, w), diverged=s.get("diverged") is True))
     methods = list(dict.fromkeys(s.method for s in settings))
     settings.sort(key=lambda s: (methods.index(s.method), s.nfe is None, s.nfe or 0.0, s.key))
 
@@ -207,8 +208,10 @@ def primary_metric(variants: list[VariantResult]) -> str:
         raise ReportError(f"the evaluations name different primary metrics ({', '.join(sorted(declared))}): were "
                           "the variants evaluated on different data? Re-run the evaluate stage")
     for name in [*declared, *PRIMARY_METRICS]:
-        if any(name in s.metrics for v in variants for s in v.settings):
-            lacking = [f"{v.name}/{s.key}" for v in variants for s in v.settings if name not in s.metrics]
+        if any(name in s.metrics for v in variants for s in v.settings) or name in declared:  # declared: even
+            # when every setting diverged (none has a value to show)
+            lacking = [f"{v.name}/{s.key}" for v in variants for s in v.settings
+                       if name not in s.metrics and not s.diverged]
             if lacking:
                 raise ReportError(f"the primary metric {name!r} is missing from setting(s) {', '.join(lacking)} "
                                   "in outputs/eval/<variant>/metrics.json: evaluate them again")
@@ -219,7 +222,7 @@ def primary_metric(variants: list[VariantResult]) -> str:
 
 def best_setting(variant: VariantResult, primary: str) -> Setting | None:
     """The setting with the lowest finite mean of the primary metric (the first one on a tie)."""
-    finite = [s for s in variant.settings if math.isfinite(s.metrics[primary][0])]
+    finite = [s for s in variant.settings if not s.diverged and math.isfinite(s.metrics[primary][0])]
     return min(finite, key=lambda s: s.metrics[primary][0]) if finite else None
 
 

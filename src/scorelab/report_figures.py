@@ -40,7 +40,7 @@ def plot_vs_nfe(variants: list[VariantResult], primary: str):
         for method in dict.fromkeys(s.method for s in v.settings):
             j = methods.index(method)
             pts = [(s.nfe, *s.metrics[primary]) for s in v.settings if s.method == method and s.nfe is not None
-                   and s.nfe > 0 and math.isfinite(s.metrics[primary][0])]
+                   and s.nfe > 0 and not s.diverged and math.isfinite(s.metrics[primary][0])]
             if not pts:
                 continue
             x, y, std = zip(*pts)

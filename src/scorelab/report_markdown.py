@@ -115,6 +115,8 @@ def comparison_markdown(variants: list[VariantResult], primary: str, *, out_dir:
         for s in v.settings:
             best = v.best is not None and s.key == v.best.key
             cells = [_pm(s.metrics.get(m)) for m in metrics]
+            if s.diverged:  # the sample stage's guard: its samples exploded, a number here would mislead
+                cells[0] = "**diverged** (not scored)"
             if best:
                 cells[0] = f"**{cells[0]}**"
             rows.append([v.name, s.method, "—" if s.steps is None else s.steps, nfe_text(s.nfe),

@@ -36,6 +36,16 @@ GRIDS = ("uniform", "log_snr", "edm")
 # it the final step to t = 0 (the Tweedie estimate) is as good, and few-step runs should not spend
 # steps there. It only binds where sde.eps is smaller (sub-VP's std(1e-3) is 1e-4).
 SIGMA_HAT_MIN = 0.01
+# The samplers that form x0_hat = (x - std eps_hat) / alpha (ddim, heun, dpm_solver) start no higher than where
+# alpha >= X0_ALPHA_MIN: there the division scales the network's error by std/alpha <= 200. Above it the
+# first step multiplies that error by alpha_s/alpha_t (measured: 650 on a chain whose alpha(T) is 3.4e-14),
+# which the exact score cancels to rounding and a trained network does not. The prior drawn there,
+# N(0, std^2 I), drops only alpha x_0 <= 0.005 x_0, as every standard schedule does at T: DDPM's linear
+# 1000-step chain (alpha(T) = 0.0064), VP with beta_max 20 (0.0066) and the cosine VP at T = 0.9946
+# (0.0084) start at T, unchanged.
+X0_ALPHA_MIN = 5e-3
+X0_SAMPLERS = frozenset({"ddim", "heun", "dpm_solver"})
+THRESHOLDS = ("none", "clip", "dynamic")
 
 
 @dataclass
@@ -59,8 +69,10 @@ class CountingScore:
 # Time grids
 
 
-def time_grid(sde: SDE, steps: int, grid: str = "uniform", t_min: float | None = None, rho: float = 7.0) -> Tensor:
-    """steps evaluation times from T down, then 0: a float64 tensor of length steps + 1.
+def time_grid(sde: SDE, steps: int, grid: str = "uniform", t_min: float | None = None, rho: float = 7.0,
+              t_max: float | None = None) -> Tensor:
+    """steps evaluation times from T (or t_max, a chain time for a chain) down, then 0: a float64 tensor of
+    length steps + 1.
 
     The spacing places steps + 1 nodes from T to t_min; the sampler evaluates at the first `steps` and
     its last step goes from there straight to t = 0 (the Tweedie estimate) instead of spending an
@@ -81,11 +93,14 @@ def time_grid(sde: SDE, steps: int, grid: str = "uniform", t_min: float | None =
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)}")
     chain = sde.discrete_times()
+    t_top = sde.T if t_max is None else float(t_max)
     if chain is not None:
+        chain = chain[chain <= t_top * (1 + 1e-12)]
         if steps > len(chain):
-            raise ValueError(f"steps={steps} exceeds the {len(chain)} steps of the {sde.name} chain")
+            raise ValueError(f"steps={steps} exceeds the {len(chain)} steps of the {sde.name} chain"
+                             + ("" if t_max is None else f" at or below t = {t_top:.4g}"))
         t_min = 0.0 if grid == "uniform" else float(chain[0])
-    t_hi = torch.tensor(sde.T, dtype=torch.float64)
+    t_hi = torch.tensor(t_top, dtype=torch.float64)
     t_lo = torch.tensor(sde.eps if t_min is None else t_min, dtype=torch.float64)
     if t_min is None and grid != "uniform":
         t_lo = torch.maximum(t_lo, sde.t_from_log_snr(torch.tensor(-math.log(SIGMA_HAT_MIN), dtype=torch.float64)))
@@ -116,6 +131,32 @@ def _snap_to_chain(times: Tensor, chain: Tensor) -> Tensor:
     for i in range(len(idx) - 1, -1, -1):
         idx[i] = max(idx[i], 0 if i == len(idx) - 1 else idx[i + 1] + 1)
     return torch.tensor(idx)
+
+
+def x0_start(sde: SDE) -> float:
+    """Where the samplers that form x0_hat start: T, or the last time (the last chain time, for a chain)
+    with alpha >= X0_ALPHA_MIN when alpha(T) is smaller (see X0_ALPHA_MIN)."""
+    t = sde.time_of_alpha(X0_ALPHA_MIN)
+    chain = sde.discrete_times()
+    if t >= sde.T or chain is None:
+        return t
+    below = chain[chain <= t]
+    return float(below[-1]) if len(below) else float(chain[0])
+
+
+def threshold_x0(x0: Tensor, kind: str = "none", ratio: float = 0.995) -> Tensor:
+    """x0_hat kept inside the data's range [-1, 1] (images): "clip" clamps it; "dynamic" is Imagen's dynamic
+    thresholding (Saharia et al. 2022; diffusers' `thresholding`): per sample, s = max(1, the `ratio`
+    quantile of |x0_hat|), then clamp to [-s, s] and divide by s. "none" returns x0 as it is."""
+    if kind == "none":
+        return x0
+    if kind == "clip":
+        return x0.clamp(-1.0, 1.0)
+    if kind != "dynamic":
+        raise ValueError(f"unknown x0_threshold {kind!r}; valid: {', '.join(THRESHOLDS)}")
+    s = torch.quantile(x0.flatten(1).abs().float(), ratio, dim=1).clamp(min=1.0).to(x0.dtype)
+    s = bcast(s, x0)
+    return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,13 +229,17 @@ def langevin_correct(score, sde, x, t, s, noise, snr, corrector_steps, kind="lan
     return x
 
 
-def ddim_step(score, sde, x, t, s, noise, eta=0.0):
+def ddim_step(score, sde, x, t, s, noise, eta=0.0, x0_threshold="none", threshold_ratio=0.995):
     """Generalised DDIM for any x_t = alpha x_0 + std z: x_s = alpha_s x0_hat + sqrt(std_s^2 - c^2) eps_hat + c z
     with c^2 = eta^2 (std_s/std_t)^2 (std_t^2 - (alpha_t/alpha_s)^2 std_s^2); eta = 1 is the ancestral
-    posterior, eta = 0 the deterministic DDIM (for VE: Euler in sigma)."""
+    posterior, eta = 0 the deterministic DDIM (for VE: Euler in sigma). With x0_threshold, x0_hat is
+    thresholded (threshold_x0) and eps_hat recomputed from it, as diffusers' DDIM does."""
     (alpha_t, std_t), (alpha_s, std_s) = _coeffs(sde, t, s)
     eps_hat = -std_t * score(x, t)
     x0_hat = (x - std_t * eps_hat) / alpha_t
+    if x0_threshold != "none":
+        x0_hat = threshold_x0(x0_hat, x0_threshold, threshold_ratio)
+        eps_hat = (x - alpha_t * x0_hat) / std_t
     if s == 0:
         return x0_hat
     _, sig = _transition(sde, t, s)
@@ -287,41 +332,62 @@ def _tweedie(score, sde, x, t):
     return (x + std**2 * score(x, t)) / alpha
 
 
+def _check_threshold(x0_threshold: str, threshold_ratio: float) -> None:
+    if x0_threshold not in THRESHOLDS:
+        raise ValueError(f"unknown x0_threshold {x0_threshold!r}; valid: {', '.join(THRESHOLDS)}")
+    if not 0 < threshold_ratio < 1:
+        raise ValueError(f"threshold_ratio must be in (0, 1), got {threshold_ratio}")
+
+
 @_register("ddim")
-def _ddim(score, sde, x, grid, noise, progress, eta=0.0):
+def _ddim(score, sde, x, grid, noise, progress, eta=0.0, x0_threshold="none", threshold_ratio=0.995):
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
+    _check_threshold(x0_threshold, threshold_ratio)
     for t, s in _walk(grid, progress, "ddim"):
-        x = ddim_step(score, sde, x, t, s, noise, eta)
+        x = ddim_step(score, sde, x, t, s, noise, eta, x0_threshold, threshold_ratio)
     return x
 
 
 @_register("heun", default_grid="edm")
-def _heun(score, sde, x, grid, noise, progress):
+def _heun(score, sde, x, grid, noise, progress, x0_threshold="none", threshold_ratio=0.995):
     """Heun's method on the probability-flow ODE in EDM's coordinates x_hat = x/alpha, sigma_hat = std/alpha,
     where dx_hat/dsigma_hat = -std score(x, t) (the predicted noise). The last step, to sigma_hat = 0,
-    is a plain Euler step (as in EDM): NFE = 2 steps - 1."""
+    is a plain Euler step (as in EDM): NFE = 2 steps - 1. With x0_threshold, each derivative is
+    (x_hat - x0_hat) / sigma_hat with x0_hat thresholded (threshold_x0)."""
+    _check_threshold(x0_threshold, threshold_ratio)
+
+    def slope(x_hat, t, alpha, std):
+        d = -std * score(alpha * x_hat, t)
+        if x0_threshold == "none":
+            return d
+        sigma_hat = std / alpha
+        return (x_hat - threshold_x0(x_hat - sigma_hat * d, x0_threshold, threshold_ratio)) / sigma_hat
+
     for t, s in _walk(grid, progress, "heun"):
         (alpha_t, std_t), (alpha_s, std_s) = _coeffs(sde, t, s)
         x_hat = x / alpha_t
-        d = -std_t * score(x, t)
+        d = slope(x_hat, t, alpha_t, std_t) if x0_threshold != "none" else -std_t * score(x, t)
         x_hat_next = x_hat + (std_s / alpha_s - std_t / alpha_t) * d
         if s > 0:
-            d_next = -std_s * score(alpha_s * x_hat_next, s)
+            d_next = slope(x_hat_next, s, alpha_s, std_s)
             x_hat_next = x_hat + (std_s / alpha_s - std_t / alpha_t) * 0.5 * (d + d_next)
         x = alpha_s * x_hat_next
     return x
 
 
 @_register("dpm_solver", default_grid="log_snr")
-def _dpm_solver(score, sde, x, grid, noise, progress, lower_order_final=True):
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) with the data prediction x0_hat = (x + std^2 score)/alpha.
-    The first step and the step to t = 0 are first order; with lower_order_final, so is the last
-    step of a run of fewer than 15 steps (as the authors recommend)."""
+def _dpm_solver(score, sde, x, grid, noise, progress, lower_order_final=True, x0_threshold="none",
+                threshold_ratio=0.995):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) with the data prediction x0_hat = (x + std^2 score)/alpha
+    (thresholded with x0_threshold, as the authors do for pixel models). The first step and the step to
+    t = 0 are first order; with lower_order_final, so is the last step of a run of fewer than 15 steps
+    (as the authors recommend)."""
+    _check_threshold(x0_threshold, threshold_ratio)
     pairs = list(zip(grid[:-1].tolist(), grid[1:].tolist()))
     x0_prev, h_prev = None, None
     for i, (t, s) in enumerate(tqdm(pairs, desc="dpm_solver", disable=not progress, leave=False)):
-        x0 = _tweedie(score, sde, x, t)
+        x0 = threshold_x0(_tweedie(score, sde, x, t), x0_threshold, threshold_ratio)
         if s == 0:
             x = x0
             break
@@ -425,7 +491,9 @@ def sample(
         raise ValueError(f"indices must have shape ({n},), got {tuple(indices.shape)}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     noise = SampleNoise(seed, indices, device=device)
-    x = sde.prior_std * noise.randn(shape[1:], dtype=dtype)
+    t_start = x0_start(sde) if method in X0_SAMPLERS else sde.T
+    prior_std = sde.prior_std if t_start == sde.T else sde.alpha_std_at(t_start)[1]  # N(0, std^2 I) where it starts
+    x = prior_std * noise.randn(shape[1:], dtype=dtype)
     score = CountingScore(score_fn)
 
     with torch.no_grad():
@@ -438,6 +506,6 @@ def sample(
             if steps is None:
                 raise ValueError(f"method {method!r} needs steps (a positive integer)")
             grid = time_grid(sde, int(steps), grid_opts.get("grid", default_grid), grid_opts.get("t_min"),
-                             grid_opts.get("rho", 7.0))
+                             grid_opts.get("rho", 7.0), t_max=None if t_start == sde.T else t_start)
             x = fn(score, sde, x, grid, noise, progress, **options)
     return SampleResult(x=x, nfe=score.calls)

@@ -154,6 +154,7 @@ class DiscreteBeta(BetaSchedule):
             raise ValueError("DiscreteBeta needs a 1-D sequence of betas in (0, 1)")
         self.betas = betas
         self.num_steps = len(betas)
+        self.linear_given: tuple[float, float] | None = None  # (beta_start, beta_end) as params gave them
         knots_b = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(-torch.log1p(-betas), 0)])
         self._b = PiecewiseLinear(torch.linspace(0, 1, self.num_steps + 1, dtype=torch.float64), knots_b)
 
@@ -179,7 +180,10 @@ class DiscreteBeta(BetaSchedule):
             betas = (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
         else:
             raise ValueError(f"unknown DDPM schedule {schedule!r}; valid: 'linear', 'cosine'")
-        return cls(betas)
+        out = cls(betas)
+        if schedule == "linear":
+            out.linear_given = (float(beta_start), float(beta_end))
+        return out
 
     @property
     def alphas_cumprod(self) -> Tensor:
@@ -370,6 +374,20 @@ class SDE(ABC):
             hit = memo[key] = tuple(float(v) for v in compute())
         return hit
 
+    def time_of_alpha(self, alpha: float) -> float:
+        """The largest t in [eps, T] with alpha(t) >= alpha (alpha decreases in t): T when alpha(T) >= alpha."""
+        if self.alpha_std_at(self.T)[0] >= alpha:
+            return self.T
+        lo, hi = self.eps, self.T  # bisection on the memo-free tensor path: a few dozen evaluations, once per call
+        f64 = torch.float64
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if float(self.alpha_std(torch.tensor(mid, dtype=f64))[0]) >= alpha:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
     # -- the prior ------------------------------------------------------------------------------
     @property
     def prior_std(self) -> float:
@@ -490,6 +508,56 @@ class VESDE(SDE):
 
     def discrete_times(self):
         return getattr(self.schedule, "discrete_times", lambda: None)()
+
+
+# ---------------------------------------------------------------------------------------------
+# How well a schedule is conditioned at its noisy end.
+
+# A VP-type schedule whose alpha(T) is below this is refused by validation: the prior N(0, std^2 I)
+# matches p_T to within alpha^2 E|x_0|^2 / 2 = 5e-11 nats per unit-variance dimension there, so the
+# steps beyond teach and sample nothing, while any x0_hat = (x - std eps_hat) / alpha formed there
+# multiplies the network's error by std/alpha > 1e5. (DDPM's cosine chain of 4000 steps, the
+# smallest alpha(T) of a published schedule here, has 1.2e-5.)
+ALPHA_T_MIN = 1e-5
+
+
+def effective_betas(sde: SDE) -> Tensor | None:
+    """The per-step betas a DDPM chain really uses (after the 1000/N scaling); None for other SDEs."""
+    schedule = getattr(sde, "schedule", None)
+    return schedule.betas if isinstance(schedule, DiscreteBeta) else None
+
+
+def describe_schedule(sde: SDE) -> str:
+    """One line on what the schedule is after every convention is applied: the effective beta or sigma
+    range and alpha(T), with std/alpha at T (the factor by which an x0 estimate there scales an error)."""
+    alpha_T, std_T = sde.alpha_std_at(sde.T)
+    ends = f"alpha(T) = {alpha_T:.3g}, std/alpha at T = {std_T / alpha_T:.3g}"
+    betas = effective_betas(sde)
+    if betas is not None:
+        return f"{len(betas)} steps, effective beta {float(betas.min()):.3g}..{float(betas.max()):.3g}; {ends}"
+    if sde.family == "ve":
+        (_, lo), (_, hi) = sde.alpha_std_at(sde.eps), sde.alpha_std_at(sde.T)
+        return f"std {lo:.3g}..{hi:.3g} over t in [{sde.eps:.3g}, {sde.T:.4g}]; {ends}"
+    beta = sde.schedule.rate(torch.tensor([0.0, sde.T], dtype=torch.float64))
+    return f"beta(t) {float(beta[0]):.3g}..{float(beta[1]):.3g} over t in [0, {sde.T:.4g}]; {ends}"
+
+
+def check_schedule(sde: SDE) -> None:
+    """ValueError unless the SDE's signal survives to T: alpha(T) >= ALPHA_T_MIN (VP and sub-VP; VE keeps alpha = 1)."""
+    alpha_T, _ = sde.alpha_std_at(sde.T)
+    if alpha_T >= ALPHA_T_MIN:
+        return
+    text = f"alpha(T) = {alpha_T:.3g} is below {ALPHA_T_MIN:g}: the last steps carry no signal, and an x0 estimate " \
+           f"there multiplies the network's error by std/alpha = {1 / alpha_T:.3g}"
+    betas = effective_betas(sde)
+    if betas is not None and sde.schedule.linear_given is not None:
+        start, end = sde.schedule.linear_given
+        n = len(betas)
+        text += (f". beta_start/beta_end are the 1000-step schedule's values, scaled by 1000/num_steps = {1000 / n:g}: "
+                 f"the effective betas are {float(betas[0]):.3g}..{float(betas[-1]):.3g}. If {start:g}..{end:g} are "
+                 f"already this {n}-step chain's betas, write beta_start: {start * n / 1000:.3g}, "
+                 f"beta_end: {end * n / 1000:.3g}")
+    raise ValueError(text)
 
 
 # ---------------------------------------------------------------------------------------------

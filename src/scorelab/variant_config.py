@@ -19,9 +19,9 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from pydantic_core import InitErrorDetails
 
 from .nets import NetConfig
-from .sampling import CORRECTORS, PREDICTORS, check_method
+from .sampling import CORRECTORS, PREDICTORS, THRESHOLDS, check_method
 from .schema import StrictModel as _Model, line_error
-from .sde import SDE, SDE_FAMILY, VPSDE, get_sde
+from .sde import SDE, SDE_FAMILY, VPSDE, check_schedule, get_sde
 
 
 def _above(name: str, value: float, info: ValidationInfo) -> float:
@@ -46,6 +46,18 @@ class _SDEBase(_Model):
     def build(self) -> SDE:
         # eps=None means "the SDE's own default", which get_sde applies when eps is not passed.
         return get_sde(self.type, **self.model_dump(exclude={"type"}, exclude_none=True))
+
+    @model_validator(mode="after")
+    def _signal_survives(self) -> _SDEBase:
+        # A schedule read two ways (DDPM's 1000-step betas given as a shorter chain's) ends with alpha(T)
+        # ~1e-14, which no field bound catches: check the built SDE (VE keeps alpha = 1).
+        if self.family != "ve":
+            try:
+                check_schedule(self.build())
+            except ValueError as e:  # "described": the message is whole, without pydantic's "(got {...})"
+                raise ValidationError.from_exception_data(type(self).__name__, [
+                    line_error((), str(e), None, kind="described")]) from None
+        return self
 
 
 _VP_EPS: float = inspect.signature(VPSDE.__init__).parameters["eps"].default
@@ -229,21 +241,38 @@ class ODESampler(_SamplerBase):
     denoise: bool = True
 
 
-class DDIMSampler(_SamplerBase):
+class _X0Thresholded(_SamplerBase):
+    """Samplers that form x0_hat: for bounded data (images in [-1, 1]) it may be kept in range, off by default.
+    clip: clamp to [-1, 1]; dynamic: Imagen's dynamic thresholding at the threshold_ratio quantile of |x0_hat|."""
+
+    x0_threshold: Literal[THRESHOLDS] = "none"  # type: ignore[valid-type]
+    threshold_ratio: float = Field(0.995, gt=0, lt=1)  # dynamic only
+
+    def options(self) -> dict[str, Any]:
+        # Off, the options are as they were before thresholding existed: the same sample folders and keys.
+        out = super().options()
+        if self.x0_threshold == "none":
+            del out["x0_threshold"], out["threshold_ratio"]
+        elif self.x0_threshold == "clip":
+            del out["threshold_ratio"]
+        return out
+
+
+class DDIMSampler(_X0Thresholded):
     method: Literal["ddim"] = "ddim"
     steps: Steps
     grid: Grid = "uniform"
     eta: float = Field(0.0, ge=0, le=1)
 
 
-class HeunSampler(_SamplerBase):
+class HeunSampler(_X0Thresholded):
     method: Literal["heun"] = "heun"
     steps: Steps
     grid: Grid = "edm"
     rho: float = Field(7.0, gt=0)
 
 
-class DPMSolverSampler(_SamplerBase):
+class DPMSolverSampler(_X0Thresholded):
     method: Literal["dpm_solver"] = "dpm_solver"
     steps: Steps
     grid: Grid = "log_snr"
