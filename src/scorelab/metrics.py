@@ -1,4 +1,5 @@
-"""Sample-quality metrics: Frechet distance of Gaussian statistics, sliced Wasserstein, and MMD.
+"""Sample-quality metrics: Frechet distance of Gaussian statistics, sliced Wasserstein, and MMD, and the
+intervals and paired comparisons of them (bootstrap over samples, Student t over seeds, Holm's correction).
 
 Everything is computed in float64 on the CPU-or-GPU tensors given (numpy arrays are accepted too)
 and returned as a Python float. Gaussian statistics of features accumulate batch by batch (RunningStats).
@@ -6,6 +7,8 @@ and returned as a Python float. Gaussian statistics of features accumulate batch
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -316,3 +319,122 @@ def check_samples(x: ArrayLike, *, shape: Sequence[int], value_range: tuple[floa
         t_min, t_max = float(t.min()), float(t.max())
         if t_min < lo - 1e-3 or t_max > hi + 1e-3:
             raise ValueError(f"{name}: expected values in [{lo}, {hi}], found min {t_min:.6g}, max {t_max:.6g}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Intervals and pairwise comparisons.
+#
+# The evaluate stage resamples each seed's N samples with replacement, with indices drawn from the seed
+# alone (bootstrap_indices), so every variant and setting of the same N and seeds sees the same resamples:
+# replicate b of variant A and replicate b of variant B are paired, as sample i of a seed starts from the
+# same noise in both. The report then differences replicates, never recomputing a feature.
+
+
+def bootstrap_indices(n: int, replicates: int, seed: int | Sequence[int]) -> np.ndarray:
+    """(replicates, n) int64 row indices drawn with replacement, from numpy's generator seeded by `seed`
+    (an int or a sequence of ints, e.g. (params.seed, sample seed)): the same for every caller with the
+    same n and seed."""
+    if n < 1 or replicates < 1:
+        raise ValueError(f"bootstrap_indices needs n >= 1 and replicates >= 1, got n={n}, replicates={replicates}")
+    return np.random.default_rng(seed).integers(0, n, size=(replicates, n), dtype=np.int64)
+
+
+def frechet_replicates(features: ArrayLike, indices: np.ndarray, mu: ArrayLike, sigma: ArrayLike) -> np.ndarray:
+    """Frechet distance of features[idx] to N(mu, sigma) for each row idx of `indices` (B, N): (B,) float64,
+    each equal to frechet_distance(*gaussian_stats(features[idx]), mu, sigma) up to rounding.
+
+    Batched: a resample is a weight vector of counts over the rows, so every replicate's mean and
+    covariance come from two matrix products, and the reference's square root is taken once."""
+    f = _f64(features)
+    f = f.reshape(f.shape[0], -1)
+    idx = torch.as_tensor(np.asarray(indices), device=f.device).long()
+    b, n = idx.shape
+    if n < 2:
+        raise ValueError(f"frechet_replicates needs resamples of at least 2 rows, got {n}")
+    w = torch.zeros(b, f.shape[0], dtype=torch.float64, device=f.device)
+    w.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+    w /= n
+    mean = w @ f
+    cov = ((w[:, :, None] * f).transpose(1, 2) @ f - mean[:, :, None] * mean[:, None, :]) * (n / (n - 1))
+    ref_mu, ref_sigma = _f64(mu, f.device).reshape(-1), _f64(sigma, f.device)
+    r = _sym_sqrt(ref_sigma.reshape(ref_mu.numel(), ref_mu.numel()))
+    m = r @ cov @ r
+    tr_covmean = torch.linalg.eigvalsh(0.5 * (m + m.transpose(1, 2))).clamp(min=0).sqrt().sum(-1)
+    fd = ((mean - ref_mu).square().sum(-1) + cov.diagonal(dim1=1, dim2=2).sum(-1) + torch.trace(ref_sigma)
+          - 2 * tr_covmean)
+    return fd.clamp(min=0).cpu().numpy()
+
+
+def _quantiles(v: np.ndarray, level: float) -> tuple[float, float]:
+    a = (1 - level) / 2
+    lo, hi = np.quantile(v, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def _check_level(level: float) -> None:
+    if not 0 < level < 1:
+        raise ValueError(f"the confidence level must lie strictly between 0 and 1, got {level}")
+
+
+def bootstrap_interval(estimate: float, replicates: ArrayLike, level: float = 0.95) -> tuple[float, float]:
+    """The level-interval of `estimate` from bootstrap replicates of it: the replicates' central quantiles
+    about their own mean, added to the estimate. Only the replicates' spread is used, not their centre:
+    a resample holds duplicates, which biases distances such as the Frechet distance upwards."""
+    _check_level(level)
+    r = np.asarray(replicates, dtype=np.float64).reshape(-1)
+    if r.size < 2 or not np.isfinite(r).all():
+        return math.nan, math.nan
+    lo, hi = _quantiles(r - r.mean(), level)
+    return estimate + lo, estimate + hi
+
+
+def t_interval(values: ArrayLike, level: float = 0.95) -> tuple[float, float]:
+    """Student-t level-interval of the mean of independent values (one per seed): mean -/+ t * s / sqrt(k);
+    (nan, nan) for fewer than two values."""
+    from scipy import stats
+
+    _check_level(level)
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size < 2 or not np.isfinite(v).all():
+        return math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    return float(v.mean()) - half, float(v.mean()) + half
+
+
+@dataclass(frozen=True)
+class Difference:
+    """estimate_a - estimate_b with its bootstrap interval and two-sided p-value (of "no difference")."""
+
+    estimate: float
+    low: float
+    high: float
+    p_value: float
+
+
+def paired_difference(estimate_a: float, replicates_a: ArrayLike, estimate_b: float, replicates_b: ArrayLike,
+                      level: float = 0.95) -> Difference:
+    """A - B from paired bootstrap replicates (replicate b of each from the same resample indices).
+
+    The interval is bootstrap_interval of the replicates' differences; the p-value is the share of
+    centred differences at least as far from 0 as the observed one, (1 + #) / (1 + B), so never 0."""
+    ra = np.asarray(replicates_a, dtype=np.float64).reshape(-1)
+    rb = np.asarray(replicates_b, dtype=np.float64).reshape(-1)
+    if ra.shape != rb.shape:
+        raise ValueError(f"paired_difference: {ra.size} and {rb.size} replicates; pairs need the same resamples")
+    d = estimate_a - estimate_b
+    lo, hi = bootstrap_interval(d, ra - rb, level)
+    centred = (ra - rb) - (ra - rb).mean()
+    p = float((1 + np.count_nonzero(np.abs(centred) >= abs(d))) / (1 + centred.size))
+    return Difference(d, lo, hi, p)
+
+
+def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
+    """Holm's step-down procedure: which hypotheses are rejected with family-wise error rate <= alpha."""
+    _check_level(1 - alpha)
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    rejected = [False] * len(p_values)
+    for rank, i in enumerate(order):
+        if p_values[i] > alpha / (len(p_values) - rank):
+            break  # step-down: every larger p-value is kept too
+        rejected[i] = True
+    return rejected
