@@ -233,7 +233,7 @@ def test_mmd_same_versus_shifted_distribution():
 # Intervals and pairwise comparisons, on synthetic data with known answers
 
 from scorelab.metrics import (bootstrap_indices, bootstrap_interval, frechet_replicates, holm,  # noqa: E402
-                              paired_difference, t_interval)
+                              paired_difference, sliced_wasserstein_replicates, t_interval)
 
 
 def _covered(trials: int, draw) -> float:
@@ -276,6 +276,9 @@ def test_frechet_replicates_are_frechet_distances_of_the_resamples():
     idx = bootstrap_indices(40, 6, 0)
     expected = [frechet_distance(*gaussian_stats(f[i]), mu, s) for i in idx]
     np.testing.assert_allclose(frechet_replicates(f, idx, mu, s), expected, rtol=1e-9)
+    y = rng.standard_normal((30, 5))
+    np.testing.assert_allclose(sliced_wasserstein_replicates(f, y, idx, n_projections=16, seed=3),
+                               [sliced_wasserstein(f[i], y, n_projections=16, seed=3) for i in idx], rtol=1e-12)
 
 
 def test_paired_frechet_difference_covers_the_known_difference():

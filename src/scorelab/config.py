@@ -88,6 +88,11 @@ class EvalConfig(_Model):
     # passes; 1e-4 moved digits' bits/dim by 0.005, a tenth of its standard error, at a quarter of the NFE)
     bpd_rtol: float = Field(1e-5, gt=0, lt=1)
     bpd_atol: float = Field(1e-5, gt=0, lt=1)
+    # intervals: the primary metric's by this many bootstrap resamples of each seed's samples (0: Student t
+    # over seeds instead, and the report cannot compare variants pairwise); level: every interval's, and the
+    # report's pairwise tests are at alpha = 1 - level, Holm-corrected
+    bootstrap: int = Field(200, ge=0, le=100_000)
+    level: float = Field(0.95, gt=0.5, lt=1)
 
 
 class SampleConfig(_Model):

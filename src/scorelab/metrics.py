@@ -351,18 +351,39 @@ def frechet_replicates(features: ArrayLike, indices: np.ndarray, mu: ArrayLike, 
     b, n = idx.shape
     if n < 2:
         raise ValueError(f"frechet_replicates needs resamples of at least 2 rows, got {n}")
-    w = torch.zeros(b, f.shape[0], dtype=torch.float64, device=f.device)
-    w.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
-    w /= n
-    mean = w @ f
-    cov = ((w[:, :, None] * f).transpose(1, 2) @ f - mean[:, :, None] * mean[:, None, :]) * (n / (n - 1))
     ref_mu, ref_sigma = _f64(mu, f.device).reshape(-1), _f64(sigma, f.device)
-    r = _sym_sqrt(ref_sigma.reshape(ref_mu.numel(), ref_mu.numel()))
-    m = r @ cov @ r
-    tr_covmean = torch.linalg.eigvalsh(0.5 * (m + m.transpose(1, 2))).clamp(min=0).sqrt().sum(-1)
-    fd = ((mean - ref_mu).square().sum(-1) + cov.diagonal(dim1=1, dim2=2).sum(-1) + torch.trace(ref_sigma)
-          - 2 * tr_covmean)
-    return fd.clamp(min=0).cpu().numpy()
+    ref_sigma = ref_sigma.reshape(ref_mu.numel(), ref_mu.numel())
+    r = _sym_sqrt(ref_sigma)
+    out = []
+    step = max(1, _CDIST_ELEMENTS // (f.shape[0] * f.shape[1]))  # replicates per batch: bounded memory
+    for i in range(0, b, step):
+        w = torch.zeros(len(idx[i:i + step]), f.shape[0], dtype=torch.float64, device=f.device)
+        w.scatter_add_(1, idx[i:i + step], torch.ones_like(idx[i:i + step], dtype=torch.float64))
+        w /= n
+        mean = w @ f
+        cov = ((w[:, :, None] * f).transpose(1, 2) @ f - mean[:, :, None] * mean[:, None, :]) * (n / (n - 1))
+        m = r @ cov @ r
+        tr_covmean = torch.linalg.eigvalsh(0.5 * (m + m.transpose(1, 2))).clamp(min=0).sqrt().sum(-1)
+        out.append((mean - ref_mu).square().sum(-1) + cov.diagonal(dim1=1, dim2=2).sum(-1) + torch.trace(ref_sigma)
+                   - 2 * tr_covmean)
+    return torch.cat(out).clamp(min=0).cpu().numpy()
+
+
+def sliced_wasserstein_replicates(x: ArrayLike, y: ArrayLike, indices: np.ndarray, n_projections: int = 256,
+                                  seed: int = 0, p: float = 2) -> np.ndarray:
+    """sliced_wasserstein(x[idx], y, n_projections, seed, p) for each row idx of `indices` (B, N): (B,)
+    float64. The directions, and y's sorted projections, are computed once."""
+    x, y = _f64(x), _f64(y)
+    x, y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1).to(x.device)
+    gen = torch.Generator().manual_seed(seed)  # as sliced_wasserstein: the same directions
+    theta = torch.randn(x.shape[1], n_projections, generator=gen, dtype=torch.float64)
+    theta = (theta / theta.norm(dim=0, keepdim=True)).to(x.device)
+    xp, ys = x @ theta, (y @ theta).sort(0).values
+    out = np.empty(len(indices), dtype=np.float64)
+    for b, idx in enumerate(indices):
+        xs = xp[torch.as_tensor(idx, device=x.device)].sort(0).values
+        out[b] = float(_wasserstein_1d_pow(xs, ys, p).mean() ** (1 / p))
+    return out
 
 
 def _quantiles(v: np.ndarray, level: float) -> tuple[float, float]:
