@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .layout import TUNED_VARIANT, Layout, stage_command
 from .modality import PRIMARY_METRICS
+from .report_compare import BASELINE, Comparison, Entry, compare
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,6 +41,8 @@ class Setting:
     steps: int | None
     nfe: float | None  # the adaptive ODE reports a mean over chunks
     metrics: dict[str, tuple[float, float]]  # name -> (mean, std over seeds)
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (low, high) at the evaluation's level
+    replicates: list[float] | None = None  # the primary metric's bootstrap replicates (mean over seeds), if any
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,12 @@ class VariantResult:
     train_seconds: float
     final_loss: float | None
     run_id: str | None
-    best: Setting | None = None  # None when no setting has a finite primary value
+    baseline_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    baseline_replicates: list[float] | None = None
+    baseline_n: int | None = None  # held-out real samples per seed behind the baseline
+    bootstrap: dict[str, Any] | None = None  # the evaluation's resampling: two variants pair only if it is equal
+    level: float | None = None  # the evaluation's interval level
+    best: Setting | None = None  # the lowest-mean setting; None when no setting has a finite primary value
     grid_path: Path | None = None
     grid: "np.ndarray | None" = None
 
@@ -125,6 +133,26 @@ def _metric_pairs(block: Mapping[str, Any], where: str) -> dict[str, tuple[float
     return out
 
 
+def _intervals(block: Mapping[str, Any], where: str) -> dict[str, tuple[float, float]]:
+    """{"kid_x1e3_ci": [low, high], ...} -> {"kid_x1e3": (low, high)}; null intervals are left out."""
+    out: dict[str, tuple[float, float]] = {}
+    for k, v in block.items():
+        if k.endswith("_ci") and v is not None:
+            if not isinstance(v, list) or len(v) != 2:
+                raise ReportError(f"{where}.{k}: must be [low, high], got {v!r}")
+            out[k[: -len("_ci")]] = (_number(v[0], f"{where}.{k}[0]"), _number(v[1], f"{where}.{k}[1]"))
+    return out
+
+
+def _replicates(block: Mapping[str, Any], primary: str | None, where: str) -> list[float] | None:
+    v = block.get(f"{primary}_replicates") if primary else None
+    if v is None:
+        return None
+    if not isinstance(v, list) or not v:
+        raise ReportError(f"{where}.{primary}_replicates: must be a non-empty list of numbers")
+    return [_number(x, f"{where}.{primary}_replicates") for x in v]
+
+
 def _load_train(path: Path, layout: Layout) -> dict[str, Any]:
     data = _read_json(path, layout)
     where = layout.shown(path)
@@ -163,7 +191,8 @@ def _load_eval(path: Path, layout: Layout, variant: str, train: dict[str, Any]) 
         settings.append(Setting(key=key, method=s["method"],
                                 steps=None if steps is None else _integer(steps, f"{w}.steps"),
                                 nfe=_number(s.get("nfe"), f"{w}.nfe", optional=True),
-                                metrics=_metric_pairs(s, w)))
+                                metrics=_metric_pairs(s, w), ci=_intervals(s, w),
+                                replicates=_replicates(s, data.get("primary_metric"), w)))
     methods = list(dict.fromkeys(s.method for s in settings))
     settings.sort(key=lambda s: (methods.index(s.method), s.nfe is None, s.nfe or 0.0, s.key))
 
@@ -183,7 +212,7 @@ def _load_eval(path: Path, layout: Layout, variant: str, train: dict[str, Any]) 
     base = data["baseline"]
     baseline_notes = [str(base[k]) for k in ("description", "skipped") if isinstance(base.get(k), str)]
     baseline_notes += [f"{k} = {fmt(x)}" for k, x in base.items() if not k.endswith(("_mean", "_std"))
-                       and isinstance(x, (int, float)) and not isinstance(x, bool)]
+                       and k not in ("n", "seeds") and isinstance(x, (int, float)) and not isinstance(x, bool)]
     declared = data.get("primary_metric")
 
     reason = data.get("inception_fid_reason")
@@ -195,6 +224,11 @@ def _load_eval(path: Path, layout: Layout, variant: str, train: dict[str, Any]) 
         inception_fid=_number(data.get("inception_fid"), f"{where}.inception_fid", optional=True),
         inception_fid_reason=None if reason is None else str(reason),
         declared_primary=declared if isinstance(declared, str) else None,
+        baseline_ci=_intervals(base, f"{where}.baseline"),
+        baseline_replicates=_replicates(base, declared if isinstance(declared, str) else None, f"{where}.baseline"),
+        baseline_n=base.get("n") if isinstance(base.get("n"), int) else None,
+        bootstrap=data.get("bootstrap") if isinstance(data.get("bootstrap"), dict) else None,
+        level=_number((data.get("intervals") or {}).get("level"), f"{where}.intervals.level", optional=True),
         train_steps=train["steps"], train_seconds=train["seconds"], final_loss=train["final_loss"],
         run_id=train["run_id"])
 
@@ -293,6 +327,27 @@ def _same_metrics(a: dict[str, tuple[float, float]], b: dict[str, tuple[float, f
                for k in a for x, y in zip(a[k], b[k]))
 
 
+def pairwise(variants: list[VariantResult], primary: str) -> Comparison:
+    """report_compare.compare of each variant's lowest-mean setting and the baseline, or why it cannot be
+    made (no replicates, or evaluations that resampled differently: then their replicates do not pair).
+    The lowest-mean setting is chosen on the samples it is then tested on, which favours each variant a little."""
+    entered = [v for v in variants if v.best is not None]
+    if not entered:
+        return Comparison(None, [], "no variant has a finite result")
+    lacking = [v.name for v in entered if v.best.replicates is None]
+    if lacking:
+        return Comparison(None, [], f"no bootstrap replicates of {primary} in the evaluation of {', '.join(lacking)} "
+                                    "(evaluate.bootstrap is 0, or an older evaluate stage): re-run the evaluate stage")
+    if len({repr(sorted((v.bootstrap or {}).items())) for v in entered}) > 1 or len({v.level for v in entered}) > 1:
+        return Comparison(None, [], "the evaluations resampled differently (sample size, seeds, resamples or level "
+                                    "differ: see 'bootstrap' in their metrics.json), so their replicates do not pair")
+    entries = [Entry(v.name, v.best.key, v.best.metrics[primary][0], v.best.replicates) for v in entered]
+    first = entered[0]
+    baseline = (Entry(BASELINE, "—", first.baseline[primary][0], first.baseline_replicates)
+                if first.baseline_replicates is not None and primary in first.baseline else None)
+    return compare(entries, baseline, first.level if first.level is not None else 0.95)
+
+
 def fmt(x: float | None, digits: int = 4) -> str:
     """A value as the report prints it: 4 significant digits, "—" for none, nan/inf/-inf spelled out."""
     if x is None:
@@ -318,5 +373,5 @@ def best_title(v: VariantResult) -> str:
 
 __all__ = [
     "Histories", "Likelihood", "ReportError", "Setting", "VariantResult", "baseline_value", "baselines",
-    "best_setting", "best_title", "fmt", "load_inputs", "nfe_text", "primary_metric",
+    "best_setting", "best_title", "fmt", "load_inputs", "nfe_text", "pairwise", "primary_metric",
 ]

@@ -1,0 +1,66 @@
+"""Which differences between the variants the data can resolve: pairwise tests on the primary metric.
+
+    result = compare(entries, baseline, level=0.95)   # Entry: a variant at one setting, with its replicates
+    result.rows                                       # every pair of entries, and each entry vs the baseline
+
+The evaluate stage resampled every seed's samples with indices drawn from (params.seed, seed) alone, so
+replicate b of one variant and replicate b of another resampled the same rows: their difference is a
+paired bootstrap replicate of the difference (metrics.paired_difference). Every pair's two-sided p-value
+enters one family with Holm's correction at alpha = 1 - level; a pair is "significant" only if Holm
+rejects it, else a tie. Nothing here recomputes a feature: only the evaluations' replicates are used.
+(report_data.pairwise builds the entries from the evaluations; report_markdown writes the section.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Sequence
+
+from .metrics import Difference, holm, paired_difference
+
+BASELINE = "real vs real (baseline)"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str  # the variant, or BASELINE
+    setting: str  # its setting key ("—" for the baseline)
+    estimate: float  # the primary metric: mean over seeds
+    replicates: Sequence[float]  # its bootstrap replicates (mean over seeds of each resample)
+
+
+@dataclass(frozen=True)
+class Pair:
+    a: Entry
+    b: Entry
+    diff: Difference  # a - b of the primary metric (lower is better)
+    significant: bool  # Holm-rejected at alpha
+
+    def verdict(self) -> str:
+        """"tie", or which side is significantly lower."""
+        if not self.significant:
+            return "tie"
+        return f"{(self.a if self.diff.estimate < 0 else self.b).name} lower"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    level: float | None  # the intervals' level; alpha = 1 - level
+    rows: list[Pair]
+    skipped: str | None = None  # why there are no rows, else None
+
+    @property
+    def alpha(self) -> float | None:
+        return None if self.level is None else 1 - self.level
+
+
+def compare(entries: Sequence[Entry], baseline: Entry | None, level: float) -> Comparison:
+    """Every pair of entries and each entry against the baseline: paired differences, Holm-corrected."""
+    pairs = [*combinations(entries, 2), *((e, baseline) for e in entries if baseline is not None)]
+    diffs = [paired_difference(a.estimate, a.replicates, b.estimate, b.replicates, level) for a, b in pairs]
+    rejected = holm([d.p_value for d in diffs], 1 - level)
+    return Comparison(level, [Pair(a, b, d, r) for (a, b), d, r in zip(pairs, diffs, rejected)])
+
+
+__all__ = ["BASELINE", "Comparison", "Entry", "Pair", "compare"]
