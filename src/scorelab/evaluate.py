@@ -420,7 +420,7 @@ def _compute(job: _Job, files: _Files, device: torch.device, bar: Callable[..., 
     inception_baseline, how = None, None
     if fid is not None:  # N real images per seed against the train statistics, where there are N
         seed_ids = sorted({seed for xs in job.samples.values() for seed in xs})
-        images, how = inception_baseline_images(x_test, x_train, None, seed_ids, job.n, job.seed)
+        images, how = inception_baseline_images(x_test, seed_ids, job.n, job.seed)
         inception_baseline = None if images is None else {s: fid(x) for s, x in images.items()}
     progress.close()
 
