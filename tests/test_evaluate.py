@@ -34,7 +34,7 @@ from scorelab.features import (INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, do
 from scorelab.generate import generate, load_samples
 from scorelab.inception import read_reference, reference_key, inception_weights
 from scorelab.metrics import (bootstrap_indices, bootstrap_interval, frechet_distance, frechet_replicates,
-                              sliced_wasserstein)
+                              sliced_wasserstein, t_interval)
 from scorelab.modality import dequantize
 from scorelab.storage import sha256_file
 from scorelab.checkpoint import build_model, export_model
@@ -329,13 +329,10 @@ def test_evaluate_digits_settings_baseline_bpd_and_mlflow(digits, featurizer, ca
     assert [r["per_seed"][str(s)]["domain_fd"] for s in SEEDS] == pytest.approx(fds, rel=1e-9)
     assert r["domain_fd_mean"] == pytest.approx(np.mean(fds))
     assert r["domain_fd_std"] == pytest.approx(np.std(fds, ddof=1))
-    # the interval: 200 bootstrap resamples per seed, indices from (params.seed, seed), means over seeds
-    reps = [frechet_replicates(extract_features(clf, dequantize(load_samples(digits["samples"], "ddim-8", s))),
-                               bootstrap_indices(N, 200, [0, s]), *ref) for s in SEEDS]
-    assert r["domain_fd_replicates"] == pytest.approx(np.mean(reps, axis=0).tolist(), rel=1e-9)
-    assert r["domain_fd_ci"] == pytest.approx(bootstrap_interval(np.mean(fds), np.mean(reps, axis=0), 0.95))
-    assert m["bootstrap"] == {"replicates": 200, "seed": 0, "n": N, "seed_ids": [0, 1, 2]}
-    assert m["intervals"]["level"] == 0.95 and m["intervals"]["domain_fd"].startswith("bootstrap over samples")
+    # the default interval: Student t over seeds; no bootstrap
+    assert r["domain_fd_ci"] == pytest.approx(t_interval(fds, 0.95)) and "domain_fd_replicates" not in r
+    assert m["bootstrap"] is None and m["intervals"]["level"] == 0.95
+    assert m["intervals"]["domain_fd"].startswith("Student t over seeds")
 
     base = m["baseline"]
     assert base["seeds"] == 3 and all(base[f"{n}_mean"] is not None for n in names)
@@ -384,6 +381,23 @@ def test_evaluate_digits_settings_baseline_bpd_and_mlflow(digits, featurizer, ca
     assert history() == logged
 
 
+def test_evaluate_bootstrap_replicates_are_the_resampled_distances(digits, featurizer, tmp_path):
+    """evaluate.bootstrap 200: each resample's domain FD, indices from (params.seed, seed), mean over seeds."""
+    params = digits["params"].model_copy(update={"evaluate": EvalConfig(bootstrap=200)})
+    m = _evaluate(digits, params, tmp_path / "eval")
+    r = m["settings"]["ddim-8"]
+    clf, _ = load_classifier(featurizer / "classifier.pt")
+    with np.load(featurizer / "ref_train.npz") as z:
+        ref = z["mu"], z["sigma"]
+    reps = [frechet_replicates(extract_features(clf, dequantize(load_samples(digits["samples"], "ddim-8", s))),
+                               bootstrap_indices(N, 200, [0, s]), *ref) for s in SEEDS]
+    assert r["domain_fd_replicates"] == pytest.approx(np.mean(reps, axis=0).tolist(), rel=1e-9)
+    assert r["domain_fd_ci"] == pytest.approx(bootstrap_interval(r["domain_fd_mean"], np.mean(reps, axis=0), 0.95))
+    assert m["bootstrap"] == {"replicates": 200, "seed": 0, "n": N, "seed_ids": [0, 1, 2]}
+    assert m["intervals"]["domain_fd"].startswith("bootstrap over samples")
+    assert len(m["baseline"]["domain_fd_replicates"]) == 200
+
+
 def test_evaluate_toy_mixture(toy):
     out = toy["root"] / "outputs" / "eval" / "v"
     m = evaluate_variant(toy["params"], "v", samples_dir=toy["samples"], featurizer_dir=toy["root"] / "none",
@@ -404,7 +418,7 @@ def test_evaluate_toy_mixture(toy):
     x_train, x_test = read_split(manifest.root, "train"), read_split(manifest.root, "test")
     idx = np.sort(np.random.default_rng([0, 1]).choice(len(x_test), 64, replace=False))
     assert base["per_seed"]["1"]["sliced_w2"] == pytest.approx(sliced_wasserstein(x_test[idx], x_train), rel=1e-12)
-    assert len(base["sliced_w2_replicates"]) == 200 and base["sliced_w2_ci"][0] <= base["sliced_w2_mean"]
+    assert base["sliced_w2_ci"][0] <= base["sliced_w2_mean"] <= base["sliced_w2_ci"][1]
 
     lik = m["test_loglik"]
     assert lik["units"] == "nats" and lik["divergence"] == "exact" and lik["n"] == 16

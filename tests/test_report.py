@@ -166,7 +166,7 @@ def test_comparison_md_has_every_variant_setting_baseline_and_best(image_case):
         s = image_case["evals"][variant]["settings"][key]
         assert f"{s['domain_fd_mean']:.4g} ± {s['domain_fd_std']:.2g}" in md
     # without bootstrap replicates (an older evaluation) no difference is claimed
-    assert "Not computed: no bootstrap replicates of domain_fd" in md
+    assert "Not computed: fewer than two seeds with a finite domain_fd" in md
     # every metric as mean ± std (no intervals in these inputs)
     s = image_case["evals"]["vp"]["settings"]["dpm_solver-20"]
     for m in ("domain_fd", "kid", "precision", "recall"):
@@ -356,9 +356,36 @@ def test_pairwise_comparisons_call_ties_and_significant_differences(tmp_path):
     assert "| ddpm (ancestral-1000, NFE 1000) | vp (ode-adaptive, NFE 143.7) | -0.02 |" in md
     assert "N = 256 held-out real samples per seed" in md
 
-    # evaluations that resampled differently are not paired
+    # evaluations that resampled differently are not paired by their replicates (and these hold no per-seed values)
     data = evals["ve"]
     data["bootstrap"]["n"] = 512
     (tmp_path / "outputs" / "eval" / "ve" / "metrics.json").write_text(json.dumps(data))
     result = build_report(parse_params(make_params(IMAGE_VARIANTS)), root=tmp_path, log_to_mlflow=False)
-    assert result["pairwise"].rows == [] and "resampled differently" in result["pairwise"].skipped
+    assert result["pairwise"].rows == [] and "fewer than two seeds" in result["pairwise"].skipped
+
+
+def test_pairwise_comparisons_over_seeds(tmp_path):
+    """No replicates (evaluate.bootstrap 0): paired t-tests over the seeds. Per-seed values share a large seed
+    effect, so ddpm (1.0) and vp (1.01) tie, ve (+2) is significantly higher; the baseline is below all."""
+    evals = write_inputs(tmp_path, IMAGE_SETTINGS, image=True)
+    luck = [0.0, 3.0, -2.0, 1.0, 0.5]  # each seed's own luck, shared by every variant
+    noise = np.random.default_rng(3).normal(0, 0.01, (4, 5))
+    lowest = {"ddpm": 1.0, "vp": 1.01, "ve": 3.0}
+    for j, (variant, data) in enumerate(evals.items()):
+        data.update(primary_metric="domain_fd", intervals={"level": 0.95}, bootstrap=None)
+        for i, s in enumerate(data["settings"].values()):
+            values = [lowest[variant] + i + x + e for x, e in zip(luck, noise[j])]
+            s["domain_fd_mean"] = float(np.mean(values))
+            s["per_seed"] = {str(k): {"domain_fd": v} for k, v in enumerate(values)}
+        data["baseline"]["per_seed"] = {str(k): {"domain_fd": 0.05 + x + e} for k, (x, e) in enumerate(zip(luck, noise[3]))}
+        data["baseline"]["domain_fd_mean"] = float(np.mean([v["domain_fd"] for v in data["baseline"]["per_seed"].values()]))
+        (tmp_path / "outputs" / "eval" / variant / "metrics.json").write_text(json.dumps(data))
+    result = build_report(parse_params(make_params(IMAGE_VARIANTS)), root=tmp_path, log_to_mlflow=False)
+    cmp = result["pairwise"]
+    assert cmp.method == "seeds" and cmp.seeds == ("0", "1", "2", "3", "4")
+    verdicts = {(r.a.name, r.b.name): r.verdict() for r in cmp.rows}
+    assert verdicts[("ddpm", "vp")] == "tie" and verdicts[("ddpm", "ve")] == "ddpm lower"
+    assert verdicts[("vp", "ve")] == "vp lower"
+    assert all(verdicts[(v, "real vs real (baseline)")] == "real vs real (baseline) lower" for v in lowest)
+    md = (tmp_path / "reports" / "comparison.md").read_text()
+    assert "paired Student-t interval over seeds 0, 1, 2, 3, 4" in md

@@ -469,6 +469,20 @@ def paired_difference(estimate_a: float, replicates_a: ArrayLike, estimate_b: fl
     return Difference(d, lo, hi, p)
 
 
+def paired_t(values_a: Sequence[float], values_b: Sequence[float], level: float = 0.95) -> Difference:
+    """mean(A - B) over paired values (one per seed, the same seeds on both sides) with its Student-t
+    level-interval and two-sided p-value (scipy's paired t-test); nan interval and p = 1 for fewer than two
+    pairs, and p = 1 when every difference is the same (no spread to test against)."""
+    from scipy import stats
+
+    d = np.asarray(values_a, dtype=np.float64) - np.asarray(values_b, dtype=np.float64)
+    if d.shape != (len(values_a),) or len(values_a) != len(values_b):
+        raise ValueError(f"paired_t: {len(values_a)} and {len(values_b)} values; pairs need one value per seed each")
+    lo, hi = t_interval(d, level)
+    p = float(stats.ttest_rel(values_a, values_b).pvalue) if d.size >= 2 and d.std() > 0 else 1.0
+    return Difference(float(d.mean()), lo, hi, p)
+
+
 def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
     """Holm's step-down procedure: which hypotheses are rejected with family-wise error rate <= alpha."""
     _check_level(1 - alpha)

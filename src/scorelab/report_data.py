@@ -43,6 +43,7 @@ class Setting:
     metrics: dict[str, tuple[float, float]]  # name -> (mean, std over seeds)
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (low, high) at the evaluation's level
     replicates: list[float] | None = None  # the primary metric's bootstrap replicates (mean over seeds), if any
+    per_seed: dict[str, float] = field(default_factory=dict)  # the primary metric per seed, for paired tests
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class VariantResult:
     run_id: str | None
     baseline_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     baseline_replicates: list[float] | None = None
+    baseline_per_seed: dict[str, float] = field(default_factory=dict)
     baseline_n: int | None = None  # held-out real samples per seed behind the baseline
     bootstrap: dict[str, Any] | None = None  # the evaluation's resampling: two variants pair only if it is equal
     level: float | None = None  # the evaluation's interval level
@@ -153,6 +155,19 @@ def _replicates(block: Mapping[str, Any], primary: str | None, where: str) -> li
     return [_number(x, f"{where}.{primary}_replicates") for x in v]
 
 
+def _per_seed(block: Mapping[str, Any], primary: str | None) -> dict[str, float]:
+    """{seed: primary value} of a setting's or baseline's per_seed block (finite numbers only)."""
+    seeds = block.get("per_seed")
+    if not primary or not isinstance(seeds, dict):
+        return {}
+    out = {}
+    for seed, values in seeds.items():
+        v = values.get(primary) if isinstance(values, dict) else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[str(seed)] = float(v)
+    return out
+
+
 def _load_train(path: Path, layout: Layout) -> dict[str, Any]:
     data = _read_json(path, layout)
     where = layout.shown(path)
@@ -192,7 +207,8 @@ def _load_eval(path: Path, layout: Layout, variant: str, train: dict[str, Any]) 
                                 steps=None if steps is None else _integer(steps, f"{w}.steps"),
                                 nfe=_number(s.get("nfe"), f"{w}.nfe", optional=True),
                                 metrics=_metric_pairs(s, w), ci=_intervals(s, w),
-                                replicates=_replicates(s, data.get("primary_metric"), w)))
+                                replicates=_replicates(s, data.get("primary_metric"), w),
+                                per_seed=_per_seed(s, data.get("primary_metric"))))
     methods = list(dict.fromkeys(s.method for s in settings))
     settings.sort(key=lambda s: (methods.index(s.method), s.nfe is None, s.nfe or 0.0, s.key))
 
@@ -226,6 +242,7 @@ def _load_eval(path: Path, layout: Layout, variant: str, train: dict[str, Any]) 
         declared_primary=declared if isinstance(declared, str) else None,
         baseline_ci=_intervals(base, f"{where}.baseline"),
         baseline_replicates=_replicates(base, declared if isinstance(declared, str) else None, f"{where}.baseline"),
+        baseline_per_seed=_per_seed(base, declared if isinstance(declared, str) else None),
         baseline_n=base.get("n") if isinstance(base.get("n"), int) else None,
         bootstrap=data.get("bootstrap") if isinstance(data.get("bootstrap"), dict) else None,
         level=_number((data.get("intervals") or {}).get("level"), f"{where}.intervals.level", optional=True),
@@ -329,23 +346,30 @@ def _same_metrics(a: dict[str, tuple[float, float]], b: dict[str, tuple[float, f
 
 def pairwise(variants: list[VariantResult], primary: str) -> Comparison:
     """report_compare.compare of each variant's lowest-mean setting and the baseline, or why it cannot be
-    made (no replicates, or evaluations that resampled differently: then their replicates do not pair).
-    The lowest-mean setting is chosen on the samples it is then tested on, which favours each variant a little."""
+    made. With bootstrap replicates in every evaluation (resampled alike), paired bootstrap differences;
+    else paired t-tests over the seeds they share. The lowest-mean setting is chosen on the samples it is
+    then tested on, which favours each variant a little."""
     entered = [v for v in variants if v.best is not None]
     if not entered:
         return Comparison(None, [], "no variant has a finite result")
-    lacking = [v.name for v in entered if v.best.replicates is None]
-    if lacking:
-        return Comparison(None, [], f"no bootstrap replicates of {primary} in the evaluation of {', '.join(lacking)} "
-                                    "(evaluate.bootstrap is 0, or an older evaluate stage): re-run the evaluate stage")
-    if len({repr(sorted((v.bootstrap or {}).items())) for v in entered}) > 1 or len({v.level for v in entered}) > 1:
-        return Comparison(None, [], "the evaluations resampled differently (sample size, seeds, resamples or level "
-                                    "differ: see 'bootstrap' in their metrics.json), so their replicates do not pair")
-    entries = [Entry(v.name, v.best.key, v.best.metrics[primary][0], v.best.replicates) for v in entered]
     first = entered[0]
-    baseline = (Entry(BASELINE, "—", first.baseline[primary][0], first.baseline_replicates)
-                if first.baseline_replicates is not None and primary in first.baseline else None)
-    return compare(entries, baseline, first.level if first.level is not None else 0.95)
+    level = first.level if first.level is not None else 0.95
+    if len({v.level for v in entered}) > 1:
+        return Comparison(None, [], "the evaluations' intervals are at different levels: re-run the evaluate stage")
+    by_bootstrap = (all(v.best.replicates is not None for v in entered)
+                    and len({repr(sorted((v.bootstrap or {}).items())) for v in entered}) == 1)
+    if not by_bootstrap:
+        seeds = set.intersection(*(set(v.best.per_seed) for v in entered))
+        if len(seeds) < 2:
+            return Comparison(None, [], f"fewer than two seeds with a finite {primary} shared by every variant (and "
+                                        "no common bootstrap replicates): re-run sample and evaluate with sample.seeds")
+    entries = [Entry(v.name, v.best.key, v.best.metrics[primary][0], v.best.replicates, v.best.per_seed)
+               for v in entered]
+    has_base = primary in first.baseline and (first.baseline_replicates is not None if by_bootstrap
+                                              else len(first.baseline_per_seed) >= 2)
+    baseline = (Entry(BASELINE, "—", first.baseline[primary][0], first.baseline_replicates, first.baseline_per_seed)
+                if has_base else None)
+    return compare(entries, baseline, level, "bootstrap" if by_bootstrap else "seeds")
 
 
 def fmt(x: float | None, digits: int = 4) -> str:

@@ -79,7 +79,7 @@ def _intervals_note(variants: list[VariantResult], primary: str) -> str:
     boot = next((v.bootstrap for v in variants if v.bootstrap), None)
     how = (f"{primary}: bootstrap over samples ({boot.get('replicates')} resamples of each seed's N samples, "
            "shared by every variant); every other metric: Student t over seeds"
-           if boot else "Student t over seeds")
+           if boot else "Student t over seeds, for every metric")
     n = variants[0].n_per_seed
     return (f"Intervals: {how}. KID ×10³: the unbiased kernel distance times 1000, subsets of N (left out "
             f"below N = 100); precision/recall: k = 3 nearest neighbours, N = {n} samples per seed against the "
@@ -97,9 +97,13 @@ def _comparison_lines(result: Comparison, primary: str, variants: list[VariantRe
     if result.skipped:
         return lines + [f"Not computed: {result.skipped}. Without them no difference between variants is claimed."]
     nfe = {v.name: nfe_text(v.best.nfe) for v in variants if v.best is not None}
+    how = ("paired-bootstrap interval (the same resampled rows of each seed on both sides)"
+           if result.method == "bootstrap" else
+           f"paired Student-t interval over seeds {', '.join(result.seeds)} (sample i of a seed starts from the "
+           "same noise in every variant)")
     lines += [f"Each variant at its lowest-mean setting; A − B is the difference of the mean {primary} over seeds, "
-              f"with its {result.level:.0%} paired-bootstrap interval (the same resampled rows of each seed on "
-              f"both sides) and two-sided p-value. Significant: rejected by Holm's procedure at α = "
+              f"with its {result.level:.0%} {how} and two-sided p-value. Significant: rejected by Holm's procedure "
+              f"at α = "
               f"{result.alpha:.2g} over all {len(result.rows)} comparisons below; every other pair is a tie "
               "(the data cannot order them). The lowest-mean setting is chosen on the same samples, which "
               "favours each variant slightly.", ""]
