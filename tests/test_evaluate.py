@@ -309,7 +309,7 @@ def test_evaluate_digits_settings_baseline_bpd_and_mlflow(digits, featurizer, ca
     assert (m["variant"], m["sde"], m["n_per_seed"], m["seeds"], m["seed_ids"]) == ("v", "vp", N, 3, [0, 1, 2])
     assert list(m["settings"]) == ["ddim-4", "ddim-8", "euler_maruyama-5"]
     names = ("domain_fd", "precision", "recall")
-    assert "kid_x1e3_mean" not in m["settings"]["ddim-4"] and m["kid"] == "left out: N = 32 < 100"
+    assert "kid_x1e3_mean" not in m["settings"]["ddim-4"] and m["kid"] == "left out: N = 32 < 1000"
     assert m["precision_recall"] == {"k": 3, "n_samples": N, "n_reference": 1617}
     for key, r in m["settings"].items():
         assert r["seeds"] == 3 and isinstance(r["nfe"], int)

@@ -82,7 +82,7 @@ def _intervals_note(variants: list[VariantResult], primary: str) -> str:
            if boot else "Student t over seeds, for every metric")
     n = variants[0].n_per_seed
     return (f"Intervals: {how}. KID ×10³: the unbiased kernel distance times 1000, subsets of N (left out "
-            f"below N = 100); precision/recall: k = 3 nearest neighbours, N = {n} samples per seed against the "
+            f"below N = 1000); precision/recall: k = 3 nearest neighbours, N = {n} samples per seed against the "
             "train split's features. Reference of every distance: the whole train split; baseline: held-out "
             "(test) real data at the same N against the same reference.")
 
