@@ -13,9 +13,9 @@ FID, reused while the weights file (by sha256) and the dataset are the same.
 
 Distances are biased at small N (the Frechet distance most of all), so every number comes with the same
 metric for N held-out real images (the test split; all of it when it holds fewer than N, said so) against
-the same reference: a model cannot be expected to beat it. Intervals: the primary metric's by bootstrap over
-samples (resample indices shared by every variant, so the report can compare variants pairwise), the
-others' by Student t over seeds.
+the same reference: a model cannot be expected to beat it. Intervals: Student t over seeds (the report pairs
+the per-seed values of the same seeds across variants); with evaluate.bootstrap > 0 the primary metric's by
+bootstrap over samples instead (resample indices shared by every variant, the replicates kept for pairing).
 
 Where it runs: the driver (the stage's process) checks every input, reads and writes files and logs to
 MLflow; the heavy compute (classifier and Inception features, KID, precision/recall, bits/dim through the
