@@ -76,16 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     primary = metrics["primary_metric"]
 
     def pm(d: dict) -> str:
-        mean, std = d.get(f"{primary}_mean"), d.get(f"{primary}_std")
+        mean, ci = d.get(f"{primary}_mean"), d.get(f"{primary}_ci")
         if d.get("diverged"):  # the sample stage's guard: not scored
             return f"DIVERGED (max |x| {'not finite' if d['max_abs'] is None else format(d['max_abs'], '.3g')})"
-        return "n/a" if mean is None else f"{mean:.4g}" + ("" if std is None else f" ± {std:.2g}")
+        return "n/a" if mean is None else f"{mean:.4g}" + ("" if ci is None else f" [{ci[0]:.4g}, {ci[1]:.4g}]")
 
+    level = metrics["intervals"]["level"]
     print(f"{name}: N = {metrics['n_per_seed']} per seed, {metrics['seeds']} seed(s); "
-          f"{primary} (mean ± std over seeds)")
+          f"{primary}: mean over seeds [{level:.0%} interval: {metrics['intervals'][primary].split(':')[0]}]")
     for key, r in metrics["settings"].items():
         print(f"  {key:<24} NFE {r['nfe']!s:>6}  {pm(r)}")
-    print(f"  {'real-vs-real baseline':<24} {'':>10}  {pm(metrics['baseline'])}")
+    print(f"  {'real-vs-real baseline':<24} {'N ' + str(metrics['baseline']['n']):>10}  {pm(metrics['baseline'])}")
     if metrics["inception_fid"] is None:
         print(f"  Inception FID: not computed ({metrics['inception_fid_reason']})")
     else:

@@ -29,11 +29,12 @@ from scorelab import tracking
 from scorelab.config import EvalConfig, RayConfig, load_params
 from scorelab.data import load_manifest, prepare, read_split
 from scorelab.evaluate import INCEPTION_REF_FILE, EvaluateError, evaluate_variant
-from scorelab.features import (INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, domain_frechet, inception_stats,
-                               load_classifier, load_inception)
+from scorelab.features import (INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, domain_frechet, extract_features,
+                               inception_stats, load_classifier, load_inception)
 from scorelab.generate import generate, load_samples
 from scorelab.inception import read_reference, reference_key, inception_weights
-from scorelab.metrics import frechet_distance, sliced_wasserstein
+from scorelab.metrics import (bootstrap_indices, bootstrap_interval, frechet_distance, frechet_replicates,
+                              sliced_wasserstein, t_interval)
 from scorelab.modality import dequantize
 from scorelab.storage import sha256_file
 from scorelab.checkpoint import build_model, export_model
@@ -278,7 +279,7 @@ def test_inception_fid_with_local_weights(rgb, tmp_path):
     assert np.isfinite(base["inception_fid_mean"]) and base["inception_fid_std"] >= 0
     assert "inception_fid: 4 random test images per seed" in base["description"]
     assert base["inception_fid_mean"] < 0.5 * r["inception_fid_mean"]  # real images: closer than noise-like samples
-    assert set(base["per_seed"]["1"]) == {"domain_fd", "kid", "precision", "recall", "inception_fid"}
+    assert set(base["per_seed"]["1"]) == {"domain_fd", "precision", "recall", "inception_fid"}  # no KID at N = 4
     assert "inception_fid_mean" in (out / "fid_vs_nfe.csv").read_text().splitlines()[0]
 
     # the numbers are pytorch-fid's network on the stored samples against the train split's statistics
@@ -309,28 +310,39 @@ def test_evaluate_digits_settings_baseline_bpd_and_mlflow(digits, featurizer, ca
     m = json.loads((out / "metrics.json").read_text())
     assert (m["variant"], m["sde"], m["n_per_seed"], m["seeds"], m["seed_ids"]) == ("v", "vp", N, 3, [0, 1, 2])
     assert list(m["settings"]) == ["ddim-4", "ddim-8", "euler_maruyama-5"]
-    names = ("domain_fd", "kid", "precision", "recall")
+    names = ("domain_fd", "precision", "recall")
+    assert "kid_x1e3_mean" not in m["settings"]["ddim-4"] and m["kid"] == "left out: N = 32 < 1000"
+    assert m["precision_recall"] == {"k": 3, "n_samples": N, "n_reference": 1617}
     for key, r in m["settings"].items():
         assert r["seeds"] == 3 and isinstance(r["nfe"], int)
         for name in names:
             assert r[f"{name}_mean"] is not None and r[f"{name}_std"] >= 0
+            low, high = r[f"{name}_ci"]
+            assert low <= r[f"{name}_mean"] <= high
     assert [m["settings"][k]["nfe"] for k in ("ddim-4", "ddim-8")] == [4, 8]
 
-    # per-seed distances are features.domain_frechet of the stored samples; mean and std over seeds
+    # per-seed distances are features.domain_frechet of the stored samples against the whole train split's
+    # statistics; mean and std over seeds
     clf, _ = load_classifier(featurizer / "classifier.pt")
-    with np.load(featurizer / "ref_test.npz") as z:
+    with np.load(featurizer / "ref_train.npz") as z:
         ref = z["mu"], z["sigma"]
     fds = [domain_frechet(clf, dequantize(load_samples(digits["samples"], "ddim-8", s)), *ref) for s in SEEDS]
     r = m["settings"]["ddim-8"]
     assert [r["per_seed"][str(s)]["domain_fd"] for s in SEEDS] == pytest.approx(fds, rel=1e-9)
     assert r["domain_fd_mean"] == pytest.approx(np.mean(fds))
     assert r["domain_fd_std"] == pytest.approx(np.std(fds, ddof=1))
+    # the default interval: Student t over seeds; no bootstrap
+    assert r["domain_fd_ci"] == pytest.approx(t_interval(fds, 0.95)) and "domain_fd_replicates" not in r
+    assert m["bootstrap"] is None and m["intervals"]["level"] == 0.95
+    assert m["intervals"]["domain_fd"].startswith("Student t over seeds")
 
     base = m["baseline"]
     assert base["seeds"] == 3 and all(base[f"{n}_mean"] is not None for n in names)
     worst_model = min(r["domain_fd_mean"] for r in m["settings"].values())
     assert base["domain_fd_mean"] < 0.25 * worst_model  # real digits are far closer than noise-like samples
-    assert base["domain_fd_train_full"] < base["domain_fd_mean"]  # the bias shrinks with N
+    assert (base["n"], base["same_n"]) == (N, True) and "held-out" in base["description"]
+    assert base["domain_fd_test_full"] < base["domain_fd_mean"]  # the bias shrinks with N (180 test images)
+    assert base["domain_fd_ci"][1] < min(r["domain_fd_ci"][0] for r in m["settings"].values())
     assert base["precision_mean"] > max(r["precision_mean"] for r in m["settings"].values())
 
     bpd = m["bits_per_dim"]
@@ -371,6 +383,23 @@ def test_evaluate_digits_settings_baseline_bpd_and_mlflow(digits, featurizer, ca
     assert history() == logged
 
 
+def test_evaluate_bootstrap_replicates_are_the_resampled_distances(digits, featurizer, tmp_path):
+    """evaluate.bootstrap 200: each resample's domain FD, indices from (params.seed, seed), mean over seeds."""
+    params = digits["params"].model_copy(update={"evaluate": EvalConfig(bootstrap=200)})
+    m = _evaluate(digits, params, tmp_path / "eval")
+    r = m["settings"]["ddim-8"]
+    clf, _ = load_classifier(featurizer / "classifier.pt")
+    with np.load(featurizer / "ref_train.npz") as z:
+        ref = z["mu"], z["sigma"]
+    reps = [frechet_replicates(extract_features(clf, dequantize(load_samples(digits["samples"], "ddim-8", s))),
+                               bootstrap_indices(N, 200, [0, s]), *ref) for s in SEEDS]
+    assert r["domain_fd_replicates"] == pytest.approx(np.mean(reps, axis=0).tolist(), rel=1e-9)
+    assert r["domain_fd_ci"] == pytest.approx(bootstrap_interval(r["domain_fd_mean"], np.mean(reps, axis=0), 0.95))
+    assert m["bootstrap"] == {"replicates": 200, "seed": 0, "n": N, "seed_ids": [0, 1, 2]}
+    assert m["intervals"]["domain_fd"].startswith("bootstrap over samples")
+    assert len(m["baseline"]["domain_fd_replicates"]) == 200
+
+
 def test_evaluate_toy_mixture(toy):
     out = toy["root"] / "outputs" / "eval" / "v"
     m = evaluate_variant(toy["params"], "v", samples_dir=toy["samples"], featurizer_dir=toy["root"] / "none",
@@ -386,11 +415,12 @@ def test_evaluate_toy_mixture(toy):
     assert base["sliced_w2_mean"] < min(r["sliced_w2_mean"] for r in m["settings"].values())
     assert base["data_loglik_mean"] > max(r["data_loglik_mean"] for r in m["settings"].values())
 
-    # the baseline is the documented subset: N train points drawn from (params.seed, seed)
+    # the baseline is the documented subset: N test points drawn from (params.seed, seed), against the train split
     manifest = load_manifest(toy["root"] / "data" / "prepared" / "toy2d")
     x_train, x_test = read_split(manifest.root, "train"), read_split(manifest.root, "test")
-    idx = np.sort(np.random.default_rng([0, 1]).choice(len(x_train), 64, replace=False))
-    assert base["per_seed"]["1"]["sliced_w2"] == pytest.approx(sliced_wasserstein(x_train[idx], x_test), rel=1e-12)
+    idx = np.sort(np.random.default_rng([0, 1]).choice(len(x_test), 64, replace=False))
+    assert base["per_seed"]["1"]["sliced_w2"] == pytest.approx(sliced_wasserstein(x_test[idx], x_train), rel=1e-12)
+    assert base["sliced_w2_ci"][0] <= base["sliced_w2_mean"] <= base["sliced_w2_ci"][1]
 
     lik = m["test_loglik"]
     assert lik["units"] == "nats" and lik["divergence"] == "exact" and lik["n"] == 16

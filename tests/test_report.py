@@ -159,12 +159,15 @@ def test_comparison_md_has_every_variant_setting_baseline_and_best(image_case):
         for key in table:
             assert key in md
     assert "real vs real (baseline)" in md and "0.05 ± 0.01" in md
-    assert "3 seeds of N = 256 samples per seed" in md and "256 × 3" in md
+    assert "3 seeds × N = 256 samples per seed" in md and "256 × 3" in md
+    assert "**" not in md.split("## Pairwise comparisons")[0].split("\n", 3)[3], "nothing bolded as best"
     for variant, (key, value) in image_case["best"].items():
-        assert f"**{key}** (best)" in md, variant
+        assert f"{key} (lowest mean)" in md, variant
         s = image_case["evals"][variant]["settings"][key]
-        assert f"**{s['domain_fd_mean']:.4g} ± {s['domain_fd_std']:.2g}**" in md
-    # every metric as mean ± std
+        assert f"{s['domain_fd_mean']:.4g} ± {s['domain_fd_std']:.2g}" in md
+    # without bootstrap replicates (an older evaluation) no difference is claimed
+    assert "Not computed: fewer than two seeds with a finite domain_fd" in md
+    # every metric as mean ± std (no intervals in these inputs)
     s = image_case["evals"]["vp"]["settings"]["dpm_solver-20"]
     for m in ("domain_fd", "kid", "precision", "recall"):
         assert f"{s[m + '_mean']:.4g} ± {s[m + '_std']:.2g}" in md, m
@@ -246,7 +249,7 @@ def test_two_d_data_without_mlflow(tmp_path):
     for variant, (key, value) in expected_best(evals, "sliced_w2").items():
         assert key != "ddim-10" or variant != "vp", "a NaN result is never the best"
         assert metrics[variant]["best_setting"] == key and metrics[variant]["best_sliced_w2"] == value
-        assert f"**{key}** (best)" in md
+        assert f"{key} (lowest mean)" in md
     assert metrics["vp"]["test_loglik"] == pytest.approx(-2.8)
     with open(reports / "fid_vs_nfe.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -342,3 +345,69 @@ def test_a_diverged_setting_is_shown_as_diverged_not_scored(tmp_path):
     assert metrics["vp"]["best_setting"] == min(finite, key=finite.get)
     with open(tmp_path / "reports" / "fid_vs_nfe.csv", newline="") as f:
         assert [r["value"] for r in csv.DictReader(f) if r["setting"] == "ddim-10" and r["variant"] == "vp"] == [""]
+
+
+def test_pairwise_comparisons_call_ties_and_significant_differences(tmp_path):
+    """Evaluations with bootstrap replicates: ddpm and vp differ by 0.02 with paired noise of sd ~0.03 (a tie),
+    ve is 2 higher (significant against both), and every variant is significantly above the baseline."""
+    evals = write_inputs(tmp_path, IMAGE_SETTINGS, image=True)
+    rng = np.random.default_rng(5)
+    shared = rng.normal(0, 0.2, 200)  # the same resampled rows move every variant alike
+    lowest = {"ddpm": 1.0, "vp": 1.02, "ve": 3.0}
+    for variant, data in evals.items():
+        data.update(primary_metric="domain_fd", intervals={"level": 0.95},
+                    bootstrap={"replicates": 200, "seed": 0, "n": 256, "seed_ids": [0, 1, 2]})
+        for i, s in enumerate(data["settings"].values()):
+            s["domain_fd_mean"] = lowest[variant] + i  # the first setting is the lowest-mean one
+            reps = s["domain_fd_mean"] + shared + rng.normal(0, 0.02, 200)
+            s["domain_fd_replicates"] = reps.tolist()
+            s["domain_fd_ci"] = list(np.quantile(reps, [0.025, 0.975]))
+        base_reps = 0.05 + rng.normal(0, 0.01, 200)
+        data["baseline"].update(n=256, domain_fd_replicates=base_reps.tolist(), domain_fd_ci=[0.03, 0.07])
+        (tmp_path / "outputs" / "eval" / variant / "metrics.json").write_text(json.dumps(data))
+    result = build_report(parse_params(make_params(IMAGE_VARIANTS)), root=tmp_path, log_to_mlflow=False)
+    verdicts = {(r.a.name, r.b.name): r.verdict() for r in result["pairwise"].rows}
+    assert verdicts == {("ddpm", "vp"): "tie", ("ddpm", "ve"): "ddpm lower", ("vp", "ve"): "vp lower",
+                        ("ddpm", "real vs real (baseline)"): "real vs real (baseline) lower",
+                        ("vp", "real vs real (baseline)"): "real vs real (baseline) lower",
+                        ("ve", "real vs real (baseline)"): "real vs real (baseline) lower"}
+    md = (tmp_path / "reports" / "comparison.md").read_text()
+    assert "Holm's procedure at α = 0.05 over all 6 comparisons" in md
+    assert "Significant differences between variants (domain_fd): ddpm below ve; vp below ve." in md
+    assert "Significantly above the real-vs-real baseline: ddpm, vp, ve" in md
+    assert "| ddpm (ancestral-1000, NFE 1000) | vp (ode-adaptive, NFE 143.7) | -0.02 |" in md
+    assert "N = 256 held-out real samples per seed" in md
+
+    # evaluations that resampled differently are not paired by their replicates (and these hold no per-seed values)
+    data = evals["ve"]
+    data["bootstrap"]["n"] = 512
+    (tmp_path / "outputs" / "eval" / "ve" / "metrics.json").write_text(json.dumps(data))
+    result = build_report(parse_params(make_params(IMAGE_VARIANTS)), root=tmp_path, log_to_mlflow=False)
+    assert result["pairwise"].rows == [] and "fewer than two seeds" in result["pairwise"].skipped
+
+
+def test_pairwise_comparisons_over_seeds(tmp_path):
+    """No replicates (evaluate.bootstrap 0): paired t-tests over the seeds. Per-seed values share a large seed
+    effect, so ddpm (1.0) and vp (1.01) tie, ve (+2) is significantly higher; the baseline is below all."""
+    evals = write_inputs(tmp_path, IMAGE_SETTINGS, image=True)
+    luck = [0.0, 3.0, -2.0, 1.0, 0.5]  # each seed's own luck, shared by every variant
+    noise = np.random.default_rng(3).normal(0, 0.01, (4, 5))
+    lowest = {"ddpm": 1.0, "vp": 1.01, "ve": 3.0}
+    for j, (variant, data) in enumerate(evals.items()):
+        data.update(primary_metric="domain_fd", intervals={"level": 0.95}, bootstrap=None)
+        for i, s in enumerate(data["settings"].values()):
+            values = [lowest[variant] + i + x + e for x, e in zip(luck, noise[j])]
+            s["domain_fd_mean"] = float(np.mean(values))
+            s["per_seed"] = {str(k): {"domain_fd": v} for k, v in enumerate(values)}
+        data["baseline"]["per_seed"] = {str(k): {"domain_fd": 0.05 + x + e} for k, (x, e) in enumerate(zip(luck, noise[3]))}
+        data["baseline"]["domain_fd_mean"] = float(np.mean([v["domain_fd"] for v in data["baseline"]["per_seed"].values()]))
+        (tmp_path / "outputs" / "eval" / variant / "metrics.json").write_text(json.dumps(data))
+    result = build_report(parse_params(make_params(IMAGE_VARIANTS)), root=tmp_path, log_to_mlflow=False)
+    cmp = result["pairwise"]
+    assert cmp.method == "seeds" and cmp.seeds == ("0", "1", "2", "3", "4")
+    verdicts = {(r.a.name, r.b.name): r.verdict() for r in cmp.rows}
+    assert verdicts[("ddpm", "vp")] == "tie" and verdicts[("ddpm", "ve")] == "ddpm lower"
+    assert verdicts[("vp", "ve")] == "vp lower"
+    assert all(verdicts[(v, "real vs real (baseline)")] == "real vs real (baseline) lower" for v in lowest)
+    md = (tmp_path / "reports" / "comparison.md").read_text()
+    assert "paired Student-t interval over seeds 0, 1, 2, 3, 4" in md

@@ -1,5 +1,6 @@
-"""Evaluation of a trained variant: its samples against the test split, a real-vs-real baseline at the
-same sample size, and the model's likelihood of test data. The library behind the DVC stage `evaluate`;
+"""Evaluation of a trained variant: its samples against the whole train split (the largest real set, whose
+statistics the featurizer stage caches), a real-vs-real baseline of held-out test data at the same sample
+size against the same reference, an interval for every number, and the model's likelihood of test data. The library behind the DVC stage `evaluate`;
 image distances use the featurizer stage's folder (scorelab.featurizer).
 
     evaluate_variant(params, "vp", samples_dir=..., featurizer_dir=..., model_path=..., out_dir=..., root=root)
@@ -11,7 +12,10 @@ inception_ref_train.npz: the Inception statistics of the whole train split, the 
 FID, reused while the weights file (by sha256) and the dataset are the same.
 
 Distances are biased at small N (the Frechet distance most of all), so every number comes with the same
-metric for N real training images against the same test split: a model cannot be expected to beat it.
+metric for N held-out real images (the test split; all of it when it holds fewer than N, said so) against
+the same reference: a model cannot be expected to beat it. Intervals: Student t over seeds (the report pairs
+the per-seed values of the same seeds across variants); with evaluate.bootstrap > 0 the primary metric's by
+bootstrap over samples instead (resample indices shared by every variant, the replicates kept for pairing).
 
 Where it runs: the driver (the stage's process) checks every input, reads and writes files and logs to
 MLflow; the heavy compute (classifier and Inception features, KID, precision/recall, bits/dim through the
@@ -56,7 +60,8 @@ from .inception import (Stats, fid_scorer, inception_baseline_images, inception_
                         inception_summary, inception_weights, read_reference, reference_key, reference_stats,
                         write_reference)
 from .layout import METRICS_FILE, Layout
-from .metrics import check_samples, frechet_distance, kid, mmd_rbf, precision_recall, sliced_wasserstein
+from .metrics import (bootstrap_indices, bootstrap_interval, check_samples, frechet_distance, frechet_replicates, kid,
+                      mmd_rbf, precision_recall, sliced_wasserstein, sliced_wasserstein_replicates, t_interval)
 from .modality import Modality
 from .runtime import RuntimeSetupError, Shipment, ray_session, ship_files, task_device, unpack
 
@@ -66,27 +71,32 @@ DEQUANTIZATION = "uniform, y = (x + u)/256, model x = 2y - 1"
 
 _MIN_SAMPLES = 4  # per seed: precision/recall's k = 3 nearest neighbours need at least 4 points
 _KNN_K = 3
-_KID_SUBSET, _KID_SUBSETS = 1000, 100
+_KID_SUBSETS = 100
+# Below this many samples per seed KID is left out: on digits' classifier features at N = 448 the 95% intervals of
+# KID x 10^3 over 3 seeds were [-6.2e4, 1.7e3] for held-out real data and [-4.0e4, 4.2e4] for DDPM: it resolved nothing.
+_KID_MIN_N = 1000
+_KID_SCALE = 1e3  # KID is reported x 10^3, as is usual
 _SW_PROJECTIONS = 256
 _ROWS = 10_000  # feature rows per set (samples of a seed, test split) that KID and precision/recall see
 _MMD_REFERENCE = 2000  # test points MMD compares against: its memory is O((N + M)^2)
 _SEED_DIR = re.compile(r"^seed(\d+)$")
 
 _DESCRIPTIONS = {
-    "domain_fd": "Frechet distance between DigitClassifier features of the samples and of the test split "
-                 "(lower is better; biased upwards at small N)",
+    "domain_fd": "Frechet distance between DigitClassifier features of the samples and of the whole train split "
+                 "(lower is better; biased upwards at small N: compare with the baseline at the same N)",
     "inception_fid": "standard FID: Frechet distance between pytorch-fid InceptionV3 pool3 features (2048-d, images "
                      "resized to 299) of the samples and of the whole train split (lower is better; biased upwards "
                      "at small N)",
-    "kid": f"kernel distance (unbiased MMD^2, cubic polynomial kernel) between classifier features of the samples "
-           f"and of the test split (the first {_ROWS} of each at most), mean over subsets (lower is better; about 0 "
-           "for real data)",
-    "precision": "fraction of samples inside the k=3 nearest-neighbour manifold of test features (the first "
-                 f"{_ROWS} of each at most; higher is better)",
-    "recall": "fraction of test features inside the k=3 nearest-neighbour manifold of the samples (the first "
-              f"{_ROWS} of each at most; higher is better)",
-    "sliced_w2": "sliced 2-Wasserstein distance to the test split, 256 directions (lower is better)",
-    "mmd": f"unbiased MMD^2, RBF kernels at the median distance x (0.5, 1, 2), against up to {_MMD_REFERENCE} test "
+    "kid_x1e3": f"KID x 10^3: kernel distance (unbiased MMD^2, cubic polynomial kernel) between classifier features "
+                f"of the samples and of the train split, mean over {_KID_SUBSETS} subsets of N (capped at the train "
+                f"split's size, its first {_ROWS} rows at most), times 1000 (lower is better; about 0 for real data); "
+                f"left out below N = {_KID_MIN_N}",
+    "precision": f"fraction of the N samples inside the k={_KNN_K} nearest-neighbour manifold of the train split's "
+                 f"features (its first {_ROWS} rows at most; higher is better)",
+    "recall": f"fraction of the train split's features inside the k={_KNN_K} nearest-neighbour manifold of the N "
+              f"samples (the first {_ROWS} rows of each at most; higher is better)",
+    "sliced_w2": "sliced 2-Wasserstein distance to the whole train split, 256 directions (lower is better)",
+    "mmd": f"unbiased MMD^2, RBF kernels at the median distance x (0.5, 1, 2), against up to {_MMD_REFERENCE} train "
            "points (lower is better; about 0 for real data)",
     "data_loglik": "mean log-density in nats of the samples under the exact data mixture (higher is better; "
                    "the baseline is about minus the data's entropy)",
@@ -114,7 +124,8 @@ def _num(v: float) -> float | None:
 # ---------------------------------------------------------------------------------------------
 # Metrics of one set of samples, for each kind of data
 
-Scorer = Callable[[torch.Tensor], dict[str, float]]
+Scorer = Callable[[torch.Tensor, np.ndarray | None], tuple[dict[str, float], np.ndarray | None]]
+"""(samples, bootstrap indices (B, N) or None) -> (metrics, the primary metric of each resample or None)"""
 
 
 def _featurizer(featurizer_dir: Path, manifest: Manifest) -> tuple[DigitClassifier, dict[str, Any], Stats, Stats]:
@@ -125,50 +136,65 @@ def _featurizer(featurizer_dir: Path, manifest: Manifest) -> tuple[DigitClassifi
         raise EvaluateError(str(e)) from None
 
 
-def _image_scorer(featurizer_dir: Path, manifest: Manifest, x_test: torch.Tensor, device: torch.device) -> Scorer:
-    """Domain FD against ref_test.npz (every sample's features, streamed into float64 sums), KID and
-    precision/recall against the test split's features (the first _ROWS rows of each set)."""
-    clf, _, (ref_mu, ref_sigma), _ = _featurizer(featurizer_dir, manifest)
+def _image_scorer(featurizer_dir: Path, manifest: Manifest, x_train: torch.Tensor, device: torch.device) -> Scorer:
+    """Domain FD against ref_train.npz (the whole train split's statistics, cached by the featurizer stage;
+    every sample's features, streamed into float64 sums), KID and precision/recall against the train split's
+    features (the first _ROWS rows of each set)."""
+    clf, _, _, (ref_mu, ref_sigma) = _featurizer(featurizer_dir, manifest)
     clf = clf.to(device)
-    test_rows = extract_features(clf, x_test[:_ROWS])  # the split is in random order: its head is a random subset
+    ref_rows = extract_features(clf, x_train[:_ROWS])  # the split is in random order: its head is a random subset
 
-    def score(x: torch.Tensor) -> dict[str, float]:
-        running = stream_features(clf, x, keep=_ROWS)
+    def score(x: torch.Tensor, boot: np.ndarray | None) -> tuple[dict[str, float], np.ndarray | None]:
+        running = stream_features(clf, x, keep=len(x) if boot is not None else _ROWS)
         f = running.rows
-        m = min(_KID_SUBSET, len(f), len(test_rows))
-        precision, recall = precision_recall(test_rows, f, k=_KNN_K)
-        return {"domain_fd": frechet_distance(*running.stats(), ref_mu, ref_sigma),  # = features.domain_frechet
-                "kid": kid(f, test_rows, subset_size=m, subsets=_KID_SUBSETS, seed=0)[0],
-                "precision": precision, "recall": recall}
+        precision, recall = precision_recall(ref_rows, f[:_ROWS], k=_KNN_K)
+        out = {"domain_fd": frechet_distance(*running.stats(), ref_mu, ref_sigma)}  # = features.domain_frechet
+        if len(x) >= _KID_MIN_N:
+            m = min(len(x), len(ref_rows))  # subsets sized to N
+            out["kid_x1e3"] = _KID_SCALE * kid(f[:_ROWS], ref_rows, subset_size=m, subsets=_KID_SUBSETS, seed=0)[0]
+        out.update(precision=precision, recall=recall)
+        return out, None if boot is None else frechet_replicates(f, boot, ref_mu, ref_sigma)
 
     return score
 
 
-def _point_scorer(manifest: Manifest, x_test: torch.Tensor, device: torch.device) -> Scorer:
-    """Sliced W2 and MMD against the test split; for mixture data, the exact data log-density."""
+def _point_scorer(manifest: Manifest, x_train: torch.Tensor, device: torch.device) -> Scorer:
+    """Sliced W2 and MMD against the train split; for mixture data, the exact data log-density."""
     mixture = manifest.gaussian_mixture() if manifest.params.get("mixture") else None
-    x_test = x_test.to(device)
-    mmd_reference = x_test[:_MMD_REFERENCE]  # the split is in random order: its head is a random subset
+    x_train = x_train.to(device)
+    mmd_reference = x_train[:_MMD_REFERENCE]  # the split is in random order: its head is a random subset
 
-    def score(x: torch.Tensor) -> dict[str, float]:
+    def score(x: torch.Tensor, boot: np.ndarray | None) -> tuple[dict[str, float], np.ndarray | None]:
         x = x.to(device)
-        out = {"sliced_w2": sliced_wasserstein(x, x_test, n_projections=_SW_PROJECTIONS, seed=0),
+        out = {"sliced_w2": sliced_wasserstein(x, x_train, n_projections=_SW_PROJECTIONS, seed=0),
                "mmd": mmd_rbf(x, mmd_reference)}
         if mixture is not None:
             out["data_loglik"] = float(mixture.log_prob(x.cpu().double()).mean())
-        return out
+        reps = None if boot is None else sliced_wasserstein_replicates(x, x_train, boot,
+                                                                       n_projections=_SW_PROJECTIONS, seed=0)
+        return out, reps
 
     return score
 
 
-def _summary(per_seed: dict[int, dict[str, float]]) -> dict[str, Any]:
-    """<metric>_mean and <metric>_std (ddof 1; null with one seed) over seeds, and the values per seed."""
+def _summary(per_seed: dict[int, dict[str, float]], level: float, primary: str,
+             replicates: dict[int, np.ndarray] | None) -> dict[str, Any]:
+    """<metric>_mean, <metric>_std (ddof 1; null with one seed) and <metric>_ci ([low, high] at `level`) over
+    seeds, and the values per seed. The primary metric's interval is the bootstrap's over samples where there
+    are replicates (then <primary>_replicates: the mean over seeds of each resample's value, for the report's
+    paired comparisons); every other interval is Student t's over seeds (null with one seed)."""
     out: dict[str, Any] = {"seeds": len(per_seed), "seed_ids": sorted(per_seed)}
     names = next(iter(per_seed.values())).keys()
+    reps = None if replicates is None else np.mean([replicates[s] for s in sorted(per_seed)], axis=0)
     for name in names:
         v = np.array([m[name] for m in per_seed.values()], dtype=np.float64)
         out[f"{name}_mean"] = _num(v.mean())
         out[f"{name}_std"] = _num(v.std(ddof=1)) if len(v) > 1 else None
+        ci = bootstrap_interval(float(v.mean()), reps, level) if name == primary and reps is not None \
+            else t_interval(v, level)
+        out[f"{name}_ci"] = None if not all(map(math.isfinite, ci)) else [_num(ci[0]), _num(ci[1])]
+    if reps is not None:
+        out[f"{primary}_replicates"] = [_num(r) for r in reps]
     out["per_seed"] = {str(k): {n: _num(v) for n, v in m.items()} for k, m in sorted(per_seed.items())}
     return out
 
@@ -370,7 +396,9 @@ class _Job:
     samples: dict[str, dict[int, np.ndarray]]  # setting -> seed -> samples as stored, checked by the driver
     n: int  # samples per seed
     seed: int  # params.seed: the baselines' draws, bits/dim's dequantisation and probes
-    train_idx: dict[int, np.ndarray] | None  # the baseline's N train rows per seed; None: the split has fewer
+    heldout_idx: dict[int, np.ndarray] | None  # the baseline's rows of the test split per seed (min(N, its size));
+                                               # None: it has fewer than _MIN_SAMPLES
+    bootstrap: int  # resamples of each seed's samples for the primary metric's interval; 0: none
     likelihood_n: int  # test images for bits/dim (2-D: test points for the log-likelihood); 0 skips
     probes: int
     rtol: float
@@ -389,8 +417,8 @@ def _compute(job: _Job, files: _Files, device: torch.device, bar: Callable[..., 
     manifest = load_manifest(files.data)
     modality = manifest.modality
     x_test, x_train = read_split(files.data, "test"), read_split(files.data, "train")
-    domain_score = (_image_scorer(files.featurizer, manifest, x_test, device) if modality.is_image
-                    else _point_scorer(manifest, x_test, device))
+    domain_score = (_image_scorer(files.featurizer, manifest, x_train, device) if modality.is_image
+                    else _point_scorer(manifest, x_train, device))
     fid: Callable[[torch.Tensor], float] | None = None
     fresh_ref: Stats | None = None
     if files.inception is not None:
@@ -399,30 +427,28 @@ def _compute(job: _Job, files: _Files, device: torch.device, bar: Callable[..., 
             fresh_ref = reference_stats(net, x_train)
         fid = fid_scorer(net, job.inception_ref if fresh_ref is None else fresh_ref)
 
-    sets = sum(len(xs) for xs in job.samples.values()) + len(job.train_idx or {})
+    sets = sum(len(xs) for xs in job.samples.values()) + len(job.heldout_idx or {})
     progress = bar(total=sets * job.n, desc=f"evaluate {job.variant}", unit="sample")
 
-    def scored(x: torch.Tensor, metric: Callable[[torch.Tensor], dict[str, float]]) -> dict[str, float]:
-        out = metric(x)
-        progress.update(len(x))
-        return out
-
-    def score(x: torch.Tensor) -> dict[str, float]:
-        """Every setting and seed: the domain (or point) metrics, and the standard FID where it is computed."""
-        out = domain_score(x)
-        if fid is not None:
+    def score(x: torch.Tensor, seed: int, with_fid: bool = True) -> tuple[dict[str, float], np.ndarray | None]:
+        """The domain (or point) metrics, the primary metric's bootstrap replicates (indices from
+        (params.seed, seed) alone: every variant's seed resamples the same rows), and the standard FID."""
+        boot = bootstrap_indices(len(x), job.bootstrap, [job.seed, seed]) if job.bootstrap else None
+        out, reps = domain_score(x, boot)
+        if fid is not None and with_fid:
             out["inception_fid"] = fid(x)
-        return out
+        progress.update(len(x))
+        return out, reps
 
-    settings = {key: {seed: scored(_model_space(stored, modality), score) for seed, stored in xs.items()}
+    settings = {key: {seed: score(_model_space(stored, modality), seed) for seed, stored in xs.items()}
                 for key, xs in job.samples.items()}
-    # domain metrics only: Inception FID's reference is the train split itself, its baseline is apart
-    train_idx = None if job.train_idx is None else {s: torch.from_numpy(i) for s, i in job.train_idx.items()}
-    baseline = None if train_idx is None else {s: scored(x_train[i], domain_score) for s, i in train_idx.items()}
+    # held-out real data against the same reference: domain metrics only (Inception's baseline is apart)
+    heldout = None if job.heldout_idx is None else {s: torch.from_numpy(i) for s, i in job.heldout_idx.items()}
+    baseline = None if heldout is None else {s: score(x_test[i], s, with_fid=False) for s, i in heldout.items()}
     inception_baseline, how = None, None
     if fid is not None:  # N real images per seed against the train statistics, where there are N
         seed_ids = sorted({seed for xs in job.samples.values() for seed in xs})
-        images, how = inception_baseline_images(x_test, x_train, train_idx, seed_ids, job.n, job.seed)
+        images, how = inception_baseline_images(x_test, seed_ids, job.n, job.seed)
         inception_baseline = None if images is None else {s: fid(x) for s, x in images.items()}
     progress.close()
 
@@ -497,12 +523,17 @@ def evaluate_variant(
     MLflow, and return the metrics:
 
         variant, sde, data, n_per_seed (N), seeds (k), seed_ids, primary_metric, metrics (descriptions)
-        settings: {key: {method, steps, nfe, seeds, seed_ids, <metric>_mean, <metric>_std, per_seed}}
+        settings: {key: {method, steps, nfe, seeds, seed_ids, <metric>_mean, <metric>_std, <metric>_ci,
+                  <primary>_replicates (with evaluate.bootstrap), per_seed}}
                   (a setting the sample stage marked diverged: method, steps, nfe, seeds, seed_ids, diverged: true,
                   diverged_seeds, max_abs (null: not finite) and diverged_above, and no metrics)
         diverged: the keys of those settings
-        baseline: the same metrics for N random train points per seed against the test split (images
-                  also domain_fd_train_full: every train image, the distance's floor at full size)
+        reference, intervals (level; how each interval is made), bootstrap ({replicates, seed, n, seed_ids}:
+                  what the report checks before pairing two variants' replicates), precision_recall (k and the
+                  set sizes), kid (scale 1000 and the subset size, or why it is left out)
+        baseline: the same metrics for min(N, test split) random test points per seed against the same
+                  reference, n and same_n saying how many (images
+                  also domain_fd_test_full: the whole test split against the train statistics)
         bits_per_dim (images) or test_loglik (2-D): the model's likelihood of test data
         inception_fid: the lowest inception_fid_mean over the settings, inception_fid_setting, and
                   inception_fid_reason saying what it is; null, with the reason, when there are no local
@@ -561,26 +592,28 @@ def evaluate_variant(
         raise EvaluateError(f"{samples_dir}: {n} samples per seed; the metrics need at least {_MIN_SAMPLES} "
                             "(pipeline/sample.py --n)")
     info: dict[str, Any] = {}
-    fd_train_full = None
+    fd_test_full = None
     if modality.is_image:  # the featurizer's folder, checked here; its train statistics give the floor
         _, meta, ref_test, ref_train = _featurizer(featurizer_dir, manifest)
         info = {"classifier": {"test_accuracy": meta.get("test_accuracy"), "seed": meta.get("seed")}}
-        fd_train_full = frechet_distance(*ref_train, *ref_test)
+        fd_test_full = frechet_distance(*ref_train, *ref_test)
 
     seed_ids = sorted({seed for xs, _ in loaded.values() for seed in xs}
                       | {seed for d in diverged.values() for seed in d["seed_ids"]})
     n_train, n_test = manifest.counts["train"], manifest.counts["test"]
-    train_idx = None
-    if n_train >= n:
-        train_idx = {seed: np.sort(np.random.default_rng([params.seed, seed]).choice(n_train, n, replace=False))
-                     for seed in seed_ids}
+    n_heldout = min(n, n_test)  # the baseline's real samples: held out of the reference, N where the split allows
+    heldout_idx = None
+    if n_heldout >= _MIN_SAMPLES:  # the draw inception_baseline_images makes too
+        heldout_idx = {seed: np.sort(np.random.default_rng([params.seed, seed]).choice(n_test, n_heldout, replace=False))
+                       for seed in seed_ids}
     ref_file, weights_sha, ref_key, cached_ref = out_dir / INCEPTION_REF_FILE, "", "", None
     if weights is not None:  # the train split's Inception statistics, cached by the driver
         weights_sha = storage.sha256_file(weights)
         ref_key = reference_key(weights_sha, manifest)
         cached_ref = read_reference(ref_file, ref_key)
     job = _Job(variant=variant, samples={key: xs for key, (xs, _) in loaded.items()}, n=n, seed=params.seed,
-               train_idx=train_idx, likelihood_n=min(bpd_samples, n_test), probes=probes,
+               heldout_idx=heldout_idx, bootstrap=params.evaluate.bootstrap,
+               likelihood_n=min(bpd_samples, n_test), probes=probes,
                rtol=params.evaluate.bpd_rtol, atol=params.evaluate.bpd_atol,
                inception_ref=cached_ref, use_gpu=params.ray.use_gpu,
                cpus=params.ray.cpus_per_worker, progress=sys.stderr.isatty())
@@ -595,6 +628,13 @@ def evaluate_variant(
     if computed["inception_ref"] is not None:
         write_reference(ref_file, ref_key, computed["inception_ref"])
 
+    level, primary = params.evaluate.level, modality.primary_metric
+
+    def summary(per_seed: dict[int, tuple[dict[str, float], np.ndarray | None]]) -> dict[str, Any]:
+        reps = {seed: r for seed, (_, r) in per_seed.items()}
+        return _summary({seed: m for seed, (m, _) in per_seed.items()}, level, primary,
+                        None if any(r is None for r in reps.values()) else reps)
+
     results: dict[str, Any] = {}
     for s in settings:
         if s.key in diverged:
@@ -605,35 +645,54 @@ def evaluate_variant(
         row = {"method": s.method, "steps": s.steps, "nfe": nfe}
         if len(set(nfes)) > 1:
             row["nfe_range"] = [min(nfes), max(nfes)]  # the adaptive ODE: its NFE differs per chunk
-        results[s.key] = {**row, **_summary(computed["settings"][s.key])}
+        results[s.key] = {**row, **summary(computed["settings"][s.key])}
 
-    baseline: dict[str, Any] = {"description": f"{n} random train points per seed (drawn from (params.seed, seed)) "
-                                               "against the test split, with the same metrics"}
+    baseline: dict[str, Any] = {"description": f"{n_heldout} random test (held-out) points per seed (drawn from "
+                                               "(params.seed, seed)) against the same train-split reference, with "
+                                               "the same metrics", "n": n_heldout, "same_n": n_heldout == n}
+    if n_heldout < n:
+        baseline["description"] += (f"; the test split holds only {n_test} < N = {n}, so this floor is biased "
+                                    "upwards against the samples: enlarge data.test_fraction or lower sample.n")
     if computed["baseline"] is not None:
-        baseline.update(_summary(computed["baseline"]))
+        baseline.update(summary(computed["baseline"]))
     else:
-        baseline["skipped"] = f"the train split has {n_train} points, fewer than N = {n}"
+        baseline["skipped"] = f"the test split has {n_test} points, fewer than {_MIN_SAMPLES}"
     if weights is not None:
         how = computed["inception_baseline_how"]
         if computed["inception_baseline"] is None:
             baseline["inception_fid_skipped"] = how
         else:
-            summary = _summary({s: {"inception_fid": v} for s, v in computed["inception_baseline"].items()})
+            summary = _summary({s: {"inception_fid": v} for s, v in computed["inception_baseline"].items()}, level,
+                               primary, None)
             baseline["description"] = f"{baseline['description']}; inception_fid: {how}"
-            baseline.update({k: summary[k] for k in ("inception_fid_mean", "inception_fid_std")})
+            baseline.update({k: summary[k] for k in ("inception_fid_mean", "inception_fid_std", "inception_fid_ci")})
             for s, values in summary["per_seed"].items():
                 baseline.setdefault("per_seed", {}).setdefault(s, {}).update(values)
-    if fd_train_full is not None:  # all train images against the test split: the floor at full size
-        baseline["domain_fd_train_full"] = _num(fd_train_full)
+    if fd_test_full is not None:  # the whole test split against the train statistics
+        baseline["domain_fd_test_full"] = _num(fd_test_full)
 
-    primary = modality.primary_metric
     example = next((r for r in results.values() if not r.get("diverged")), {})
+    boot = params.evaluate.bootstrap
     metrics: dict[str, Any] = {
         "variant": variant, "sde": vcfg.sde.type, "data": manifest.source, "n_per_seed": n,
         "seeds": min(r["seeds"] for r in results.values()), "seed_ids": seed_ids, "primary_metric": primary,
         "metrics": {k: v for k, v in _DESCRIPTIONS.items() if f"{k}_mean" in example},
         "diverged": sorted(diverged),  # settings marked by the sample stage's guard: in settings, without metrics
         "std": "sample standard deviation over seeds (ddof 1); null with one seed",
+        "reference": f"the whole train split ({n_train} points)",
+        "intervals": {
+            "level": level,
+            primary: (f"bootstrap over samples: {boot} resamples (with replacement) of each seed's samples, the "
+                      "indices drawn from (params.seed, seed) alone, so every variant and setting of the same N "
+                      "resamples the same rows; the mean over seeds of each resample gives "
+                      f"{primary}_replicates; the interval is their central quantiles about their mean, added to "
+                      "the estimate" if boot else "Student t over seeds (evaluate.bootstrap is 0)"),
+            "others": "Student t over seeds (null with one seed)",
+        },
+        "bootstrap": {"replicates": boot, "seed": params.seed, "n": n, "seed_ids": seed_ids} if boot else None,
+        "precision_recall": {"k": _KNN_K, "n_samples": n, "n_reference": min(n_train, _ROWS)},
+        "kid": ({"scale": _KID_SCALE, "subset_size": min(n, n_train, _ROWS), "subsets": _KID_SUBSETS}
+                if n >= _KID_MIN_N else f"left out: N = {n} < {_KID_MIN_N}"),
         "baseline": baseline, "settings": results, **info,
     }
     metrics[modality.likelihood] = computed["likelihood"]
@@ -652,15 +711,17 @@ def evaluate_variant(
 
 
 def _curve_csv(variant: str, results: dict[str, Any]) -> str:
-    """One row per setting: mean and std over seeds of every metric, for `dvc plots` (x: nfe)."""
+    """One row per setting: mean, std over seeds and interval of every metric, for `dvc plots` (x: nfe)."""
     example = next((r for r in results.values() if not r.get("diverged")), {})  # diverged rows: empty cells
     names = [k for k in example if k.endswith(("_mean", "_std"))]
+    cis = [k for k in example if k.endswith("_ci")]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["variant", "setting", "method", "steps", "nfe", *names])
+    w.writerow(["variant", "setting", "method", "steps", "nfe", *names, *(f"{k}_{e}" for k in cis for e in ("low", "high"))])
     for key, r in results.items():
         w.writerow([variant, key, r["method"], "" if r["steps"] is None else r["steps"], r["nfe"],
-                    *["" if r.get(k) is None else r[k] for k in names]])
+                    *["" if r.get(k) is None else r[k] for k in names],
+                    *["" if r.get(k) is None else r[k][i] for k in cis for i in (0, 1)]])
     return buf.getvalue()
 
 

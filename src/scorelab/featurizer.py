@@ -7,8 +7,9 @@ format of its folder (read back by the evaluate stage and the sweep's objective)
 The folder holds, for image data,
 
     classifier.pt    a DigitClassifier trained on the train split (features.save_classifier)
-    ref_test.npz     mu, sigma of the test split's classifier features (the reference of the distance)
-    ref_train.npz    mu, sigma of the train split's features
+    ref_test.npz     mu, sigma of the test split's classifier features (the sweep's objective)
+    ref_train.npz    mu, sigma of the whole train split's features: the evaluation's reference, keyed by the
+                     dataset's checksum and the classifier file's sha256 (load_featurizer refuses a mismatch)
     metrics.json     {"test_accuracy", "train_seconds", ...}
 
 and for 2-D data only metrics.json with {"skipped": ...}: distances are computed on the points.
@@ -55,22 +56,30 @@ def read_labels(manifest: Manifest, split: str) -> np.ndarray:
     return np.concatenate([pq.read_table(p, columns=["label"])["label"].to_numpy() for p in manifest.files(split)])
 
 
-def write_stats(path: Path, mu: np.ndarray, sigma: np.ndarray) -> None:
+def write_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, key: dict[str, str] | None = None) -> None:
+    """mu, sigma and (optionally) the key strings that say what they were computed from."""
     buf = io.BytesIO()
-    np.savez(buf, mu=mu, sigma=sigma)
+    np.savez(buf, mu=mu, sigma=sigma, **{f"key_{k}": np.array(v) for k, v in (key or {}).items()})
     storage.write_bytes(path, buf.getvalue())
 
 
-def read_stats(path: Path) -> Stats:
-    """(mu, sigma) of a write_stats file; FeaturizerError naming the file when it is absent or unreadable."""
+def read_stats(path: Path, key: dict[str, str] | None = None) -> Stats:
+    """(mu, sigma) of a write_stats file; FeaturizerError naming the file when it is absent, unreadable or
+    (given `key`) computed from something else."""
     try:
         with np.load(path) as z:
-            return z["mu"], z["sigma"]
+            found = {k: str(z[f"key_{k}"]) if f"key_{k}" in z.files else None for k in (key or {})}
+            stats = z["mu"], z["sigma"]
     except FileNotFoundError:
         raise FeaturizerError(f"{path}: not found; {_RUN_STAGE}") from None
     except Exception as e:  # truncated or foreign files fail in many ways
         raise FeaturizerError(f"{path}: unreadable statistics file ({type(e).__name__}); rerun the featurizer "
                               "stage") from None
+    stale = [k for k, v in (key or {}).items() if found[k] != v]
+    if stale:
+        raise FeaturizerError(f"{path}: computed from another {' and '.join(stale)} than the featurizer folder's; "
+                              "rerun the featurizer stage")
+    return stats
 
 
 def build_featurizer(params: Params, *, root: Path, out_dir: Path, epochs: int = 12) -> dict[str, Any]:
@@ -106,9 +115,14 @@ def build_featurizer(params: Params, *, root: Path, out_dir: Path, epochs: int =
                "dataset_checksum": manifest.checksum}
     save_classifier(model, out_dir / CLASSIFIER_FILE, {"source": manifest.source, **metrics})
     write_stats(out_dir / REF_TEST_FILE, *feature_stats(model, x_test))
-    write_stats(out_dir / REF_TRAIN_FILE, *feature_stats(model, x_train))
+    write_stats(out_dir / REF_TRAIN_FILE, *feature_stats(model, x_train), key=_reference_key(out_dir, manifest))
     storage.write_json(out_dir / METRICS_FILE, metrics, indent=2)
     return metrics
+
+
+def _reference_key(folder: Path, manifest: Manifest) -> dict[str, str]:
+    """What the train statistics were computed from: the data and the classifier (its file's sha256)."""
+    return {"dataset_checksum": manifest.checksum, "classifier_sha256": storage.sha256_file(folder / CLASSIFIER_FILE)}
 
 
 def load_featurizer(featurizer_dir: Path, manifest: Manifest) -> tuple[DigitClassifier, dict[str, Any], Stats, Stats]:
@@ -124,7 +138,8 @@ def load_featurizer(featurizer_dir: Path, manifest: Manifest) -> tuple[DigitClas
     if meta.get("dataset_checksum") != manifest.checksum:
         raise FeaturizerError(f"{path} was trained on another dataset than {manifest.root}: rerun the featurizer "
                               "stage")
-    return clf, meta, read_stats(path.parent / REF_TEST_FILE), read_stats(path.parent / REF_TRAIN_FILE)
+    return (clf, meta, read_stats(path.parent / REF_TEST_FILE),
+            read_stats(path.parent / REF_TRAIN_FILE, _reference_key(path.parent, manifest)))
 
 
 __all__ = ["CLASSIFIER_FILE", "REF_TEST_FILE", "REF_TRAIN_FILE", "FeaturizerError", "build_featurizer",

@@ -124,22 +124,19 @@ def inception_info(path: Path, weights_sha256: str, manifest: Manifest, ref_file
             "reference_file": str(ref_file), "reference_cached": cached}
 
 
-def inception_baseline_images(x_test: torch.Tensor, x_train: torch.Tensor, train_idx: dict[int, torch.Tensor] | None,
-                              seed_ids: list[int], n: int, seed: int) -> tuple[dict[int, torch.Tensor] | None, str]:
-    """The real-vs-real Inception FID's images at N, per seed, and how they were chosen: N test images per
-    seed, against the train statistics; with fewer than N test images, the N train images of the other
-    baseline metrics (train_idx), which are part of the reference (what a model that memorised the train
-    split would score: biased low). (None, why) when both splits are too small."""
-    if len(x_test) >= n:
-        images = {s: x_test[torch.from_numpy(np.sort(np.random.default_rng([seed, s]).choice(len(x_test), n,
-                                                                                              replace=False)))]
-                  for s in seed_ids}
-        return images, f"{n} random test images per seed (drawn from (params.seed, seed)) against the train statistics"
-    if train_idx is not None:
-        return ({s: x_train[idx] for s, idx in train_idx.items()},
-                f"the same {n} train images per seed against the train statistics (the test split has only "
-                f"{len(x_test)}): part of the reference, so a memorising model's score, biased low")
-    return None, f"both splits hold fewer than N = {n} images"
+def inception_baseline_images(x_test: torch.Tensor, seed_ids: list[int], n: int,
+                              seed: int) -> tuple[dict[int, torch.Tensor] | None, str]:
+    """The real-vs-real Inception FID's images, per seed, and how they were chosen: N held-out test images
+    per seed (the draw of the domain baseline), against the train statistics; with fewer than N test
+    images, all of them (a floor biased upwards against samples of N). (None, why) with fewer than 2."""
+    n_b = min(n, len(x_test))
+    if n_b < 2:
+        return None, f"the test split holds {len(x_test)} image(s): too few for a baseline"
+    images = {s: x_test[torch.from_numpy(np.sort(np.random.default_rng([seed, s]).choice(len(x_test), n_b,
+                                                                                          replace=False)))]
+              for s in seed_ids}
+    how = f"{n_b} random test images per seed (drawn from (params.seed, seed)) against the train statistics"
+    return images, how if n_b == n else f"{how}: the whole test split, fewer than N = {n}, so biased upwards"
 
 
 def inception_summary(results: dict[str, Any], info: dict[str, Any], n: int, seeds: int) -> dict[str, Any]:

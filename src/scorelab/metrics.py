@@ -1,4 +1,5 @@
-"""Sample-quality metrics: Frechet distance of Gaussian statistics, sliced Wasserstein, and MMD.
+"""Sample-quality metrics: Frechet distance of Gaussian statistics, sliced Wasserstein, and MMD, and the
+intervals and paired comparisons of them (bootstrap over samples, Student t over seeds, Holm's correction).
 
 Everything is computed in float64 on the CPU-or-GPU tensors given (numpy arrays are accepted too)
 and returned as a Python float. Gaussian statistics of features accumulate batch by batch (RunningStats).
@@ -6,6 +7,8 @@ and returned as a Python float. Gaussian statistics of features accumulate batch
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -214,11 +217,18 @@ def _pair(x: ArrayLike, y: ArrayLike, who: str) -> tuple[Tensor, Tensor]:
     return fx, fy.to(fx.device)
 
 
+_KID_KERNEL_ELEMENTS = 1 << 24  # up to this many kernel entries (128 MiB), KID computes each pair's kernel once
+
+
+def _poly_kernel(a: Tensor, b: Tensor) -> Tensor:
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
 def _poly_mmd2(x: Tensor, y: Tensor) -> Tensor:
     """Unbiased MMD^2 of equal-size x, y (m, d) with k(a, b) = (a.b / d + 1)^3 (Binkowski et al. 2018):
     the within-set means leave out the diagonal k(x_i, x_i); the cross term keeps every pair."""
-    m, d = x.shape
-    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    m = x.shape[0]
+    kxx, kyy, kxy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
     within = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
     return within - 2 * kxy.mean()
 
@@ -242,10 +252,23 @@ def kid(x_features: ArrayLike, y_features: ArrayLike, *, subset_size: int = 1000
         raise ValueError(f"kid needs subsets >= 1, got {subsets}")
     gen = torch.Generator().manual_seed(seed)
     mmds = torch.empty(subsets, dtype=torch.float64)
-    for s in range(subsets):
-        ix = torch.randperm(n_x, generator=gen)[:m].to(x.device)
-        iy = torch.randperm(n_y, generator=gen)[:m].to(x.device)
-        mmds[s] = _poly_mmd2(x[ix], y[iy]).cpu()
+    # Subsets of N from N samples (and from a reference not much larger) overlap heavily: each pair's kernel
+    # is then computed once and every subset gathers its entries, the same numbers at a fraction of the cost.
+    # A subset's kernel sums are then quadratic forms u^T K v of 0/1 indicator vectors.
+    full = (n_x + n_y) ** 2 <= _KID_KERNEL_ELEMENTS
+    draws = [(torch.randperm(n_x, generator=gen)[:m], torch.randperm(n_y, generator=gen)[:m]) for _ in range(subsets)]
+    if not full:
+        for s, (ix, iy) in enumerate(draws):
+            mmds[s] = _poly_mmd2(x[ix.to(x.device)], y[iy.to(x.device)]).cpu()
+        return float(mmds.mean()), float(mmds.std(correction=0))
+    ux = torch.zeros(subsets, n_x, dtype=torch.float64)
+    uy = torch.zeros(subsets, n_y, dtype=torch.float64)
+    for s, (ix, iy) in enumerate(draws):
+        ux[s, ix], uy[s, iy] = 1.0, 1.0
+    ux, uy = ux.to(x.device), uy.to(x.device)
+    kxx, kyy, kxy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
+    within = (((ux @ kxx) * ux).sum(1) - ux @ kxx.diagonal() + ((uy @ kyy) * uy).sum(1) - uy @ kyy.diagonal())
+    mmds = (within / (m * (m - 1)) - 2 * ((ux @ kxy) * uy).sum(1) / (m * m)).cpu()
     return float(mmds.mean()), float(mmds.std(correction=0))
 
 
@@ -316,3 +339,157 @@ def check_samples(x: ArrayLike, *, shape: Sequence[int], value_range: tuple[floa
         t_min, t_max = float(t.min()), float(t.max())
         if t_min < lo - 1e-3 or t_max > hi + 1e-3:
             raise ValueError(f"{name}: expected values in [{lo}, {hi}], found min {t_min:.6g}, max {t_max:.6g}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Intervals and pairwise comparisons.
+#
+# The evaluate stage resamples each seed's N samples with replacement, with indices drawn from the seed
+# alone (bootstrap_indices), so every variant and setting of the same N and seeds sees the same resamples:
+# replicate b of variant A and replicate b of variant B are paired, as sample i of a seed starts from the
+# same noise in both. The report then differences replicates, never recomputing a feature.
+
+
+def bootstrap_indices(n: int, replicates: int, seed: int | Sequence[int]) -> np.ndarray:
+    """(replicates, n) int64 row indices drawn with replacement, from numpy's generator seeded by `seed`
+    (an int or a sequence of ints, e.g. (params.seed, sample seed)): the same for every caller with the
+    same n and seed."""
+    if n < 1 or replicates < 1:
+        raise ValueError(f"bootstrap_indices needs n >= 1 and replicates >= 1, got n={n}, replicates={replicates}")
+    return np.random.default_rng(seed).integers(0, n, size=(replicates, n), dtype=np.int64)
+
+
+def frechet_replicates(features: ArrayLike, indices: np.ndarray, mu: ArrayLike, sigma: ArrayLike) -> np.ndarray:
+    """Frechet distance of features[idx] to N(mu, sigma) for each row idx of `indices` (B, N): (B,) float64,
+    each equal to frechet_distance(*gaussian_stats(features[idx]), mu, sigma) up to rounding.
+
+    Batched: a resample is a weight vector of counts over the rows, so every replicate's mean and
+    covariance come from two matrix products, and the reference's square root is taken once."""
+    f = _f64(features)
+    f = f.reshape(f.shape[0], -1)
+    idx = torch.as_tensor(np.asarray(indices), device=f.device).long()
+    b, n = idx.shape
+    if n < 2:
+        raise ValueError(f"frechet_replicates needs resamples of at least 2 rows, got {n}")
+    ref_mu, ref_sigma = _f64(mu, f.device).reshape(-1), _f64(sigma, f.device)
+    ref_sigma = ref_sigma.reshape(ref_mu.numel(), ref_mu.numel())
+    r = _sym_sqrt(ref_sigma)
+    out = []
+    step = max(1, _CDIST_ELEMENTS // (f.shape[0] * f.shape[1]))  # replicates per batch: bounded memory
+    for i in range(0, b, step):
+        w = torch.zeros(len(idx[i:i + step]), f.shape[0], dtype=torch.float64, device=f.device)
+        w.scatter_add_(1, idx[i:i + step], torch.ones_like(idx[i:i + step], dtype=torch.float64))
+        w /= n
+        mean = w @ f
+        cov = ((w[:, :, None] * f).transpose(1, 2) @ f - mean[:, :, None] * mean[:, None, :]) * (n / (n - 1))
+        m = r @ cov @ r
+        tr_covmean = torch.linalg.eigvalsh(0.5 * (m + m.transpose(1, 2))).clamp(min=0).sqrt().sum(-1)
+        out.append((mean - ref_mu).square().sum(-1) + cov.diagonal(dim1=1, dim2=2).sum(-1) + torch.trace(ref_sigma)
+                   - 2 * tr_covmean)
+    return torch.cat(out).clamp(min=0).cpu().numpy()
+
+
+def sliced_wasserstein_replicates(x: ArrayLike, y: ArrayLike, indices: np.ndarray, n_projections: int = 256,
+                                  seed: int = 0, p: float = 2) -> np.ndarray:
+    """sliced_wasserstein(x[idx], y, n_projections, seed, p) for each row idx of `indices` (B, N): (B,)
+    float64. The directions, and y's sorted projections, are computed once."""
+    x, y = _f64(x), _f64(y)
+    x, y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1).to(x.device)
+    gen = torch.Generator().manual_seed(seed)  # as sliced_wasserstein: the same directions
+    theta = torch.randn(x.shape[1], n_projections, generator=gen, dtype=torch.float64)
+    theta = (theta / theta.norm(dim=0, keepdim=True)).to(x.device)
+    xp, ys = x @ theta, (y @ theta).sort(0).values
+    out = np.empty(len(indices), dtype=np.float64)
+    for b, idx in enumerate(indices):
+        xs = xp[torch.as_tensor(idx, device=x.device)].sort(0).values
+        out[b] = float(_wasserstein_1d_pow(xs, ys, p).mean() ** (1 / p))
+    return out
+
+
+def _quantiles(v: np.ndarray, level: float) -> tuple[float, float]:
+    a = (1 - level) / 2
+    lo, hi = np.quantile(v, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def _check_level(level: float) -> None:
+    if not 0 < level < 1:
+        raise ValueError(f"the confidence level must lie strictly between 0 and 1, got {level}")
+
+
+def bootstrap_interval(estimate: float, replicates: ArrayLike, level: float = 0.95) -> tuple[float, float]:
+    """The level-interval of `estimate` from bootstrap replicates of it: the replicates' central quantiles
+    about their own mean, added to the estimate. Only the replicates' spread is used, not their centre:
+    a resample holds duplicates, which biases distances such as the Frechet distance upwards."""
+    _check_level(level)
+    r = np.asarray(replicates, dtype=np.float64).reshape(-1)
+    if r.size < 2 or not np.isfinite(r).all():
+        return math.nan, math.nan
+    lo, hi = _quantiles(r - r.mean(), level)
+    return estimate + lo, estimate + hi
+
+
+def t_interval(values: ArrayLike, level: float = 0.95) -> tuple[float, float]:
+    """Student-t level-interval of the mean of independent values (one per seed): mean -/+ t * s / sqrt(k);
+    (nan, nan) for fewer than two values."""
+    from scipy import stats
+
+    _check_level(level)
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size < 2 or not np.isfinite(v).all():
+        return math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    return float(v.mean()) - half, float(v.mean()) + half
+
+
+@dataclass(frozen=True)
+class Difference:
+    """estimate_a - estimate_b with its bootstrap interval and two-sided p-value (of "no difference")."""
+
+    estimate: float
+    low: float
+    high: float
+    p_value: float
+
+
+def paired_difference(estimate_a: float, replicates_a: ArrayLike, estimate_b: float, replicates_b: ArrayLike,
+                      level: float = 0.95) -> Difference:
+    """A - B from paired bootstrap replicates (replicate b of each from the same resample indices).
+
+    The interval is bootstrap_interval of the replicates' differences; the p-value is the share of
+    centred differences at least as far from 0 as the observed one, (1 + #) / (1 + B), so never 0."""
+    ra = np.asarray(replicates_a, dtype=np.float64).reshape(-1)
+    rb = np.asarray(replicates_b, dtype=np.float64).reshape(-1)
+    if ra.shape != rb.shape:
+        raise ValueError(f"paired_difference: {ra.size} and {rb.size} replicates; pairs need the same resamples")
+    d = estimate_a - estimate_b
+    lo, hi = bootstrap_interval(d, ra - rb, level)
+    centred = (ra - rb) - (ra - rb).mean()
+    p = float((1 + np.count_nonzero(np.abs(centred) >= abs(d))) / (1 + centred.size))
+    return Difference(d, lo, hi, p)
+
+
+def paired_t(values_a: Sequence[float], values_b: Sequence[float], level: float = 0.95) -> Difference:
+    """mean(A - B) over paired values (one per seed, the same seeds on both sides) with its Student-t
+    level-interval and two-sided p-value (scipy's paired t-test); nan interval and p = 1 for fewer than two
+    pairs, and p = 1 when every difference is the same (no spread to test against)."""
+    from scipy import stats
+
+    d = np.asarray(values_a, dtype=np.float64) - np.asarray(values_b, dtype=np.float64)
+    if d.shape != (len(values_a),) or len(values_a) != len(values_b):
+        raise ValueError(f"paired_t: {len(values_a)} and {len(values_b)} values; pairs need one value per seed each")
+    lo, hi = t_interval(d, level)
+    p = float(stats.ttest_rel(values_a, values_b).pvalue) if d.size >= 2 and d.std() > 0 else 1.0
+    return Difference(float(d.mean()), lo, hi, p)
+
+
+def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
+    """Holm's step-down procedure: which hypotheses are rejected with family-wise error rate <= alpha."""
+    _check_level(1 - alpha)
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    rejected = [False] * len(p_values)
+    for rank, i in enumerate(order):
+        if p_values[i] > alpha / (len(p_values) - rank):
+            break  # step-down: every larger p-value is kept too
+        rejected[i] = True
+    return rejected

@@ -17,8 +17,10 @@ the one with the lowest mean of it.
 
 Outputs, in out_dir (default <root>/reports), each written to a temporary name and then renamed:
 
-    comparison.md     tables (every setting as mean ± std, the real-vs-real baseline, the best setting
-                      per variant, bits/dim or test log-likelihood, training time), notes, the figures
+    comparison.md     tables (every setting as mean [interval], the real-vs-real baseline, each variant's
+                      lowest-mean setting, bits/dim or test log-likelihood, training time), the pairwise
+                      comparisons (scorelab.report_compare: which differences are significant, the rest
+                      ties), notes, the figures
     fid_vs_nfe.png    primary metric vs NFE, one line per variant x sampler, baseline dashed
     fid_vs_nfe.csv    the same points for `dvc plots show`: variant, method, setting, nfe, value, std
     loss_curves.png   training loss vs step from the MLflow runs; skipped (and said so) without MLflow
@@ -47,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import storage, tracking
 from .layout import Layout
-from .report_data import Histories, ReportError, VariantResult, baseline_value, load_inputs, nfe_text
+from .report_data import Histories, ReportError, VariantResult, baseline_value, load_inputs, nfe_text, pairwise
 from .report_figures import plot_loss_curves, plot_samples, plot_vs_nfe, save_figure
 from .report_markdown import comparison_markdown
 
@@ -92,6 +94,8 @@ def metrics_summary(variants: list[VariantResult], primary: str) -> dict[str, An
             f"best_{primary}": _json_number(v.best.metrics[primary][0]) if v.best else None,
             f"best_{primary}_std": _json_number(v.best.metrics[primary][1]) if v.best else None,
         }
+        if v.best is not None and primary in v.best.ci:
+            entry[f"best_{primary}_low"], entry[f"best_{primary}_high"] = map(_json_number, v.best.ci[primary])
         if v.likelihood:
             entry[v.likelihood.name] = _json_number(v.likelihood.mean)
         entry.update(train_seconds=_json_number(v.train_seconds), train_steps=v.train_steps,
@@ -212,7 +216,8 @@ def build_report(
         {"files": {"comparison": Path, "fid_vs_nfe": Path, "fid_vs_nfe_csv": Path, "samples": Path,
                    "metrics": Path, "loss_curves": Path (only when drawn)},
          "primary_metric": str, "best": {variant: setting key or None}, "metrics": what metrics.json holds,
-         "mlflow_run_id": the comparison run, or None, "notes": [str]}
+         "mlflow_run_id": the comparison run, or None, "notes": [str],
+         "pairwise": report_compare.Comparison (which differences are significant)}
 
     Raises ReportError, before writing anything, when an input is missing or malformed. Without
     log_to_mlflow, MLflow is not contacted at all, and the loss-curve figure is skipped.
@@ -254,9 +259,10 @@ def build_report(
     summary = metrics_summary(variants, primary)
     files["metrics"] = storage.write_text(out_dir / "metrics.json",
                                           json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    comparison = pairwise(variants, primary)
     markdown = comparison_markdown(variants, primary, out_dir=out_dir, loss_figure=bool(histories),
                                    loss_reason=loss_reason, mlflow_summary=_mlflow_summary(session, primary),
-                                   notes=notes, source=params.data.source)
+                                   notes=notes, source=params.data.source, comparison=comparison)
     files["comparison"] = storage.write_text(out_dir / "comparison.md", markdown)
 
     if session is not None:
@@ -268,7 +274,7 @@ def build_report(
             notes.append(f"MLflow: {session.logger.dropped - before} artifact upload(s) of the comparison run failed")
     return {"files": files, "primary_metric": primary,
             "best": {v.name: v.best.key if v.best else None for v in variants}, "metrics": summary,
-            "mlflow_run_id": session.run_id if session else None, "notes": notes}
+            "mlflow_run_id": session.run_id if session else None, "notes": notes, "pairwise": comparison}
 
 
 __all__ = ["COMPARISON_RUN_NAME", "ReportError", "build_report", "comparison_run_key", "loss_histories",

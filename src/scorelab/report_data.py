@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .layout import TUNED_VARIANT, Layout, stage_command
 from .modality import PRIMARY_METRICS
+from .report_compare import BASELINE, Comparison, Entry, compare
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,6 +42,9 @@ class Setting:
     nfe: float | None  # the adaptive ODE reports a mean over chunks
     metrics: dict[str, tuple[float, float]]  # name -> (mean, std over seeds)
     diverged: bool = False  # the sample stage's guard marked it: no metrics, shown as diverged
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (low, high) at the evaluation's level
+    replicates: list[float] | None = None  # the primary metric's bootstrap replicates (mean over seeds), if any
+    per_seed: dict[str, float] = field(default_factory=dict)  # the primary metric per seed, for paired tests
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,13 @@ class VariantResult:
     train_seconds: float
     final_loss: float | None
     run_id: str | None
-    best: Setting | None = None  # None when no setting has a finite primary value
+    baseline_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    baseline_replicates: list[float] | None = None
+    baseline_per_seed: dict[str, float] = field(default_factory=dict)
+    baseline_n: int | None = None  # held-out real samples per seed behind the baseline
+    bootstrap: dict[str, Any] | None = None  # the evaluation's resampling: two variants pair only if it is equal
+    level: float | None = None  # the evaluation's interval level
+    best: Setting | None = None  # the lowest-mean setting; None when no setting has a finite primary value
     grid_path: Path | None = None
     grid: "np.ndarray | None" = None
 
@@ -126,6 +136,39 @@ def _metric_pairs(block: Mapping[str, Any], where: str) -> dict[str, tuple[float
     return out
 
 
+def _intervals(block: Mapping[str, Any], where: str) -> dict[str, tuple[float, float]]:
+    """{"kid_x1e3_ci": [low, high], ...} -> {"kid_x1e3": (low, high)}; null intervals are left out."""
+    out: dict[str, tuple[float, float]] = {}
+    for k, v in block.items():
+        if k.endswith("_ci") and v is not None:
+            if not isinstance(v, list) or len(v) != 2:
+                raise ReportError(f"{where}.{k}: must be [low, high], got {v!r}")
+            out[k[: -len("_ci")]] = (_number(v[0], f"{where}.{k}[0]"), _number(v[1], f"{where}.{k}[1]"))
+    return out
+
+
+def _replicates(block: Mapping[str, Any], primary: str | None, where: str) -> list[float] | None:
+    v = block.get(f"{primary}_replicates") if primary else None
+    if v is None:
+        return None
+    if not isinstance(v, list) or not v:
+        raise ReportError(f"{where}.{primary}_replicates: must be a non-empty list of numbers")
+    return [_number(x, f"{where}.{primary}_replicates") for x in v]
+
+
+def _per_seed(block: Mapping[str, Any], primary: str | None) -> dict[str, float]:
+    """{seed: primary value} of a setting's or baseline's per_seed block (finite numbers only)."""
+    seeds = block.get("per_seed")
+    if not primary or not isinstance(seeds, dict):
+        return {}
+    out = {}
+    for seed, values in seeds.items():
+        v = values.get(primary) if isinstance(values, dict) else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[str(seed)] = float(v)
+    return out
+
+
 def _load_train(path: Path, layout: Layout) -> dict[str, Any]:
     data = _read_json(path, layout)
     where = layout.shown(path)
@@ -164,7 +207,9 @@ def _load_eval(path: Path, layout: Layout, variant: str, train: dict[str, Any]) 
         settings.append(Setting(key=key, method=s["method"],
                                 steps=None if steps is None else _integer(steps, f"{w}.steps"),
                                 nfe=_number(s.get("nfe"), f"{w}.nfe", optional=True),
-                                metrics=_metric_pairs(s, w), diverged=s.get("diverged") is True))
+                                metrics=_metric_pairs(s, w), diverged=s.get("diverged") is True,
+                                ci=_intervals(s, w), replicates=_replicates(s, data.get("primary_metric"), w),
+                                per_seed=_per_seed(s, data.get("primary_metric"))))
     methods = list(dict.fromkeys(s.method for s in settings))
     settings.sort(key=lambda s: (methods.index(s.method), s.nfe is None, s.nfe or 0.0, s.key))
 
@@ -184,7 +229,7 @@ def _load_eval(path: Path, layout: Layout, variant: str, train: dict[str, Any]) 
     base = data["baseline"]
     baseline_notes = [str(base[k]) for k in ("description", "skipped") if isinstance(base.get(k), str)]
     baseline_notes += [f"{k} = {fmt(x)}" for k, x in base.items() if not k.endswith(("_mean", "_std"))
-                       and isinstance(x, (int, float)) and not isinstance(x, bool)]
+                       and k not in ("n", "seeds") and isinstance(x, (int, float)) and not isinstance(x, bool)]
     declared = data.get("primary_metric")
 
     reason = data.get("inception_fid_reason")
@@ -196,6 +241,12 @@ def _load_eval(path: Path, layout: Layout, variant: str, train: dict[str, Any]) 
         inception_fid=_number(data.get("inception_fid"), f"{where}.inception_fid", optional=True),
         inception_fid_reason=None if reason is None else str(reason),
         declared_primary=declared if isinstance(declared, str) else None,
+        baseline_ci=_intervals(base, f"{where}.baseline"),
+        baseline_replicates=_replicates(base, declared if isinstance(declared, str) else None, f"{where}.baseline"),
+        baseline_per_seed=_per_seed(base, declared if isinstance(declared, str) else None),
+        baseline_n=base.get("n") if isinstance(base.get("n"), int) else None,
+        bootstrap=data.get("bootstrap") if isinstance(data.get("bootstrap"), dict) else None,
+        level=_number((data.get("intervals") or {}).get("level"), f"{where}.intervals.level", optional=True),
         train_steps=train["steps"], train_seconds=train["seconds"], final_loss=train["final_loss"],
         run_id=train["run_id"])
 
@@ -296,6 +347,34 @@ def _same_metrics(a: dict[str, tuple[float, float]], b: dict[str, tuple[float, f
                for k in a for x, y in zip(a[k], b[k]))
 
 
+def pairwise(variants: list[VariantResult], primary: str) -> Comparison:
+    """report_compare.compare of each variant's lowest-mean setting and the baseline, or why it cannot be
+    made. With bootstrap replicates in every evaluation (resampled alike), paired bootstrap differences;
+    else paired t-tests over the seeds they share. The lowest-mean setting is chosen on the samples it is
+    then tested on, which favours each variant a little."""
+    entered = [v for v in variants if v.best is not None]
+    if not entered:
+        return Comparison(None, [], "no variant has a finite result")
+    first = entered[0]
+    level = first.level if first.level is not None else 0.95
+    if len({v.level for v in entered}) > 1:
+        return Comparison(None, [], "the evaluations' intervals are at different levels: re-run the evaluate stage")
+    by_bootstrap = (all(v.best.replicates is not None for v in entered)
+                    and len({repr(sorted((v.bootstrap or {}).items())) for v in entered}) == 1)
+    if not by_bootstrap:
+        seeds = set.intersection(*(set(v.best.per_seed) for v in entered))
+        if len(seeds) < 2:
+            return Comparison(None, [], f"fewer than two seeds with a finite {primary} shared by every variant (and "
+                                        "no common bootstrap replicates): re-run sample and evaluate with sample.seeds")
+    entries = [Entry(v.name, v.best.key, v.best.metrics[primary][0], v.best.replicates, v.best.per_seed)
+               for v in entered]
+    has_base = primary in first.baseline and (first.baseline_replicates is not None if by_bootstrap
+                                              else len(first.baseline_per_seed) >= 2)
+    baseline = (Entry(BASELINE, "—", first.baseline[primary][0], first.baseline_replicates, first.baseline_per_seed)
+                if has_base else None)
+    return compare(entries, baseline, level, "bootstrap" if by_bootstrap else "seeds")
+
+
 def fmt(x: float | None, digits: int = 4) -> str:
     """A value as the report prints it: 4 significant digits, "—" for none, nan/inf/-inf spelled out."""
     if x is None:
@@ -321,5 +400,5 @@ def best_title(v: VariantResult) -> str:
 
 __all__ = [
     "Histories", "Likelihood", "ReportError", "Setting", "VariantResult", "baseline_value", "baselines",
-    "best_setting", "best_title", "fmt", "load_inputs", "nfe_text", "primary_metric",
+    "best_setting", "best_title", "fmt", "load_inputs", "nfe_text", "pairwise", "primary_metric",
 ]

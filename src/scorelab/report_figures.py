@@ -29,6 +29,14 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def _bar(pair: tuple[float, float], ci: tuple[float, float] | None) -> tuple[float, float]:
+    """(below, above) the mean: the interval where there is one, else the std over seeds, else nothing."""
+    mean, std = pair
+    if ci is not None and all(map(math.isfinite, ci)):
+        return max(mean - ci[0], 0.0), max(ci[1] - mean, 0.0)
+    return (0.0, 0.0) if math.isnan(std) else (std, std)
+
+
 def plot_vs_nfe(variants: list[VariantResult], primary: str):
     fig = figure(figsize=(7.5, 4.5))
     ax = fig.add_subplot()
@@ -39,12 +47,13 @@ def plot_vs_nfe(variants: list[VariantResult], primary: str):
     for v, color in zip(variants, colors):
         for method in dict.fromkeys(s.method for s in v.settings):
             j = methods.index(method)
-            pts = [(s.nfe, *s.metrics[primary]) for s in v.settings if s.method == method and s.nfe is not None
-                   and s.nfe > 0 and not s.diverged and math.isfinite(s.metrics[primary][0])]
+            pts = [(s.nfe, s.metrics[primary][0], *_bar(s.metrics[primary], s.ci.get(primary))) for s in v.settings
+                   if s.method == method and s.nfe is not None and s.nfe > 0 and not s.diverged
+                   and math.isfinite(s.metrics[primary][0])]
             if not pts:
                 continue
-            x, y, std = zip(*pts)
-            ax.errorbar(x, y, yerr=[0.0 if math.isnan(e) else e for e in std], color=color,
+            x, y, below, above = zip(*pts)
+            ax.errorbar(x, y, yerr=[below, above], color=color,
                         marker=markers[j % len(markers)], linestyle="-", capsize=3, markersize=5,
                         label=f"{v.name} {method}")
             plotted = True
@@ -56,7 +65,9 @@ def plot_vs_nfe(variants: list[VariantResult], primary: str):
         ax.set_xscale("log")
     ax.set_xlabel("NFE (score evaluations per sample)")
     ax.set_ylabel(f"{primary} (lower is better)")
-    ax.set_title(f"{primary} vs NFE (error bars: std over seeds)", fontsize=10)
+    with_ci = any(primary in s.ci for v in variants for s in v.settings)
+    ax.set_title(f"{primary} vs NFE (error bars: {'intervals, see comparison.md' if with_ci else 'std over seeds'})",
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
     return fig
