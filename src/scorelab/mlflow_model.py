@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
+import os
 import typing
 import warnings
 from contextlib import contextmanager
@@ -169,6 +170,9 @@ def _tracking_uri(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(before)
 
 
+_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
 @contextmanager
 def _quiet() -> Iterator[None]:
     """Without the advice MLflow prints for every custom model: the instance holds no state (the weights are
@@ -178,6 +182,8 @@ def _quiet() -> Iterator[None]:
     levels = [q.level for q in loggers]
     for q in loggers:
         q.setLevel(logging.ERROR)
+    bar = os.environ.get(_PROGRESS_BAR)
+    os.environ[_PROGRESS_BAR] = "false"  # a bar for copying model.pt into the model, in every train stage's output
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*(input example|input_example)")
@@ -185,6 +191,10 @@ def _quiet() -> Iterator[None]:
     finally:
         for q, level in zip(loggers, levels):
             q.setLevel(level)
+        if bar is None:
+            os.environ.pop(_PROGRESS_BAR, None)
+        else:
+            os.environ[_PROGRESS_BAR] = bar
 
 
 def log_sampler_model(tracking_uri: str, run_id: str, model_path: Path, name: str = MODEL_NAME) -> str:
