@@ -10,6 +10,7 @@ A request is one mapping (a one-row DataFrame after MLflow's schema enforcement)
     sampler  a method of scorelab.sampling defined for the variant's SDE (ancestral, ddim, dpm_solver, ode, ...)
     steps    the sampler's steps; omitted for ode (adaptive) and for ald on NCSN's own ladder
     seed     default 0: sample i of seed s draws the same noise in any n (scorelab.rng)
+Other keys never reach predict: MLflow's schema enforcement drops them, with its warning naming them.
 The sampler's options (eta, snr, grid, rtol, ...) are the variant's own for that method where its config has
 one, else the sampler's defaults, as the sample stage would run them. Samples come back in model space, as
 scorelab.sampling.sample returns them (images (N, C, H, W) around [-1, 1]; points (N, D)).

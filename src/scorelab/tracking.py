@@ -8,6 +8,7 @@ server works: other nodes cannot write to this machine's files, so a local store
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -157,7 +158,7 @@ def best_at_each_step(points: Iterable[tuple[int, float | None]]) -> list[tuple[
     samplers are called."""
     best: dict[int, float] = {}
     for step, value in points:
-        if value is not None and value == value and (step not in best or value < best[step]):
+        if value is not None and not math.isnan(value) and (step not in best or value < best[step]):
             best[step] = float(value)
     return sorted(best.items())
 
