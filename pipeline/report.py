@@ -17,6 +17,7 @@ from pathlib import Path
 
 from scorelab.cli import load_or_report
 from scorelab.report import ReportError, build_report
+from scorelab.tracking import resolve_tracking_uri, run_ui_url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for note in result["notes"]:
         print(f"report: note: {note}", file=sys.stderr)
+    link = result["mlflow_run_id"] and run_ui_url(resolve_tracking_uri(params.mlflow.tracking_uri, root),
+                                                  result["mlflow_run_id"])
+    if link:
+        print(f"report: MLflow: {link}", file=sys.stderr)
     print(result["files"]["comparison"])
     return 0
 

@@ -4,8 +4,10 @@
 
 Resumes the variant's run from its latest checkpoint when one exists. Writes <out>/model.pt
 (load with scorelab.checkpoint.load_trained), <out>/config.json, <out>/samples_final.png and
-<out>/metrics.json. Exit codes: 0 done, 2 invalid params, 1 training failed, 143 stopped by SIGTERM
-(preemption) after checkpointing the step it was at: run it again to resume from there.
+<out>/metrics.json, and logs the weights to the variant's MLflow run as an MLflow model that samples
+(scorelab.mlflow_model; not logging it is reported, not a failure). Exit codes: 0 done, 2 invalid params,
+1 training failed, 143 stopped by SIGTERM (preemption) after checkpointing the step it was at: run it
+again to resume from there.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from scorelab.checkpoint import CheckpointError
 from scorelab.cli import load_or_report
 from scorelab.data import DataError
 from scorelab.layout import Layout
+from scorelab.mlflow_model import publish
 from scorelab.runtime import RuntimeSetupError
-from scorelab.tracking import TrackingError
+from scorelab.tracking import TrackingError, resolve_tracking_uri
 from scorelab.training import TrainingError, TrainingPreempted, train_variant
 
 
@@ -45,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingError, CheckpointError, DataError, TrackingError, RuntimeSetupError) as e:
         print(f"train {args.variant}: {e}", file=sys.stderr)
         return 1
+    logged = publish(resolve_tracking_uri(params.mlflow.tracking_uri, layout.root), result.run_id, result.model_path)
     print(f"trained {args.variant}: {result.steps} steps in {result.seconds:.1f}s, final loss "
-          f"{result.final_loss:.4f}; weights {result.model_path}; MLflow run {result.run_id}")
+          f"{result.final_loss:.4f}; weights {result.model_path}; MLflow run {result.run_id}; {logged}")
     return 0
 
 

@@ -7,7 +7,8 @@ Each trial trains through Ray Train inside Ray Tune; ASHA stops the trials that 
 a sweep that was killed resumes it: finished trials are kept, the others continue from their last
 checkpoint. Writes <out>/best_params.yaml (a params file whose one variant is `tuned`), <out>/model.pt
 (its EMA weights, for pipeline/sample.py --params <out>/best_params.yaml --variant tuned --model
-<out>/model.pt), <out>/trials.csv, <out>/metrics.json and <out>/objective_vs_params.png.
+<out>/model.pt), <out>/trials.csv, <out>/metrics.json and <out>/objective_vs_params.png; the winner's
+weights are also logged to its trial's MLflow run as an MLflow model that samples (scorelab.mlflow_model).
 Exit codes: 0 done, 2 invalid params (or no tune section), 1 the sweep failed, 143 stopped by SIGTERM
 (130 by SIGINT): Ray Tune saved the sweep's state, and rerunning the stage resumes it.
 """
@@ -23,8 +24,9 @@ from scorelab.cli import load_or_report, print_problems
 from scorelab.config import ConfigError
 from scorelab.data import DataError
 from scorelab.layout import Layout
+from scorelab.mlflow_model import publish
 from scorelab.runtime import RuntimeSetupError
-from scorelab.tracking import TrackingError
+from scorelab.tracking import TrackingError, resolve_tracking_uri
 from scorelab.training import TrainingError
 from scorelab.tune import SweepInterrupted, TuneError, run_sweep
 
@@ -65,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         obj = "-" if r["objective"] is None else f"{r['objective']:.4g}"
         print(f"  trial {r['trial']}: {r['label']}, lr {r['lr']:g}, ema {r['ema_decay']:g} -> {m['objective_metric']} "
               f"{obj} at step {r['steps']}/{r['max_steps']} [{r['status']}]")
+    logged = publish(resolve_tracking_uri(params.mlflow.tracking_uri, layout.root), m["best_run_id"], out / "model.pt")
     print(f"best: trial {best['trial']} ({best['label']}), {m['objective_metric']} {best['objective']:.4g}; "
-          f"{out / 'best_params.yaml'}, {out / 'model.pt'}; MLflow run {m['mlflow_run_id']}")
+          f"{out / 'best_params.yaml'}, {out / 'model.pt'}; MLflow run {m['mlflow_run_id']}; {logged}")
     return 0
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +122,25 @@ def test_dvc_repro_runs_the_whole_dag_then_is_a_no_op(tmp_path):
     assert by_name["tune-trial000"].data.tags["mlflow.parentRunId"] == by_name["tune"].info.run_id
     history = client.get_metric_history(by_name["vp"].info.run_id, "eval_sliced_w2_dpm_solver")
     assert sorted(m.step for m in history) == [5, 10], "evaluation logged against NFE on the training run"
+    # MLflow as the comparison surface: the model-training kind; one key at step = NFE in every variant's
+    # run (the best setting at each NFE); each variant's weights as an mlflow.pyfunc model that samples
+    assert len({r.info.experiment_id for r in runs}) == 1
+    exp = client.get_experiment(by_name["vp"].info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    import mlflow
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")  # runs:/ URIs resolve through it
+    try:
+        for name, sampler in (("vp", "dpm_solver"), ("ve", "heun")):
+            settings = json.loads((repo / "outputs" / "eval" / name / "metrics.json").read_text())["settings"]
+            best = client.get_metric_history(by_name[name].info.run_id, "eval_sliced_w2_best")
+            assert sorted(m.step for m in best) == sorted(round(r["nfe"]) for r in settings.values()), name
+            model = mlflow.pyfunc.load_model(f"runs:/{by_name[name].info.run_id}/sampler")
+            x = model.predict({"n": 8, "sampler": sampler, "steps": 5})
+            assert x.shape == (8, 2) and np.isfinite(x).all(), name
+    finally:
+        mlflow.set_tracking_uri(None)
 
     shown = _dvc(repo, "metrics", "show")
     assert shown.returncode == 0 and "reports/metrics.json" in shown.stdout

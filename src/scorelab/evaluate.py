@@ -727,7 +727,11 @@ def _curve_csv(variant: str, results: dict[str, Any]) -> str:
 
 def _log(logger, metrics: dict[str, Any], primary: str, samples_dir: Path, out_dir: Path) -> None:
     """Into the training run: eval_<primary>_<method> at step = NFE (the chart is distance against NFE,
-    one line per sampler), the baseline, the likelihood, and metrics.json and the grids under eval/."""
+    one line per sampler), eval_<primary>_best at step = NFE (the best setting at each NFE: one key in every
+    variant's run, which MLflow's Compare overlays), the baseline, the likelihood, and metrics.json and the
+    grids under eval/."""
+    from . import tracking
+
     points = [(f"eval_{primary}_{r['method']}", r.get(f"{primary}_mean"), int(round(r["nfe"])))
               for r in metrics["settings"].values()]  # a diverged setting has no value: no point
     points.append((f"eval_{primary}_baseline", metrics["baseline"].get(f"{primary}_mean"), 0))
@@ -735,6 +739,9 @@ def _log(logger, metrics: dict[str, Any], primary: str, samples_dir: Path, out_d
         points += [(f"eval_inception_fid_{r['method']}", r.get("inception_fid_mean"), int(round(r["nfe"])))
                    for r in metrics["settings"].values()]
         points.append(("eval_inception_fid_baseline", metrics["baseline"].get("inception_fid_mean"), 0))
+    for metric in [primary] + (["inception_fid"] if metrics.get("inception") else []):
+        at_nfe = [(int(round(r["nfe"])), r.get(f"{metric}_mean")) for r in metrics["settings"].values()]
+        points += [(f"eval_{metric}_best", value, nfe) for nfe, value in tracking.best_at_each_step(at_nfe)]
     if metrics.get("bits_per_dim"):
         points.append(("eval_bits_per_dim", metrics["bits_per_dim"]["mean"], 0))
     if metrics.get("test_loglik"):

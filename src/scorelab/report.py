@@ -196,8 +196,12 @@ def _mlflow_summary(session: _MLflowSession | None, primary: str) -> str:
     """comparison.md's MLflow section."""
     if session is None:
         return "Nothing logged to MLflow (see the notes)."
+    link = tracking.run_ui_url(session.uri, session.run_id)
     return (f"Comparison run `{session.run_id}` (name `{COMPARISON_RUN_NAME}`) in experiment "
-            f"`{session.experiment}`; each training run is tagged `best_setting` with metric `best_{primary}`.")
+            f"`{session.experiment}`; each training run is tagged `best_setting` with metric `best_{primary}`, "
+            f"and holds `eval_{primary}_best` against NFE (the best setting at each NFE: *Compare* overlays the "
+            "variants on it) and the model `sampler` (`mlflow.pyfunc`)."
+            + (f" Open {link} (for a local store, after `mlflow ui` in the repository root)." if link else ""))
 
 
 # ---------------------------------------------------------------------------------------------

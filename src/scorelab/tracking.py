@@ -8,6 +8,7 @@ server works: other nodes cannot write to this machine's files, so a local store
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -15,6 +16,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 RUN_KEY_TAG = "scorelab.run_key"
+# MLflow 3's experiment kind: "custom_model_development" is its model-training kind (as opposed to
+# "genai_development"). The 3.17 UI decides its view from the browser's workflowType instead (the
+# localStorage default is GenAI), so links carry ?workflowType=machine_learning as well (ui_url).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+UI_VIEW = "workflowType=machine_learning"  # the "Model training" runs table, whatever the browser last used
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
 
 
 class TrackingError(RuntimeError):
@@ -116,13 +124,43 @@ def client(uri: str):
 
 
 def experiment_id(uri: str, name: str, root: Path) -> str:
-    """Get or create the experiment, once, on the driver. A local store keeps artifacts under <root>/mlruns."""
+    """Get or create the experiment, once, on the driver. A local store keeps artifacts under <root>/mlruns.
+    The experiment is of MLflow's model-training kind (EXPERIMENT_KIND_TAG); one made before that tag existed
+    gets it, one whose kind someone chose keeps it."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return exp.experiment_id
     location = (root.resolve() / "mlruns" / name).as_uri() if is_local_store(uri) else None
-    return c.create_experiment(name, artifact_location=location)
+    return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+
+
+def ui_url(uri: str, exp_id: str) -> str:
+    """The link that opens experiment exp_id in the MLflow UI's model-training runs table: on the tracking
+    server of an http(s) `uri`, else where `mlflow ui` serves the local store (LOCAL_UI)."""
+    base = display_uri(uri).rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{exp_id}?{UI_VIEW}"
+
+
+def run_ui_url(uri: str, run_id: str) -> str | None:
+    """ui_url of the experiment that holds run_id; None when the store cannot say."""
+    try:
+        return ui_url(uri, client(uri).get_run(run_id).info.experiment_id)
+    except Exception:  # MlflowException, connection errors: a link is not worth failing for
+        return None
+
+
+def best_at_each_step(points: Iterable[tuple[int, float | None]]) -> list[tuple[int, float]]:
+    """The lowest value at each step, steps ascending, of (step, value) points (None and NaN left out): a
+    variant's best sampler setting at each NFE, one curve that overlays across variants whatever their
+    samplers are called."""
+    best: dict[int, float] = {}
+    for step, value in points:
+        if value is not None and not math.isnan(value) and (step not in best or value < best[step]):
+            best[step] = float(value)
+    return sorted(best.items())
 
 
 def start_or_resume_run(uri: str, exp_id: str, run_key: str, run_name: str, tags: Mapping[str, str]) -> str:
