@@ -124,7 +124,7 @@ def test_bad_inputs_are_refused(net):
 
 def test_bad_weight_files_are_refused_naming_the_file(weights, tmp_path):
     expected = f"expected the state dict of {INCEPTION_WEIGHTS_FILE}"
-    with pytest.raises(ValueError, match=rf"missing\.pth: Inception weights file not found"):
+    with pytest.raises(ValueError, match=r"missing\.pth: Inception weights file not found"):
         load_inception(tmp_path / "missing.pth")
 
     (tmp_path / "garbage.pth").write_bytes(np.random.default_rng(0).bytes(4096))

@@ -119,7 +119,7 @@ def test_every_variant_logs_the_best_setting_at_each_nfe_under_one_key(store, tm
         (out / "fid_vs_nfe.csv").write_text("variant\n")
         metrics = {"settings": {f"{m}-{i}": {"method": m, "steps": None, "nfe": nfe, "domain_fd_mean": fd}
                                 for i, (m, nfe, fd) in enumerate(rows)},
-                   "baseline": {"domain_fd_mean": 12.0}}
+                   "baseline": {"domain_fd_mean": 12.0}, "diverged": []}
         log_evaluation(tracking.RunLogger(uri, runs[variant]), metrics, "domain_fd", tmp_path / "none", out)
 
     client = mlflow.MlflowClient(uri)
