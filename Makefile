@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 PRESET ?=
 
-.PHONY: run demo test setup lock bench
+.PHONY: run demo test test-slow test-all setup lock bench
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,14 @@ endif
 demo: $(STAMP)
 	$(PY) -m scorelab demo --params params.yaml --out outputs/demo
 
+# The fast tier (a few minutes on 2 cores); the slow tier (faults, clusters, whole-DAG runs); both.
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 # The benchmarks of docs/BENCHMARKS.md, one after another (long; not run by CI); CSVs into docs/bench/.
