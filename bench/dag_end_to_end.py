@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 def copy_repo(dest: Path, params: Path) -> None:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
+    for name in files:  # the project's files, never a run's record (dvc.lock, reports/)
+        if name != "dvc.lock" and not name.startswith(("reports/", "outputs/")) and (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
     shutil.copy2(params, dest / "params.yaml")
