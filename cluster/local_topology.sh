@@ -272,7 +272,8 @@ nodes = "1" if topology == "isolated" else "2"
 for r in runs:
     if r.info.run_name in ("vp", "ve"):
         assert r.data.tags.get("ray.num_nodes") == nodes, (r.info.run_name, r.data.tags.get("ray.num_nodes"))
-        assert "eval_sliced_w2_dpm_solver" in r.data.metrics or r.info.run_name == "ve"
+        assert "eval_sliced_w2_dpm_solver" in r.data.metrics or r.info.run_name == "ve", \
+            (r.info.run_name, sorted(r.data.metrics), r.data.tags.get("eval_diverged"))
 assert any((shared / "ray").iterdir()), "no Ray Train checkpoints on the shared storage"
 assert any((shared / "mlartifacts").rglob("model.pt")), "no model artifact on the shared artifact store"
 where = f"{nodes} Ray node{'s' if nodes != '1' else ''} in training"

@@ -28,7 +28,9 @@ def tiny_profile(ray_address: str, tracking_uri: str, storage_path: str) -> dict
     params["ray"].update({"address": ray_address, "num_workers": 2, "cpus_per_worker": 1,
                           "placement_strategy": "SPREAD", "storage_path": storage_path})
     params["mlflow"] = {"tracking_uri": tracking_uri, "experiment": "scorelab-cluster-check"}
-    params["sample"].update({"n": 200, "batch_size": 100, "workers": 2})
+    # 20 training steps leave models that sample far outside the data: score every setting anyway (the guard's
+    # own tests are tests/test_generate.py's and tests/test_evaluate.py's)
+    params["sample"].update({"n": 200, "batch_size": 100, "workers": 2, "diverged_above": 1.0e12})
     params["evaluate"].update({"bpd_samples": 50})
     params["variants"] = {
         "vp": {**params["variants"]["vp"], "net": mlp, "samplers": [{"method": "dpm_solver", "steps": [5, 10]}]},
