@@ -86,17 +86,19 @@ class DomainFD:
     """The evaluate stage's domain Frechet distance: the featurizer stage's classifier (scorelab.featurizer.
     build_featurizer: DigitClassifier trained by features.train_classifier on the train split, one thread,
     seed params.seed) and the test split's feature statistics as the reference. Samples are quantised to
-    uint8 and back first, as the sample stage stores them."""
+    uint8 and back first, as the sample stage stores them. reference="train": the whole train split, as the
+    evaluate stage scores now (its baseline is then held-out test data, `baseline(..., split="test")`)."""
 
-    def __init__(self, params, work: Path, epochs: int = 12):
+    def __init__(self, params, work: Path, epochs: int = 12, reference: str = "test"):
         from scorelab.data import read_split
         from scorelab.features import load_classifier
-        from scorelab.featurizer import REF_TEST_FILE, build_featurizer, read_stats
+        from scorelab.featurizer import REF_TEST_FILE, REF_TRAIN_FILE, build_featurizer, read_stats
 
         self.params = params
         self.meta = build_featurizer(params, root=work, out_dir=work / "featurizer", epochs=epochs)
         self.clf, _ = load_classifier(work / "featurizer" / "classifier.pt")
-        self.ref_mu, self.ref_sigma = read_stats(work / "featurizer" / REF_TEST_FILE)
+        ref_file = {"test": REF_TEST_FILE, "train": REF_TRAIN_FILE}[reference]
+        self.ref_mu, self.ref_sigma = read_stats(work / "featurizer" / ref_file)
         self.x_train = read_split(params.data.dataset_dir, "train")
         self.shape = tuple(self.x_train.shape[1:])
 
@@ -107,12 +109,16 @@ class DomainFD:
         x = torch.from_numpy(dequantize(quantize(x.detach().cpu().numpy())))
         return domain_frechet(self.clf, x, self.ref_mu, self.ref_sigma)
 
-    def baseline(self, n: int, seeds: list[int]) -> list[float]:
-        """N random train images per seed against the test split: evaluate.py's real-vs-real baseline."""
+    def baseline(self, n: int, seeds: list[int], split: str = "train") -> list[float]:
+        """N random real images of `split` per seed against the reference: the real-vs-real baseline (split
+        "test" with reference "train" is the evaluate stage's)."""
+        from scorelab.data import read_split
+
+        real = self.x_train if split == "train" else read_split(self.params.data.dataset_dir, split)
         out = []
         for seed in seeds:
-            idx = np.sort(np.random.default_rng([self.params.seed, seed]).choice(len(self.x_train), n, replace=False))
-            out.append(self(self.x_train[torch.from_numpy(idx)]))
+            idx = np.sort(np.random.default_rng([self.params.seed, seed]).choice(len(real), n, replace=False))
+            out.append(self(real[torch.from_numpy(idx)]))
         return out
 
 
@@ -192,8 +198,10 @@ class ScorelabTrainer:
         from scorelab.losses import dsm_loss
         from scorelab.training import mix_seed, seed_dropout
 
+        from scorelab.training import learning_rate
+
         train, k = self.train, self.steps
-        lr = train.lr * min(1.0, (k + 1) / train.warmup_steps) if train.warmup_steps else train.lr
+        lr = learning_rate(train, k)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)

@@ -91,3 +91,11 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert int(samples["sample-smoke"]["n"]) == 128 and int(samples["sample-cpu-worker"]["n"]) == 128
     assert float(samples["sample-smoke"]["samples_per_s"]) > 0 and float(samples["sample-smoke"]["x_cpu_worker"]) > 0
     assert "goal: GPU samples/s >= 50x one CPU worker's" in proc.stdout
+
+
+def test_lr_schedules_runs(tmp_path):
+    _run("lr_schedules.py", "--configs", "cosine:3", "linear:2:0.5", "--n", "16", "--seeds", "0", "1",
+         "--classifier-epochs", "1", "--out", str(tmp_path))
+    rows = (tmp_path / "lr_schedules.csv").read_text().splitlines()
+    assert len(rows) == 1 + 1 + 2 * 4  # header, the baseline, 2 configs x (ddpm's 2 + vp's 2 settings)
+    assert rows[-1].startswith("vp,linear,2,0.5,dpm_solver-20,20,")

@@ -25,7 +25,7 @@ from scorelab.data import prepare
 from scorelab.metrics import sliced_wasserstein
 from scorelab.sampling import sample
 from scorelab.checkpoint import CheckpointMismatchError, load_state, load_trained, save_state
-from scorelab.training import TrainingError, config_hash, micro_batch, train_variant
+from scorelab.training import TrainingError, config_hash, learning_rate, micro_batch, train_variant
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,12 +124,18 @@ def test_toy_training_learns_the_data(ray_local, tmp_path):
     """A longer run: the loss falls and samples move from the prior towards the data."""
     variants = {"vp": {**VARIANTS["vp"], "net": {"type": "mlp", "hidden": 128, "layers": 3},
                        "ema": {"decay": 0.99}}}
-    p = make_params(tmp_path, "toy2d", variants, {"steps": 400, "batch_size": 256, "lr": 3e-3,
+    p = make_params(tmp_path, "toy2d", variants, {"steps": 400, "batch_size": 256, "lr": 3e-3, "warmup_steps": 20,
+                                                  "lr_schedule": "cosine", "final_lr_fraction": 0.1,
                                                   "checkpoint_every": 200, "log_every": 50})
     params, result = run(p, tmp_path, "vp")
     client, runs = mlflow_runs(tmp_path)
     losses = [m.value for m in client.get_metric_history(runs[0].info.run_id, "loss")]
     assert losses[-1] < 0.8 * losses[0], losses
+    # the loop steps with the schedule: the lr logged at step s is the one of its last optimizer step, s - 1
+    lrs = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "lr")}
+    assert sorted(lrs) == list(range(50, 401, 50))
+    assert all(v == pytest.approx(learning_rate(params.train, s - 1), rel=1e-12) for s, v in lrs.items())
+    assert lrs[400] < 0.11 * 3e-3 < lrs[50]
 
     trained = load_trained(result.model_path)
     from scorelab.data import load_manifest, read_split

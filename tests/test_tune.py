@@ -109,6 +109,7 @@ def test_plan_covers_every_sde_setting_before_the_second_choices(tmp_path):
         ("vp", 10.0, 1e-2), ("vp", 20.0, 1e-2), ("ve", None, 1e-2), ("vp", 10.0, 1e-3)]
     assert plan[2].sde["sigma_max"] == 6.0 and plan[0].variant["train"] == {
         "steps": 200, "lr": 1e-2, "batch_size": None, "micro_batch_size": None, "warmup_steps": None,
+        "lr_schedule": None, "final_lr_fraction": None,
         "grad_clip": None, "weight_decay": None}
 
 

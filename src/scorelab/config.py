@@ -49,12 +49,23 @@ class TrainConfig(_Model):
     micro_batch_size: int | None = Field(None, ge=1)  # per worker; None = batch_size / num_workers
     lr: float = Field(1e-3, gt=0, le=1)
     warmup_steps: int = Field(100, ge=0)
+    # After the warm-up: constant, or a decay over the remaining steps to final_lr_fraction * lr
+    # (cosine: SGDR's half cosine; linear). scorelab.training.learning_rate has the formulas.
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    final_lr_fraction: float = Field(0.0, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0 turns clipping off
     weight_decay: float = Field(0.0, ge=0)
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(25, ge=1)
     sample_every: int = Field(0, ge=0)  # steps between sample grids logged to MLflow; 0 = only at the end
     bf16: bool = False  # autocast to bfloat16 (GPU only)
+
+    @model_validator(mode="after")
+    def _decay_has_a_schedule(self):
+        if self.lr_schedule == "constant" and self.final_lr_fraction != 0:
+            raise ValueError(f"final_lr_fraction {self.final_lr_fraction} is where a decay ends, but lr_schedule is "
+                             "constant: set lr_schedule to cosine or linear, or drop final_lr_fraction")
+        return self
 
 
 

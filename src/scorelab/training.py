@@ -122,6 +122,23 @@ def micro_batch(train: TrainConfig, world: int) -> tuple[int, int]:
     return rows, train.batch_size // (world * rows)
 
 
+def learning_rate(train: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): a linear warm-up over warmup_steps, then constant or
+    a decay towards final_lr_fraction * lr: cosine (Loshchilov & Hutter 2017, SGDR without restarts:
+    f + (1 - f) (1 + cos(pi p)) / 2) or linear (f + (1 - f) (1 - p)), p = (step - warmup_steps) / (steps -
+    warmup_steps), the convention of torch's CosineAnnealingLR and LinearLR (T_max = total_iters = steps -
+    warmup_steps) that the tests check against. A closed form of the step alone, so a resumed run needs no
+    scheduler state."""
+    if step < train.warmup_steps:
+        return train.lr * ((step + 1) / train.warmup_steps)  # this float order: as before, bit for bit
+    decay_steps = train.steps - train.warmup_steps
+    if train.lr_schedule == "constant" or decay_steps <= 0:
+        return train.lr
+    p, f = min(1.0, (step - train.warmup_steps) / decay_steps), train.final_lr_fraction
+    shape = (1 + math.cos(math.pi * p)) / 2 if train.lr_schedule == "cosine" else 1 - p
+    return train.lr * (f + (1 - f) * shape)
+
+
 def mix_seed(*ints: int) -> int:
     """A 63-bit seed from several integers (stable across processes, unlike hash())."""
     digest = hashlib.blake2b(json.dumps(ints).encode(), digest_size=8).digest()
@@ -277,7 +294,7 @@ def train_loop(config: dict[str, Any]) -> None:
         phases = ("data", "forward_backward", "optimizer", "log", "checkpoint") + ("evaluate",) * bool(job.evaluate)
         spent = dict.fromkeys(phases, 0.0)  # s per phase (queued device work lands in whichever phase waits)
         for step in range(start, train.steps):
-            lr = train.lr * min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else train.lr
+            lr = learning_rate(train, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)

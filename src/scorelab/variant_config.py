@@ -297,6 +297,8 @@ class TrainOverrides(_Model):
     micro_batch_size: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0, le=1)
     warmup_steps: int | None = Field(None, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] | None = None
+    final_lr_fraction: float | None = Field(None, ge=0, le=1)
     grad_clip: float | None = Field(None, ge=0)
     weight_decay: float | None = Field(None, ge=0)
 
