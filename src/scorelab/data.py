@@ -385,10 +385,13 @@ def prepare(cfg: DataConfig, seed: int, root: str | Path | None = None) -> Manif
         write = functools.partial(_write_images, cfg=cfg, splits=splits, params=params, classes=classes)
 
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # the folders mkdir creates, deepest first: removed again (when still empty) if prepare fails
+    made = [d for d in (final.parent, *final.parent.parents) if not os.path.lexists(d)]
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     except OSError as e:
+        _remove_empty(made)
         raise DataError(f"data.out_dir: cannot create a folder in {final.parent}: {e.strerror or e}") from None
     try:
         fields = write(tmp)
@@ -401,8 +404,18 @@ def prepare(cfg: DataConfig, seed: int, root: str | Path | None = None) -> Manif
         _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise
     return dataclasses.replace(manifest, root=final.resolve())
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """rmdir each folder, deepest first, stopping at the first that is absent or not empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:  # not empty: something else writes there now
+            break
 
 
 def check_output(cfg: DataConfig, root: str | Path | None = None) -> None:
