@@ -2,14 +2,18 @@
 
     python pipeline/prepare.py --params params.yaml
 
-Reads only the `data` and `seed` sections. Exit codes: 0 done, 2 invalid params, 1 the data could not
-be prepared (missing files, no network for a download, unreadable images).
+Reads only the `data` and `seed` sections. Writes only data.out_dir/<source>, which must lie inside the
+working directory (the project, where dvc runs) unless data.allow_external_out_dir is true, and which it
+replaces only when it holds a dataset prepare wrote. Exit codes: 0 done, 2 invalid params, 1 the data
+could not be prepared (missing files, no network for a download, unreadable images, an output folder it
+may not write).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from scorelab.cli import print_problems
 from scorelab.config import ConfigError, load_data_params
@@ -27,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         print_problems(args.params, e.problems)
         return 2
     try:
-        m = prepare(cfg, seed)
+        m = prepare(cfg, seed, root=Path.cwd())
     except DataError as e:
         print(f"prepare: {e}", file=sys.stderr)
         return 1

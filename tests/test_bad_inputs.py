@@ -40,7 +40,9 @@ from test_training import make_params  # noqa: E402
 
 from scorelab import checkpoint  # noqa: E402
 from scorelab.config import ConfigError, VariantConfig  # noqa: E402
-from scorelab.data import DataConfig, DataError, overall_checksum, prepare  # noqa: E402
+from scorelab.data import (  # noqa: E402
+    MANIFEST_DIGEST_KEY, DataConfig, DataError, manifest_sha256, overall_checksum, prepare,
+)
 from scorelab.storage import sha256_file  # noqa: E402
 from scorelab.ema import EMA  # noqa: E402
 from scorelab.evaluate import EvaluateError  # noqa: E402
@@ -170,19 +172,22 @@ class Ctx:
 
 
 def resign(dataset: Path) -> None:
-    """Recompute the manifest's sha256s after a shard was changed on purpose."""
+    """Recompute the manifest's sha256s (its own included) after a shard was changed on purpose."""
     path = dataset / "manifest.json"
     m = json.loads(path.read_text())
     for s in m["shards"]:
         s["sha256"] = sha256_file(dataset / s["file"])
     m["checksum"] = overall_checksum(s["sha256"] for s in m["shards"])
+    m[MANIFEST_DIGEST_KEY] = manifest_sha256(m)
     path.write_text(json.dumps(m))
 
 
 def edit_manifest(dataset: Path, edit: Callable[[dict], None]) -> None:
+    """Change the manifest and re-sign it, as a careful forger would: the checks behind its digest run."""
     path = dataset / "manifest.json"
     m = json.loads(path.read_text())
     edit(m)
+    m[MANIFEST_DIGEST_KEY] = manifest_sha256(m)
     path.write_text(json.dumps(m))
 
 
@@ -295,7 +300,10 @@ def sample_n_zero(ctx: Ctx) -> list[str]:
 
 
 def prepare_argv(ctx: Ctx, data: dict) -> list[str]:
-    params = write_yaml(ctx.tmp / "params.yaml", {"seed": 0, "data": {"out_dir": str(ctx.tmp / "prepared"), **data}})
+    """The prepare stage writing into the case's folder, which lies outside the project (pytest's working
+    directory), so on purpose."""
+    data = {"out_dir": str(ctx.tmp / "prepared"), "allow_external_out_dir": True, **data}
+    params = write_yaml(ctx.tmp / "params.yaml", {"seed": 0, "data": data})
     return ["--params", str(params)]
 
 

@@ -18,7 +18,8 @@ from PIL import Image
 
 from scorelab.config import ConfigError
 from scorelab.data import (
-    DataConfig, DataError, load_manifest, parse_data_config, prepare, read_rows, read_split, verify,
+    MANIFEST_DIGEST_KEY, DataConfig, DataError, load_manifest, manifest_sha256, parse_data_config, prepare, read_rows,
+    read_split, verify,
 )
 from scorelab.toy import GaussianMixture
 
@@ -185,6 +186,7 @@ def test_verify_corrupt_shard_whose_checksum_was_updated(copy):
     shard.write_bytes(shard.read_bytes()[:-20])  # the footer is gone: not Parquet any more
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["shards"][2]["sha256"] = sha(shard)
+    manifest[MANIFEST_DIGEST_KEY] = manifest_sha256(manifest)  # as a careful forger would
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"train-00002\.parquet: unreadable Parquet"):
         verify(copy)
@@ -201,6 +203,7 @@ def test_verify_deleted_shard(copy):
 def test_verify_row_count_disagrees(copy):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["shards"][0]["rows"] += 1
+    manifest[MANIFEST_DIGEST_KEY] = manifest_sha256(manifest)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"train-00000\.parquet: row count mismatch \(500 rows, manifest says 501\)"):
         verify(copy)
@@ -253,9 +256,11 @@ def test_folder(tmp_path):
 
 
 def test_flat_folder_has_label_zero(tmp_path):
+    (tmp_path / "imgs").mkdir()  # apart from out_dir: an output inside the input folder is refused
     for i in range(3):
-        Image.new("RGB", (5 + i, 7), (i, i, i)).save(tmp_path / f"{i}.png")
-    m = prepare(DataConfig(source="folder", folder=str(tmp_path), image_size=4, out_dir=str(tmp_path / "out")), 0)
+        Image.new("RGB", (5 + i, 7), (i, i, i)).save(tmp_path / "imgs" / f"{i}.png")
+    m = prepare(DataConfig(source="folder", folder=str(tmp_path / "imgs"), image_size=4,
+                           out_dir=str(tmp_path / "out")), 0)
     assert m.classes is None and set(column(m.root, "train", "label")) == {0}
 
 

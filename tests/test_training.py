@@ -204,7 +204,7 @@ def _poison_training_rows(data_dir: Path) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from scorelab.data import overall_checksum
+    from scorelab.data import MANIFEST_DIGEST_KEY, manifest_sha256, overall_checksum
     from scorelab.storage import sha256_file
 
     manifest_path = data_dir / "manifest.json"
@@ -218,6 +218,7 @@ def _poison_training_rows(data_dir: Path) -> None:
     pq.write_table(table, path)
     shard["sha256"] = sha256_file(path)
     manifest["checksum"] = overall_checksum(s["sha256"] for s in manifest["shards"])
+    manifest[MANIFEST_DIGEST_KEY] = manifest_sha256(manifest)
     manifest_path.write_text(json.dumps(manifest))
 
 

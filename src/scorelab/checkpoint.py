@@ -9,12 +9,15 @@ weights (model.pt), their digests, and building the ScoreModel they hold.
 
 Both files are one torch.save of plain containers and tensors, read back with weights_only=True (no
 pickled code runs), and carry the sha256 of their own contents: a file that still loads after being
-damaged or altered is caught when the digest is recomputed.
+damaged or altered is caught when the digest is recomputed. A file without that digest (written before
+scorelab recorded one, or with the key removed) is refused unless the environment variable
+SCORELAB_ACCEPT_UNDIGESTED_MODELS=1 accepts such legacy files, unchecked.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from .parameterization import ScoreModel
 
 STATE_FILE = "state.pt"
 DIGEST_KEY = "sha256"  # in state.pt and model.pt: the sha256 of the rest of the file's contents
+LEGACY_ENV = "SCORELAB_ACCEPT_UNDIGESTED_MODELS"  # "1": load files without DIGEST_KEY, unchecked
 
 
 class CheckpointError(RuntimeError):
@@ -95,8 +99,8 @@ def _save_atomic(obj: dict[str, Any], path: Path) -> Path:
 
 
 def _load_verified(path: Path, what: str, hint: str, map_location: Any = "cpu") -> dict[str, Any]:
-    """torch.load(weights_only=True), then the recorded sha256 checked against the contents. Files
-    written before digests were recorded load unchecked."""
+    """torch.load(weights_only=True), then the recorded sha256 checked against the contents. A file
+    without one is refused unless LEGACY_ENV is "1": dropping the key must not skip the check."""
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -106,7 +110,13 @@ def _load_verified(path: Path, what: str, hint: str, map_location: Any = "cpu") 
     if not isinstance(blob, dict):
         raise CheckpointCorruptError(f"{what} {path} is not a scorelab file (holds {type(blob).__name__}): {hint}")
     recorded = blob.pop(DIGEST_KEY, None)
-    if recorded is not None and recorded != content_sha256(blob):
+    if recorded is None:
+        if os.environ.get(LEGACY_ENV) == "1":
+            return blob
+        raise CheckpointCorruptError(
+            f"{what} {path} has no {DIGEST_KEY} of its contents (written by an older scorelab, or altered): {hint}; "
+            f"or set {LEGACY_ENV}=1 to load such a file unchecked")
+    if recorded != content_sha256(blob):
         raise CheckpointCorruptError(
             f"{what} {path} is unreadable: its contents do not match the sha256 recorded when it was written "
             f"(damaged or modified on disk): {hint}")

@@ -9,7 +9,16 @@
 A prepared dataset is a folder `<out_dir>/<source>/` holding
 
     train-00000.parquet ...  test-00000.parquet ...   at most shard_size rows each
-    manifest.json                                     what the shards hold and their sha256
+    manifest.json                                     what the shards hold, their sha256, and its own
+                                                      (manifest_sha256: every other key, canonical JSON)
+
+prepare() never destroys what it did not write: it replaces `<out_dir>/<source>` only when that folder
+holds nothing but a manifest.json and the shards it lists, never lets the output overlap the input folder,
+and (the stage passes its working directory as `root`) keeps out_dir inside the project unless
+`data.allow_external_out_dir` is true. Folder images are decoded at their real bit depth (16-bit PNGs
+scaled by 255/65535); symbolic links inside data.folder are refused, not followed, so the dataset is
+exactly the files under it; an image over Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS),
+before decoding or once resized, is refused.
 
 Images are stored as uint8 pixels, HWC, in one fixed-size binary column `pixels` (H*W*C bytes a row);
 2-D toy points as float32 columns `x0`, `x1`. Every shard also has `label` (int64), `index` (int64: the
@@ -30,6 +39,7 @@ import shutil
 import socket
 import sys
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping
@@ -47,6 +57,8 @@ from .storage import sha256_file
 from .toy import GaussianMixture, three_blobs
 
 FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MANIFEST_DIGEST_KEY = "manifest_sha256"  # in manifest.json: the sha256 of its other keys (manifest_sha256())
 SPLITS = ("train", "test")
 Source = Literal["digits", "toy2d", "mnist", "fashion_mnist", "cifar10", "folder"]
 ToyKind = Literal["gaussian_mixture", "swiss_roll", "moons", "eight_gaussians", "checkerboard"]
@@ -108,6 +120,9 @@ class DataConfig(_Model):
     hflip: bool = False  # training-time random horizontal flips; natural images only
     local_path: str | None = None  # mnist/fashion_mnist/cifar10: a folder with torchvision's files
     folder: str | None = None  # source folder: PNG/JPEG files, one subfolder per class (or flat)
+    # out_dir outside the project (the stage's working directory) only when this says so: prepare
+    # replaces out_dir/<source>, and a typo like ../data must not reach a folder of someone else's
+    allow_external_out_dir: bool = False
     toy: ToyConfig = Field(default_factory=ToyConfig)
 
     @model_validator(mode="after")
@@ -125,6 +140,9 @@ class DataConfig(_Model):
         elif self.folder is not None:
             problem("folder", f"only used with source 'folder', but source is {self.source!r}; "
                               "set source: folder or remove data.folder")
+        for name in ("out_dir", "folder", "local_path"):  # the OS refuses such a path with a ValueError
+            if "\x00" in (getattr(self, name) or ""):
+                problem(name, "must not contain a NUL byte")
         if self.hflip and self.source not in _NATURAL:
             problem("hflip", f"only for natural images (source {' or '.join(_NATURAL)}); "
                              f"a mirrored {self.source} sample is not a sample of the data")
@@ -178,10 +196,17 @@ def _describe(err: Any) -> str:
 
 @dataclass(frozen=True)
 class Shard:
-    file: str  # name inside the dataset folder
+    file: str  # a plain file name inside the dataset folder (checked: never a path that leads out of it)
     split: str
     rows: int
     sha256: str
+
+    def __post_init__(self) -> None:
+        f = self.file
+        if (not isinstance(f, str) or f in ("", ".", "..") or "/" in f or "\\" in f or "\x00" in f
+                or not f.endswith(".parquet")):
+            raise ValueError(f"shard file {f!r} is not a plain .parquet file name inside the dataset folder "
+                             "(no '/', '\\', '..' or absolute path)")
 
 
 @dataclass(frozen=True)
@@ -233,6 +258,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], root: Path | None = None) -> Manifest:
         d = dict(d)
+        d.pop(MANIFEST_DIGEST_KEY, None)
         if d.get("format") != FORMAT_VERSION:
             raise ValueError(f"format {d.get('format')!r} is not {FORMAT_VERSION}")
         d["shape"] = tuple(d["shape"])
@@ -243,19 +269,47 @@ class Manifest:
         return cls(**d, root=root)
 
 
-def load_manifest(dir: str | Path) -> Manifest:
-    """Read `dir`/manifest.json (no hashing: see verify)."""
-    root = Path(dir)
-    path = root / "manifest.json"
+def manifest_sha256(d: Mapping[str, Any]) -> str:
+    """The digest manifest.json carries of itself: sha256 of every key but manifest_sha256, as canonical
+    JSON (sorted keys, no spaces). It makes an edited transform, shape or shard list fail to load."""
+    rest = {k: v for k, v in d.items() if k != MANIFEST_DIGEST_KEY}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _read_manifest_json(root: Path) -> dict[str, Any]:
+    """manifest.json's JSON object, unchecked; DataError names the file when it is absent or unreadable."""
+    path = root / MANIFEST_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: not found; {root} is not a prepared dataset (run pipeline/prepare.py)") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a valid scorelab manifest: not UTF-8 text ({e.reason} at byte {e.start})"
+                        ) from None
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    except ValueError as e:  # JSONDecodeError
+        raise DataError(f"{path}: not a valid scorelab manifest: {e}") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: not a valid scorelab manifest: holds a JSON {type(d).__name__}, not an object")
+    return d
+
+
+def load_manifest(dir: str | Path) -> Manifest:
+    """Read `dir`/manifest.json and check its own digest (the shards are hashed by verify)."""
+    root = Path(dir)
+    path = root / MANIFEST_FILE
+    d = _read_manifest_json(root)
+    recorded = d.get(MANIFEST_DIGEST_KEY)
+    if recorded is None:
+        raise DataError(f"{path}: has no {MANIFEST_DIGEST_KEY} (written by an older scorelab, or edited): "
+                        "re-run prepare")
+    if recorded != manifest_sha256(d):
+        raise DataError(f"{path}: its contents do not match its {MANIFEST_DIGEST_KEY} (edited after prepare wrote "
+                        "it): re-run prepare")
     try:
-        return Manifest.from_dict(json.loads(text), root=root.resolve())
-    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+        return Manifest.from_dict(d, root=root.resolve())
+    except (ValueError, TypeError, KeyError) as e:
         raise DataError(f"{path}: not a valid scorelab manifest: {e}") from None
 
 
@@ -311,14 +365,18 @@ class _Images:
 _SourceSplits = dict[str, tuple[_Images, np.ndarray]]  # split -> (images, its rows in the order stored)
 
 
-def prepare(cfg: DataConfig, seed: int) -> Manifest:
+def prepare(cfg: DataConfig, seed: int, root: str | Path | None = None) -> Manifest:
     """Write cfg's dataset to cfg.dataset_dir and return its manifest.
 
     Everything is written into a hidden sibling folder which replaces the old dataset only at the end,
     so a failure never leaves a half-written folder under the real name. `seed` is params' seed, validated
-    there (config.load_data_params): an integer >= 0.
+    there (config.load_data_params): an integer >= 0. `root`: the project folder out_dir must lie in
+    (unless cfg.allow_external_out_dir); None: anywhere. Before anything is read or written, DataError
+    refuses an out_dir outside root, an output that overlaps the input, and an existing
+    cfg.dataset_dir that is not a dataset prepare wrote (see check_output).
     """
     final = cfg.dataset_dir
+    check_output(cfg, root)
     write: Callable[[Path], dict[str, Any]]
     if cfg.source == "toy2d":
         write = functools.partial(_write_toy, cfg=cfg, seed=seed)
@@ -326,20 +384,81 @@ def prepare(cfg: DataConfig, seed: int) -> Manifest:
         splits, params, classes = _image_source(cfg, seed)  # find the source before touching out_dir
         write = functools.partial(_write_images, cfg=cfg, splits=splits, params=params, classes=classes)
 
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # the folders mkdir creates, deepest first: removed again (when still empty) if prepare fails
+    made = [d for d in (final.parent, *final.parent.parents) if not os.path.lexists(d)]
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
+    except OSError as e:
+        _remove_empty(made)
+        raise DataError(f"data.out_dir: cannot create a folder in {final.parent}: {e.strerror or e}") from None
+    try:
         fields = write(tmp)
         digests = [s.sha256 for s in fields["shards"]]
         manifest = Manifest(source=cfg.source, seed=seed, checksum=overall_checksum(digests), **fields)
-        text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
-        (tmp / "manifest.json").write_text(text, encoding="utf-8")
+        d = json.loads(json.dumps(manifest.to_dict()))  # tuples as the lists they are read back as
+        d[MANIFEST_DIGEST_KEY] = manifest_sha256(d)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        check_output(cfg, root)  # again: the folder may have appeared, or changed, while the shards were written
         _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise
     return dataclasses.replace(manifest, root=final.resolve())
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """rmdir each folder, deepest first, stopping at the first that is absent or not empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:  # not empty: something else writes there now
+            break
+
+
+def check_output(cfg: DataConfig, root: str | Path | None = None) -> None:
+    """DataError, naming the setting and the path, unless prepare may write cfg.dataset_dir: inside `root`
+    (by name, as written: a data/prepared that links elsewhere is fine) unless cfg.allow_external_out_dir,
+    not overlapping the folder the images are read from, and either absent or a dataset prepare wrote."""
+    final = cfg.dataset_dir
+    if root is not None and not cfg.allow_external_out_dir:
+        project = os.path.abspath(root)
+        where = os.path.abspath(os.path.join(project, cfg.out_dir))
+        if os.path.commonpath([project, where]) != project:
+            raise DataError(f"data.out_dir: {cfg.out_dir} is {where}, outside the project {project}; use a folder "
+                            "inside it, or set data.allow_external_out_dir: true to write there on purpose")
+    source = {"folder": cfg.folder, **dict.fromkeys(_TORCHVISION, cfg.local_path)}.get(cfg.source)
+    if source is not None:
+        key = "folder" if cfg.source == "folder" else "local_path"
+        a, b = Path(source).resolve(), final.resolve()
+        if a == b or a in b.parents or b in a.parents:
+            raise DataError(f"data.{key}: {source} overlaps the output folder {final} (data.out_dir/<source>); "
+                            "prepare would replace the files it reads: choose an out_dir apart from it")
+    _check_replaceable(final)
+
+
+def _check_replaceable(final: Path) -> None:
+    """A folder prepare may replace: absent, or holding exactly a manifest.json and the shards it lists."""
+    if not os.path.lexists(final):
+        return
+    hint = "prepare only replaces a dataset it wrote; move it away, or choose another data.out_dir"
+    if final.is_symlink() or not final.is_dir():
+        what = "a symbolic link" if final.is_symlink() else "a file"
+        raise DataError(f"{final}: exists and is not a folder prepare wrote ({what}); {hint}")
+    try:
+        names = {s.file for s in Manifest.from_dict(_read_manifest_json(final)).shards}
+    except DataError:
+        raise DataError(f"{final}: exists and holds no readable scorelab {MANIFEST_FILE}; {hint}") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{final}: exists and its {MANIFEST_FILE} is not a scorelab manifest ({e}); {hint}") from None
+    # a listed name may be a link (DVC's symlink cache): replacing unlinks it, the target stays
+    foreign = sorted(p.name for p in final.iterdir()
+                     if p.name not in names | {MANIFEST_FILE} or (p.is_dir() and not p.is_symlink()))
+    if foreign:
+        raise DataError(f"{final}: holds {foreign[0]!r}, which is not a file its {MANIFEST_FILE} lists "
+                        f"({len(foreign)} such); {hint}")
 
 
 def _replace_dir(new: Path, final: Path) -> None:
@@ -402,16 +521,63 @@ def _write_shard(tmp: Path, split: str, k: int, table: pa.Table) -> Shard:
     return Shard(file=name, split=split, rows=table.num_rows, sha256=sha256_file(tmp / name))
 
 
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, C) uint8 -> (size, size, C): shorter side to `size` (bilinear), then the centre square."""
+def _max_pixels() -> float:
+    """Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, read each time; None: none)."""
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS or float("inf")
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 of a PNG/JPEG at its real bit depth: 16-bit greyscale (mode I;16) scaled by 255/65535,
+    not clipped to 255; DataError names the file when it is unreadable, of a kind it cannot scale, or over
+    the pixel limit."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
+            im = Image.open(path)
+        with im:
+            return _decode(im, path)
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: refused as a decompression bomb ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable PNG/JPEG image ({e})") from None
+
+
+def _decode(im: Any, path: Path) -> np.ndarray:
+    w, h = im.size
+    if w * h > _max_pixels():  # Pillow only warns between the limit and twice it
+        raise DataError(f"{path}: {w}x{h} = {w * h} pixels, more than the limit of {_max_pixels():.0f} "
+                        "(PIL.Image.MAX_IMAGE_PIXELS); a decompression bomb, or too large to prepare")
+    if im.mode.startswith("I;16") or im.mode == "I":  # PNG's 16-bit greyscale
+        v = np.asarray(im).astype(np.int64)
+        if v.min() < 0 or v.max() > 65535:
+            raise DataError(f"{path}: mode {im.mode} values span [{v.min()}, {v.max()}], not 16-bit [0, 65535]; "
+                            "save it as an 8- or 16-bit PNG")
+        return np.repeat(np.round(v / 257.0).astype(np.uint8)[..., None], 3, axis=2)  # 255/65535 == 1/257
+    if im.mode == "F":
+        raise DataError(f"{path}: floating-point pixels (mode F) have no fixed range to scale; "
+                        "save it as an 8- or 16-bit PNG")
+    return np.asarray(im.convert("RGB"))  # 8-bit modes; Pillow reduces 16-bit RGB(A) to 8 bits itself
+
+
+def _resize(img: np.ndarray, size: int, path: Path | None = None) -> np.ndarray:
+    """(H, W, C) uint8 -> (size, size, C): shorter side to `size` (bilinear), then the centre square.
+    DataError when the resized image would exceed the pixel limit (a 5,000,000x1 image is 15 KB as a PNG)."""
     from PIL import Image
 
     h, w, c = img.shape
     if (h, w) == (size, size):
         return img
-    pil = Image.fromarray(img[..., 0] if c == 1 else img)
     scale = size / min(h, w)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if nw * nh > _max_pixels():
+        raise DataError(f"{path or 'image'}: {w}x{h} resized to a shorter side of {size} is {nw}x{nh} = {nw * nh} "
+                        f"pixels, more than the limit of {_max_pixels():.0f} (PIL.Image.MAX_IMAGE_PIXELS); "
+                        "crop its extreme aspect ratio first")
+    pil = Image.fromarray(img[..., 0] if c == 1 else img)
     pil = pil.resize((nw, nh), Image.Resampling.BILINEAR)
     left, top = (nw - size) // 2, (nh - size) // 2
     out = np.asarray(pil.crop((left, top, left + size, top + size)))
@@ -491,7 +657,14 @@ def _folder_source(cfg: DataConfig, seed: int) -> tuple[_SourceSplits, dict[str,
     root = Path(cfg.folder)
     if not root.is_dir():
         raise DataError(f"data.folder: {root} does not exist or is not a folder")
-    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES),
+    entries = list(root.rglob("*"))  # does not descend into linked folders: those are refused below
+    # Links are refused rather than followed: the dataset is then exactly the files under data.folder,
+    # with no way out of it and no cycles.
+    link = next((p for p in entries if p.is_symlink() and (p.is_dir() or p.suffix.lower() in _IMAGE_SUFFIXES)), None)
+    if link is not None:
+        raise DataError(f"data.folder: {link} is a symbolic link; links inside data.folder are not followed: "
+                        "copy the images there, or point data.folder at the real folder")
+    files = sorted((p for p in entries if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES),
                    key=lambda p: p.relative_to(root).as_posix())
     if not files:
         raise DataError(f"data.folder: no PNG or JPEG files under {root}")
@@ -509,16 +682,9 @@ def _folder_source(cfg: DataConfig, seed: int) -> tuple[_SourceSplits, dict[str,
     size = cfg.size
 
     def load(idx: np.ndarray) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
-
         out = np.empty((len(idx), size, size, 3), np.uint8)
         for j, i in enumerate(idx):
-            try:
-                with Image.open(files[i]) as im:
-                    rgb = np.asarray(im.convert("RGB"))
-            except (UnidentifiedImageError, OSError, ValueError) as e:
-                raise DataError(f"{files[i]}: not a readable PNG/JPEG image ({e})") from None
-            out[j] = _resize(rgb, size)
+            out[j] = _resize(_read_image(files[i]), size, files[i])
         return out
 
     order = _split_indices(len(files), cfg.test_fraction, seed)
@@ -649,6 +815,7 @@ def read_rows(data_dir: str | Path, split: str, lo: int, hi: int) -> torch.Tenso
 
 
 __all__ = [
-    "DataConfig", "DataError", "Manifest", "SPLITS", "Shard", "ToyConfig", "columns", "decode_batch", "load_manifest",
-    "overall_checksum", "parse_data_config", "prepare", "read_rows", "read_split", "verify",
+    "DataConfig", "DataError", "MANIFEST_DIGEST_KEY", "MANIFEST_FILE", "Manifest", "SPLITS", "Shard", "ToyConfig",
+    "check_output", "columns", "decode_batch", "load_manifest", "manifest_sha256", "overall_checksum",
+    "parse_data_config", "prepare", "read_rows", "read_split", "verify",
 ]

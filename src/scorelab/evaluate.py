@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from . import storage
-from .checkpoint import CheckpointMismatchError, check_same_model, load_trained
+from .checkpoint import CheckpointError, CheckpointMismatchError, check_same_model, load_trained
 from .config import Params
 from .data import Manifest, load_manifest, read_split
 from .features import DigitClassifier, extract_features, stream_features
@@ -210,8 +210,8 @@ def _load_model(model_path: Path, params: Params, variant: str, manifest: Manife
     try:
         trained = load_trained(model_path)
     except Exception as e:  # torch.load and the state dict fail in many ways on a foreign file
-        raise EvaluateError(f"{model_path}: not a readable scorelab model ({type(e).__name__}); rerun the train "
-                            "stage") from None
+        why = str(e) if isinstance(e, CheckpointError) else type(e).__name__  # ours say what is wrong, in one line
+        raise EvaluateError(f"{model_path}: not a readable scorelab model ({why}); rerun the train stage") from None
     try:
         check_same_model(params.variants[variant], trained.variant, model_path)
     except CheckpointMismatchError as e:
