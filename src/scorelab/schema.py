@@ -215,7 +215,9 @@ def describe_error(err: dict, root: type[BaseModel]) -> str:
 
     where = ".".join(parts) or "top level"
     if loc and loc[-1] == "[key]":  # a dict key, i.e. a variant name
-        rule = f"must match {ctx['pattern']}" if kind == "string_pattern_mismatch" else pydantic_message(err)
+        where = ".".join([*parts[:-1], cut(str(loc[-2]), 60)]) if len(loc) > 1 else where
+        rule = (f"must match {ctx['pattern']}" if kind == "string_pattern_mismatch" else
+                f"must be at most {ctx['max_length']} characters" if kind == "string_too_long" else pydantic_message(err))
         return f"{where}: invalid name {show(loc[-2])}; {rule}"
     if kind == "missing":
         return f"{where}: missing required key"
