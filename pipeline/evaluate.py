@@ -30,6 +30,7 @@ from scorelab.checkpoint import CheckpointError
 from scorelab.cli import load_or_report
 from scorelab.data import DataError
 from scorelab.evaluate import EvaluateError, evaluate_variant
+from scorelab.failures import run_stage
 from scorelab.layout import METRICS_FILE, Layout
 
 
@@ -48,8 +49,13 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: params evaluate.bpd_samples)")
     parser.add_argument("--probes", type=int, default=None,
                         help="Hutchinson probes per image for bits/dim (default: params evaluate.probes)")
+    parser.add_argument("--debug", action="store_true", help="show a failure's traceback instead of one line")
     args = parser.parse_args(argv)
+    return run_stage(f"evaluate {args.variant}", lambda: _run(args), debug=args.debug,
+                     reading=f"samples under {args.samples or Layout(Path(args.root)).samples(args.variant)} or model file {args.model or Layout(Path(args.root)).model(args.variant)}")
 
+
+def _run(args: argparse.Namespace) -> int:
     params = load_or_report(args.params, args.variant)
     if params is None:
         return 2

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from scorelab.cli import load_or_report
 from scorelab.data import DataError
+from scorelab.failures import run_stage
 from scorelab.featurizer import FeaturizerError, build_featurizer
 from scorelab.layout import METRICS_FILE, Layout
 
@@ -26,8 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default=None, help="default: outputs/featurizer")
     parser.add_argument("--root", default=".", help="repository root (the dataset path is relative to it)")
+    parser.add_argument("--debug", action="store_true", help="show a failure's traceback instead of one line")
     args = parser.parse_args(argv)
+    return run_stage("featurizer", lambda: _run(args), debug=args.debug)
 
+
+def _run(args: argparse.Namespace) -> int:
     params = load_or_report(args.params)
     if params is None:
         return 2

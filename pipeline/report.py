@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from scorelab.cli import load_or_report
+from scorelab.failures import run_stage
 from scorelab.report import ReportError, build_report
 from scorelab.tracking import resolve_tracking_uri, run_ui_url
 
@@ -26,8 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".", help="repository root (inputs under outputs/, MLflow store)")
     parser.add_argument("--out", default=None, help="default: <root>/reports")
     parser.add_argument("--no-mlflow", action="store_true", help="neither read from nor log to MLflow")
+    parser.add_argument("--debug", action="store_true", help="show a failure's traceback instead of one line")
     args = parser.parse_args(argv)
+    return run_stage("report", lambda: _run(args), debug=args.debug,
+                     reading="an evaluation or training metrics file")
 
+
+def _run(args: argparse.Namespace) -> int:
     params = load_or_report(args.params)
     if params is None:
         return 2

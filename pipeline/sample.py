@@ -20,9 +20,12 @@ from pathlib import Path
 
 from scorelab.checkpoint import CheckpointError
 from scorelab.cli import load_or_report
+from scorelab.failures import run_stage
 from scorelab.generate import GenerateError, generate
 from scorelab.layout import Layout, stage_command
+from scorelab.rng import MAX_SEED
 from scorelab.runtime import RuntimeSetupError
+from scorelab.schema import show
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="Ray tasks in flight, 1 CPU each (sample.workers)")
     parser.add_argument("--root", default=".", help="repository root (default paths)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show a failure's traceback instead of one line")
     args = parser.parse_args(argv)
+    return run_stage(f"sample {args.variant}", lambda: _run(args), debug=args.debug,
+                     reading=f"model file {args.model or Layout(Path(args.root)).model(args.variant)}")
 
+
+def _run(args: argparse.Namespace) -> int:
     params = load_or_report(args.params, args.variant)
     if params is None:
         return 2
@@ -49,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     workers = cfg.workers if args.workers is None else args.workers
     if n < 1 or batch_size < 1 or workers < 1:
         print("--n, --batch-size and --workers must be >= 1", file=sys.stderr)
+        return 2
+    if not all(0 <= s <= MAX_SEED for s in seeds) or len(set(seeds)) != len(seeds):
+        print(f"--seeds must be distinct integers in [0, {MAX_SEED}] (got {show(seeds)})", file=sys.stderr)
         return 2
     layout = Layout(Path(args.root))
     model = Path(args.model) if args.model else layout.model(args.variant)

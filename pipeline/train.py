@@ -19,6 +19,7 @@ from pathlib import Path
 from scorelab.checkpoint import CheckpointError
 from scorelab.cli import load_or_report
 from scorelab.data import DataError
+from scorelab.failures import run_stage
 from scorelab.layout import Layout
 from scorelab.mlflow_model import publish
 from scorelab.runtime import RuntimeSetupError
@@ -32,8 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", required=True)
     parser.add_argument("--out", default=None, help="default: outputs/train/<variant>")
     parser.add_argument("--root", default=".", help="repository root (MLflow store, relative paths)")
+    parser.add_argument("--debug", action="store_true", help="show a failure's traceback instead of one line")
     args = parser.parse_args(argv)
+    return run_stage(f"train {args.variant}", lambda: _run(args), debug=args.debug,
+                     reading="a checkpoint of this run")
 
+
+def _run(args: argparse.Namespace) -> int:
     params = load_or_report(args.params, args.variant)
     if params is None:
         return 2

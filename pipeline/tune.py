@@ -23,6 +23,7 @@ from scorelab.checkpoint import CheckpointError
 from scorelab.cli import load_or_report, print_problems
 from scorelab.config import ConfigError
 from scorelab.data import DataError
+from scorelab.failures import run_stage
 from scorelab.layout import Layout
 from scorelab.mlflow_model import publish
 from scorelab.runtime import RuntimeSetupError
@@ -37,8 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="default: outputs/tune")
     parser.add_argument("--featurizer", default=None, help="default: outputs/featurizer (image data only)")
     parser.add_argument("--root", default=".", help="repository root (MLflow store, relative paths)")
+    parser.add_argument("--debug", action="store_true", help="show a failure's traceback instead of one line")
     args = parser.parse_args(argv)
+    return run_stage("tune", lambda: _run(args), debug=args.debug,
+                     reading="a checkpoint of this sweep")
 
+
+def _run(args: argparse.Namespace) -> int:
     params = load_or_report(args.params)
     if params is None:
         return 2

@@ -17,17 +17,20 @@ scorelab.data's, a network scorelab.nets'; those a caller needs are re-exported 
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails
 
 from .data import DataConfig, parse_data_config
 from .layout import TUNED_VARIANT
 from .nets import NetConfig
-from .schema import ConfigError, StrictModel as _Model, describe_error, line_error
+from .rng import MAX_SEED
+from .schema import ConfigError, StrictModel as _Model, cut, describe_error, line_error, show
 from .variant_config import (
     ALDSampler, AncestralSampler, DDIMSampler, DDPMConfig, DPMSolverSampler, EDMParam, EMAConfig, EpsParam,
     EulerMaruyamaSampler, HeunSampler, LossConfig, NCSNConfig, ODESampler, ParamConfig, PCSampler,
@@ -35,6 +38,9 @@ from .variant_config import (
     VPCosineConfig,
 )
 
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]  # scorelab.rng keys its streams by 63 bits: refused, not masked
+MAX_GRID = 1000  # configurations a sweep may have: each is checked as a variant before anything runs
 
 # ---------------------------------------------------------------------------------------------
 # The sections beside the variants (theirs: scorelab.variant_config; data: scorelab.data; net: scorelab.nets).
@@ -112,7 +118,7 @@ class SampleConfig(_Model):
     """The sample stage: how many samples per sampler setting, from which seeds, in what chunks."""
 
     n: int = Field(256, ge=1, le=1_000_000)  # per setting and seed; FID-like numbers are biased at small n
-    seeds: tuple[Annotated[int, Field(ge=0)], ...] = Field((0, 1, 2), min_length=1)
+    seeds: tuple[Seed, ...] = Field((0, 1, 2), min_length=1)
     batch_size: int = Field(256, ge=1)  # samples per chunk: one Ray task, and the unit of resumption
     workers: int = Field(2, ge=1)  # chunks in flight, 1 CPU each (or ray.use_gpu: 1 GPU each)
     # with ray.use_gpu: samples per chunk and per network call (a GPU is filled by thousands, not 64)
@@ -133,7 +139,7 @@ class SampleConfig(_Model):
 # The Ray Tune sweep (scorelab.tune): a search space of SDEs, each candidate checked as a variant.
 
 AUTO = "auto"  # tune.space.*.sde.sigma_max: resolved from the data by scorelab.tune.suggest_sigma_max
-_INF = float("inf")  # stands for "auto" while the data is unknown: passes sigma_min < sigma_max
+_INF = sys.float_info.max  # stands for "auto" while the data is unknown: passes sigma_min < sigma_max
 
 
 class TuneCandidate(_Model):
@@ -146,6 +152,20 @@ class TuneCandidate(_Model):
     parameterization: ParamConfig = Field(default_factory=EpsParam)
     net: NetConfig | None = None
     loss: LossConfig = Field(default_factory=LossConfig)
+
+    def grid_size(self) -> int:
+        """SDE settings in the grid, counted without listing them."""
+        return math.prod(len(v) if isinstance(v, list) else 1 for v in self.sde.values())
+
+    @model_validator(mode="after")
+    def _grid_is_bounded(self) -> TuneCandidate:
+        size = self.grid_size()
+        if size > MAX_GRID:  # refused before one setting is built: a short file can name a huge grid
+            dims = " x ".join(str(len(v)) for v in self.sde.values() if isinstance(v, list))
+            raise ValidationError.from_exception_data(type(self).__name__, [_described(
+                ("sde",), f"the grid has {size:,} settings ({dims}); at most {MAX_GRID:,} can be swept: "
+                "shorten the lists of choices")])
+        return self
 
     def settings(self, sigma_max_auto: float | None = None) -> list[dict[str, Any]]:
         """Every SDE setting of the grid, in order; "auto" replaced by sigma_max_auto when given."""
@@ -213,11 +233,15 @@ class TuneConfig(_Model):
 
     def size(self) -> int:
         """Distinct configurations in the space: SDE settings x lr choices x ema_decay choices."""
-        return (sum(len(c.settings()) for c in self.space) * len(self.lr or [None])
+        return (sum(c.grid_size() for c in self.space) * len(self.lr or [None])
                 * len(self.ema_decay or [None]))
 
     @model_validator(mode="after")
     def _space_is_valid(self) -> TuneConfig:
+        if self.size() > MAX_GRID:  # before each configuration is checked
+            raise ValidationError.from_exception_data(type(self).__name__, [_described(
+                ("space",), f"space x lr x ema_decay has {self.size():,} configurations ({self._dims()}); at most "
+                f"{MAX_GRID:,} can be swept: shorten the lists of choices")])
         errors = [e for i, c in enumerate(self.space) for e in self.candidate_errors(i, c, None)]
         if self.grace_period > self.steps:
             errors.append(line_error(("grace_period",), f"must be <= tune.steps ({self.steps})", self.grace_period))
@@ -229,6 +253,11 @@ class TuneConfig(_Model):
         if errors:
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
+
+    def _dims(self) -> str:
+        return " x ".join(f"{n} {what}" for n, what in [
+            (sum(c.grid_size() for c in self.space), "SDE settings"), (len(self.lr or [None]), "lr"),
+            (len(self.ema_decay or [None]), "ema_decay")])
 
     def candidate_errors(self, i: int, cand: TuneCandidate, sigma_max_auto: float | None) -> list[InitErrorDetails]:
         """Every problem of candidate i, each at its own field: each SDE setting is built as the real variant
@@ -276,7 +305,9 @@ def _variant_problems(data: dict[str, Any]) -> list[tuple[list[str], str]]:
     return []
 
 
-VariantName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+# Variant names become folder names and parts of MLflow run names: a safe charset, well under any file system's
+# 255-byte name limit.
+VariantName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
 
 
 class DemoConfig(_Model):
@@ -287,7 +318,7 @@ class DemoConfig(_Model):
 class Params(_Model):
     """params.yaml: the whole configuration, validated once at the edge."""
 
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -343,8 +374,47 @@ class Params(_Model):
 # Loading: a strict YAML reader, then the models above (errors one line each: scorelab.schema).
 
 
+MAX_YAML_BYTES = 1_000_000  # a params file is a few KB
+MAX_YAML_NODES = 100_000  # nodes of the document with every alias expanded; params.yaml has a few hundred
+
+
+class YAMLTooLarge(yaml.YAMLError):
+    """A document whose aliases expand past MAX_YAML_NODES nodes."""
+
+
+def expanded_size(node: yaml.Node, limit: int) -> int:
+    """Nodes of the document under `node` with every alias expanded, counted up to limit + 1: each distinct
+    node is visited once (an alias is the same node object again), so a billion-node alias bomb costs as
+    little as its text."""
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node) -> int:
+        if id(n) not in sizes:
+            sizes[id(n)] = limit + 1  # a cycle (a mapping that contains itself) is unbounded too
+            children = ([c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode)
+                        else n.value if isinstance(n, yaml.SequenceNode) else [])
+            total = 1
+            for c in children:
+                total = min(limit + 1, total + size(c))
+                if total > limit:
+                    break
+            sizes[id(n)] = total
+        return sizes[id(n)]
+
+    return size(node)
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys, which PyYAML would silently resolve to the last one."""
+    """SafeLoader that rejects duplicate keys, which PyYAML would silently resolve to the last one, and
+    documents whose aliases expand past MAX_YAML_NODES nodes (checked before any object is built: the
+    validation and messages after it would walk every expanded node)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        nodes = expanded_size(node, MAX_YAML_NODES)
+        if nodes > MAX_YAML_NODES:
+            raise YAMLTooLarge(f"expands to more than {MAX_YAML_NODES:,} nodes once its aliases (*name) are "
+                               "repeated; a params file has a few hundred")
+        return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         self.flatten_mapping(node)  # resolve `<<` merges first: keys they bring in may be overridden
@@ -366,17 +436,25 @@ class _StrictLoader(yaml.SafeLoader):
 def _read_yaml(path: Path) -> Any:
     """A params file's YAML, read with _StrictLoader; ConfigError names the file and the problem."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)  # never more: the path may be a pipe or a device
+        if len(raw) > MAX_YAML_BYTES:
+            raise ConfigError([f"{path}: larger than {MAX_YAML_BYTES:,} bytes; a params file is a few KB"], str(path))
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{path}: file not found"], str(path)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"{path}: cannot read: {getattr(e, 'strerror', None) or e}"], str(path)) from None
     try:
         return yaml.load(text, Loader=_StrictLoader)
+    except YAMLTooLarge as e:
+        raise ConfigError([f"{path}: {e}"], str(path)) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError([f"{path}: invalid YAML: nested too deeply"], str(path)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
+        problem = cut(getattr(e, "problem", None) or str(e), 200)
         raise ConfigError([f"{path}: invalid YAML{where}: {problem}"], str(path)) from None
 
 
@@ -405,7 +483,9 @@ def parse_params(data: Any, source: str | None = None) -> Params:
 
 
 # What the prepare stage reads of params.yaml: Params' own seed field; every other key is left to the later stages.
-_SeedOnly = create_model("SeedOnly", __config__={"extra": "ignore"}, seed=(int, Params.model_fields["seed"]))
+class _SeedOnly(_Model):
+    model_config = ConfigDict(extra="ignore")
+    seed: Seed = Params.model_fields["seed"].default
 
 
 def load_data_params(path: str | Path) -> tuple[DataConfig, int]:

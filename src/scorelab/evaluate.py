@@ -64,6 +64,7 @@ from .metrics import (bootstrap_indices, bootstrap_interval, check_samples, frec
                       mmd_rbf, precision_recall, sliced_wasserstein, sliced_wasserstein_replicates, t_interval)
 from .modality import Modality
 from .runtime import RuntimeSetupError, Shipment, ray_session, ship_files, task_device, unpack
+from .schema import show
 
 CURVE_FILE = "fid_vs_nfe.csv"
 INCEPTION_REF_FILE = "inception_ref_train.npz"
@@ -261,9 +262,18 @@ def _load_setting(samples_dir: Path, setting: SamplerSetting, variant: str, moda
             message = str(e) if str(seed_dir) in str(e) else f"{seed_dir}: {e}"
             raise EvaluateError(f"setting {setting.key}: {message}") from None
         xs[seed] = stored
-        nfe = json.loads((seed_dir / MANIFEST).read_text())["nfe"]
-        nfes += nfe if isinstance(nfe, list) else [nfe]
+        nfes += _nfes(json.loads((seed_dir / MANIFEST).read_text()), seed_dir / MANIFEST)
     return xs, nfes
+
+
+def _nfes(manifest: Any, path: Path) -> list[int]:
+    """A sample manifest's `nfe` (an integer, or one per chunk) as a list; EvaluateError names the file."""
+    nfe = manifest.get("nfe") if isinstance(manifest, dict) else None
+    values = nfe if isinstance(nfe, list) else [nfe]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise EvaluateError(f"{path}: `nfe` must be an integer or a list of them (got {show(nfe)}); rerun the "
+                            "sample stage")
+    return values
 
 
 def _divergence(samples_dir: Path, setting: SamplerSetting) -> dict[str, Any] | None:
@@ -280,7 +290,7 @@ def _divergence(samples_dir: Path, setting: SamplerSetting) -> dict[str, Any] | 
         except (OSError, ValueError):
             return None
         seeds.append(int(m[1]))
-        nfes += manifest["nfe"] if isinstance(manifest["nfe"], list) else [manifest["nfe"]]
+        nfes += _nfes(manifest, p / MANIFEST)
         if manifest.get("diverged"):
             hits[int(m[1])] = manifest.get("max_abs")
     if not hits:

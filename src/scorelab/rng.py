@@ -21,6 +21,7 @@ def _i64(c: int) -> int:
     return c - (1 << 64) if c >= 1 << 63 else c
 
 
+MAX_SEED = (1 << 63) - 1  # a seed is one int64 key: larger ones would alias smaller ones, so they are refused
 _GOLDEN = _i64(0x9E3779B97F4A7C15)
 _M1 = _i64(0xBF58476D1CE4E5B9)
 _M2 = _i64(0x94D049BB133111EB)
@@ -51,7 +52,9 @@ class SampleNoise:
             indices = torch.arange(indices)
         self.device = torch.device(device) if device is not None else indices.device
         idx = indices.to(self.device, torch.int64)
-        seed_key = splitmix64(torch.tensor(int(seed) & ((1 << 63) - 1), dtype=torch.int64))
+        if not 0 <= int(seed) <= MAX_SEED:
+            raise ValueError(f"seed {seed} is outside [0, {MAX_SEED}]")
+        seed_key = splitmix64(torch.tensor(int(seed), dtype=torch.int64))
         self._keys = splitmix64(seed_key.to(self.device) + idx * _GOLDEN)  # (B,)
         self.draws = 0
 

@@ -13,23 +13,80 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 import types
 import typing
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
+
+MAX_LINE = 1000  # characters of one problem line (scorelab's own run to ~500): a hostile value must not flood a log
+MAX_PROBLEMS = 50  # problem lines kept; the rest are counted
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys refused, and no number is infinite, NaN, or a YAML boolean read as 1 or 0."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        # pydantic's lax mode turns True into 1, and YAML 1.1 reads yes/no/on/off as booleans: `steps: yes`
+        # would train one step. Refused before coercion, field by field (nested models check their own).
+        if not isinstance(data, dict):
+            return data
+        errors = [line_error(loc, "must be a number, not a boolean (YAML reads yes, no, on, off, true and false "
+                                  "as booleans)", _at(data, loc))
+                  for key, field in cls.model_fields.items() if key in data
+                  for loc in _bools_for_numbers(field.annotation, data[key], (key,))]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return data
+
+
+def _at(data: Any, loc: tuple) -> Any:
+    for part in loc:
+        data = data[part]
+    return data
+
+
+def _wants_number(tp: Any) -> bool:
+    if tp in (int, float):
+        return True
+    if _is_union(tp):
+        members = [_unwrap(a)[0] for a in typing.get_args(tp) if a is not type(None)]
+        return bool(members) and all(_wants_number(m) for m in members)
+    return False
+
+
+def _bools_for_numbers(tp: Any, value: Any, loc: tuple) -> list[tuple]:
+    """The locations under `loc` where `value` holds a bool that type `tp` would read as a number."""
+    tp, _ = _unwrap(tp)
+    if isinstance(value, bool):
+        return [loc] if _wants_number(tp) else []
+    if typing.get_origin(tp) in (list, tuple) and isinstance(value, (list, tuple)):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return [hit for i, v in enumerate(value) for hit in _bools_for_numbers(args[0] if args else Any, v, (*loc, i))]
+    return []
+
+
+def cut(text: str, limit: int = MAX_LINE) -> str:
+    """text on one line of at most `limit` characters."""
+    text = " ".join(text.split()) if "\n" in text or "\r" in text else text
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class ConfigError(ValueError):
-    """Invalid configuration; `.problems` holds every problem found, each "dotted.location: message"."""
+    """Invalid configuration; `.problems` holds every problem found, each "dotted.location: message"
+    (each cut to MAX_LINE characters; past MAX_PROBLEMS, one last line counts the rest)."""
 
     def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = list(problems)
+        problems = [cut(p) for p in problems]
+        if len(problems) > MAX_PROBLEMS:
+            problems = problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more problem(s)"]
+        self.problems = problems
         self.source = source
         head = f"{source}: " if source else ""
         super().__init__(f"{head}{len(self.problems)} problem(s)\n" + "\n".join(f"  {p}" for p in self.problems))
@@ -114,9 +171,17 @@ def _suggest(word: Any, valid: list[str]) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+# reprlib bounds the depth and the items shown at each level, so a value that YAML aliases blew up to
+# millions of nodes is shown in microseconds: repr() would first build all of it.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 3, 60, 40, 60
+_REPR.maxtuple = _REPR.maxlist = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 4
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """A value as a message quotes it: a bounded repr, at most `limit` characters."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # pydantic error type -> (its ctx key, the operator to show)
@@ -127,16 +192,16 @@ _BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "les
 def describe_error(err: dict, root: type[BaseModel]) -> str:
     """One line "dotted.location: message" for one pydantic error of the model `root` (e.g. config.Params)."""
     kind, loc, ctx, value = err["type"], tuple(err["loc"]), err.get("ctx") or {}, err.get("input")
-    got = f" (got {_show(value)})"
+    got = f" (got {show(value)})"
 
     if kind == "extra_forbidden":
         parts, owner = _walk(loc[:-1], root)
         key = loc[-1]
         where = ".".join([*parts, str(key)])
         if not _is_model(owner):
-            return f"{where}: unknown key {key!r}"
+            return f"{where}: unknown key {show(key)}"
         valid = sorted(owner.model_fields)
-        return f"{where}: unknown key {key!r}; {_suggest(key, valid)}valid keys: {', '.join(valid)}"
+        return f"{where}: unknown key {show(key)}; {_suggest(key, valid)}valid keys: {', '.join(valid)}"
 
     parts, tp = _walk(loc, root)
     if kind in ("union_tag_invalid", "union_tag_not_found"):
@@ -146,17 +211,20 @@ def describe_error(err: dict, root: type[BaseModel]) -> str:
         if kind == "union_tag_not_found":
             return f"{where}: missing required key" + (f"; valid {field}s: {', '.join(valid)}" if valid else "")
         tag = ctx.get("tag")
-        return f"{where}: unknown {field} {tag!r}; {_suggest(tag, valid)}valid {field}s: {', '.join(valid)}"
+        return f"{where}: unknown {field} {show(tag)}; {_suggest(tag, valid)}valid {field}s: {', '.join(valid)}"
 
     where = ".".join(parts) or "top level"
     if loc and loc[-1] == "[key]":  # a dict key, i.e. a variant name
-        rule = f"must match {ctx['pattern']}" if kind == "string_pattern_mismatch" else pydantic_message(err)
-        return f"{where}: invalid name {loc[-2]!r}; {rule}"
+        where = ".".join([*parts[:-1], cut(str(loc[-2]), 60)]) if len(loc) > 1 else where
+        rule = (f"must match {ctx['pattern']}" if kind == "string_pattern_mismatch" else
+                f"must be at most {ctx['max_length']} characters" if kind == "string_too_long" else pydantic_message(err))
+        return f"{where}: invalid name {show(loc[-2])}; {rule}"
     if kind == "missing":
         return f"{where}: missing required key"
     if kind in _BOUNDS:
         key, op = _BOUNDS[kind]
-        return f"{where}: must be {op} {ctx[key]:g}{got}"
+        bound = ctx[key]
+        return f"{where}: must be {op} {bound if isinstance(bound, int) else format(bound, 'g')}{got}"
     if kind == "too_short":
         return f"{where}: must have at least {ctx['min_length']} item(s){got}"
     if kind == "literal_error":

@@ -29,6 +29,11 @@ class TrackingError(RuntimeError):
     pass
 
 
+# run id -> tracking URI of each run this process opened (or resumed, which marks it RUNNING again) and has not
+# ended: a stage that fails in between ends them FAILED (end_unfinished_runs), so none is left RUNNING.
+_UNFINISHED: dict[str, str] = {}
+
+
 def resolve_tracking_uri(uri: str, root: Path) -> str:
     """"" -> sqlite:///<root>/mlflow.db; relative sqlite/file paths made absolute against root."""
     root = root.resolve()
@@ -171,9 +176,25 @@ def start_or_resume_run(uri: str, exp_id: str, run_key: str, run_name: str, tags
         run_id = found[0].info.run_id
         if found[0].info.status != "RUNNING":
             c.update_run(run_id, status="RUNNING")
+        _UNFINISHED[run_id] = uri
         return run_id
     run = c.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags})
+    _UNFINISHED[run.info.run_id] = uri
     return run.info.run_id
+
+
+def end_unfinished_runs(status: str = "FAILED") -> list[str]:
+    """End with `status` every run this process opened and did not end; the ids of those it could end (a
+    store that does not answer leaves its runs as they are: this runs on the way out of a failure)."""
+    ended = []
+    for run_id, uri in list(_UNFINISHED.items()):
+        del _UNFINISHED[run_id]
+        try:
+            client(uri).set_terminated(run_id, status)
+            ended.append(run_id)
+        except Exception as e:  # the store's errors come in many types
+            sys.stderr.write(f"mlflow: could not mark run {run_id} {status}: {error_line(e)}\n")
+    return ended
 
 
 def open_run(uri: str, experiment: str, root: Path, run_key: str, run_name: str, tags: Mapping[str, str]) -> str:
@@ -300,3 +321,4 @@ class RunLogger:
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()
         self._call(self._client.set_terminated, self.run_id, status)
+        _UNFINISHED.pop(self.run_id, None)
