@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +198,76 @@ def test_a_sampling_only_code_change_redraws_the_samples(tmp_path):
 
     third = _dvc(repo, "repro", "-s", "sample@vp", env=env)
     assert third.returncode == 0 and "Running stage" not in third.stdout, "the same code is up to date"
+
+
+def _exp_rows(shown: list) -> dict[str, dict]:
+    """`dvc exp show --json`: {experiment name: its data} for every experiment under the baseline."""
+    rows = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                rows[rev["name"]] = rev["data"]
+    return rows
+
+
+def test_queued_experiments_show_their_headline_and_link_to_mlflow(tmp_path):
+    """Two `dvc exp run --queue -S variants.vp.sde.beta_max=...` run by `dvc queue start` in DVC's temporary
+    copies: `dvc exp show` holds both with the report's headline, `dvc metrics diff` names vp's change in a few
+    lines, and the MLflow runs (in the real repository's store, not the deleted copies') carry the experiment."""
+    repo = tmp_path / "repo"
+    params = tiny_repo(repo, train_steps=20)
+    params["sample"].update({"n": 200, "seeds": [0, 1], "batch_size": 100, "diverged_above": 1.0e12})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {"PYTHONPATH": "src"}  # relative: each stage runs the code of the copy it runs in
+    git = ["git", "-c", "user.name=scorelab", "-c", "user.email=scorelab@example.com"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "tiny"], cwd=repo, check=True)
+    base = _dvc(repo, "repro", env=env)
+    assert base.returncode == 0, base.stdout[-3000:] + base.stderr[-3000:]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "the tiny run"], cwd=repo, check=True)
+
+    git_env = {**env, "GIT_AUTHOR_NAME": "scorelab", "GIT_AUTHOR_EMAIL": "scorelab@example.com",
+               "GIT_COMMITTER_NAME": "scorelab", "GIT_COMMITTER_EMAIL": "scorelab@example.com"}
+    for beta, name in ((10, "beta10"), (15, "beta15")):
+        queued = _dvc(repo, "exp", "run", "--queue", "-n", name, "-S", f"variants.vp.sde.beta_max={beta}", env=git_env)
+        assert queued.returncode == 0, queued.stderr[-2000:]
+    started = _dvc(repo, "queue", "start", env=git_env)
+    assert started.returncode == 0, started.stderr[-2000:]
+    deadline = time.monotonic() + 1500
+    while time.monotonic() < deadline:
+        status = _dvc(repo, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(10)
+    assert "Success" in status and "Failed" not in status, status + _dvc(repo, "queue", "logs", "beta10").stdout[-3000:]
+
+    rows = _exp_rows(json.loads(_dvc(repo, "exp", "show", "--json").stdout))
+    assert set(rows) == {"beta10", "beta15"}, rows.keys()
+    for name, beta in (("beta10", 10), ("beta15", 15)):
+        assert rows[name]["params"]["params.yaml"]["data"]["variants"]["vp"]["sde"]["beta_max"] == beta
+        headline = rows[name]["metrics"]["reports/metrics.json"]["data"]
+        assert set(headline["vp"]) == {"sliced_w2", "low", "high", "nfe", "setting", "test_loglik", "train_s", "loss"}
+        assert headline["vp"]["sliced_w2"] > 0 and list(rows[name]["metrics"]) == ["reports/metrics.json"]
+    headline = json.loads((repo / "reports" / "metrics.json").read_text())
+    tuned = {k: v for k, v in headline["tuned"].items() if v is not None}  # exp show leaves nulls out
+    assert rows["beta10"]["metrics"]["reports/metrics.json"]["data"]["tuned"] == tuned, \
+        "the sweep did not re-run: only vp's stages depend on variants.vp"
+
+    diff = _dvc(repo, "metrics", "diff", "HEAD", "beta10", "--md")
+    changed = [line for line in diff.stdout.splitlines() if line.startswith("| reports/")]
+    assert changed and all("| vp." in line for line in changed), diff.stdout
+    print(_dvc(repo, "metrics", "show").stdout)
+    print(diff.stdout)
+    table = _dvc(repo, "exp", "show", "--only-changed", "--no-pager", env={"COLUMNS": "160"}).stdout
+    print(table)
+
+    from mlflow.tracking import MlflowClient
+
+    assert not list(repo.glob(".dvc/tmp/exps/*/mlflow.db")), "no store left in the temporary copies"
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    tagged = {r.data.tags.get("dvc.exp_name") for r in runs if r.info.run_name == "vp"}
+    assert {"beta10", "beta15"} <= tagged, tagged
+    comparison = [r for r in runs if r.info.run_name == "comparison"]
+    assert comparison and comparison[0].data.tags.get("dvc.exp_name") in {"beta10", "beta15"}

@@ -62,18 +62,31 @@ def test_outputs_in_dvc_yaml_are_the_layouts_paths():
     rel = out.shown
     train = stages["train"]["do"]
     assert rel(out.model("${key}")) in _paths(train["outs"])
-    assert rel(out.train_metrics("${key}")) in _paths(train["metrics"])
+    assert rel(out.train_metrics("${key}")) in _paths(train["outs"])
     assert _paths(stages["sample"]["do"]["outs"]) == [rel(out.samples("${key}"))]
-    assert _paths(stages["evaluate"]["do"]["metrics"]) == [rel(out.eval_metrics("${key}"))]
+    assert rel(out.eval_metrics("${key}")) in _paths(stages["evaluate"]["do"]["outs"])
     assert rel(out.featurizer) in _paths(stages["featurizer"]["outs"])
     assert rel(out.model("tuned")) in _paths(stages["tune"]["outs"])
-    assert rel(out.train_metrics("tuned")) in _paths(stages["tune"]["metrics"])
+    assert rel(out.train_metrics("tuned")) in _paths(stages["tune"]["outs"])
     assert _paths(stages["sample_tuned"]["outs"]) == [rel(out.samples("tuned"))]
-    assert _paths(stages["evaluate_tuned"]["metrics"]) == [rel(out.eval_metrics("tuned"))]
+    assert rel(out.eval_metrics("tuned")) in _paths(stages["evaluate_tuned"]["outs"])
     assert all(p.startswith(rel(out.reports) + "/") for p in _paths(stages["report"]["outs"]))
     for name, stage in stages.items():  # the commands are the stage scripts that stage_command names
         cmd = stage.get("do", stage)["cmd"]
         assert cmd.startswith(stage_command(name.removesuffix("_tuned").split("@")[0]).split(" --")[0])
+
+
+def test_the_headline_is_the_only_declared_metrics_file_and_the_plots_are_the_reports():
+    """`dvc exp show` prints a column per metric leaf: the per-seed detail of the stages stays in plain outs."""
+    dvc_yaml, out = yaml.safe_load((REPO / "dvc.yaml").read_text()), Layout(REPO)
+    declared = [p for stage in dvc_yaml["stages"].values() for p in _paths(stage.get("do", stage).get("metrics"))]
+    assert declared == [out.shown(out.headline)]
+    report_outs = set(_paths(dvc_yaml["stages"]["report"]["outs"]))
+    plots = [next(iter(p)) for p in dvc_yaml["plots"]]
+    assert plots and set(plots) <= report_outs, "the top-level plots draw the report's CSVs"
+    for p in dvc_yaml["plots"]:
+        template = next(iter(p.values()))["template"]
+        assert (REPO / ".dvc" / "plots" / f"{template}.json").is_file(), template
 
 
 @pytest.mark.parametrize("name", list(_stages()))

@@ -24,7 +24,8 @@ from scorelab.config import parse_params
 from scorelab.report import ReportError, build_report, comparison_run_key
 
 REPO = Path(__file__).resolve().parents[1]
-OUTPUTS = ("comparison.md", "fid_vs_nfe.png", "fid_vs_nfe.csv", "loss_curves.png", "samples.png", "metrics.json")
+OUTPUTS = ("comparison.md", "fid_vs_nfe.png", "fid_vs_nfe.csv", "loss_curves.png", "loss_curves.csv", "samples.png",
+           "metrics.json")
 
 IMAGE_VARIANTS = {
     "ddpm": {"sde": {"type": "ddpm"}, "parameterization": {"type": "eps"},
@@ -187,11 +188,38 @@ def test_metrics_json_holds_the_minima(image_case):
     assert image_case["result"]["metrics"] == metrics
     assert metrics["baseline_domain_fd"] == 0.05
     for i, (variant, (key, value)) in enumerate(image_case["best"].items()):
-        assert metrics[variant]["best_setting"] == key
-        assert metrics[variant]["best_domain_fd"] == value
+        assert metrics[variant]["setting"] == key
+        assert metrics[variant]["domain_fd"] == value
+        s = image_case["evals"][variant]["settings"][key]
+        assert metrics[variant]["low"] is None is metrics[variant]["high"], "these evaluations carry no interval"
+        assert metrics[variant]["nfe"] == pytest.approx(s["nfe"])
         assert metrics[variant]["bits_per_dim"] == pytest.approx(1.5 + 0.1 * i)
-        assert metrics[variant]["train_seconds"] == pytest.approx(100.5 + 60 * i)
+        assert metrics[variant]["train_s"] == pytest.approx(100.5 + 60 * i)
+        assert metrics[variant]["loss"] == pytest.approx(0.03 + 0.01 * i)
     assert image_case["result"]["best"] == {v: k for v, (k, _) in image_case["best"].items()}
+
+
+def _leaves(tree) -> list:
+    return [x for v in tree.values() for x in _leaves(v)] if isinstance(tree, dict) else [tree]
+
+
+def test_the_headline_stays_small_enough_for_dvc_exp_show(image_case):
+    """reports/metrics.json is the one file dvc.yaml declares as metrics, and `dvc exp show` prints a column per
+    leaf: eight per variant and the baseline (the default's 5 variants and tuned: 49), each a scalar, whatever
+    the number of settings and seeds (here 3 to 4 settings of 3 seeds each)."""
+    metrics = json.loads((image_case["root"] / "reports" / "metrics.json").read_text())
+    leaves = _leaves(metrics)
+    assert len(leaves) <= 8 * len(IMAGE_VARIANTS) + 1
+    assert all(not isinstance(x, (list, dict)) for x in leaves)
+    assert max(len(v) for v in metrics.values() if isinstance(v, dict)) == 8
+
+
+def test_loss_curves_csv_holds_the_logged_losses(image_case):
+    with open(image_case["root"] / "reports" / "loss_curves.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["variant"] for r in rows} == set(IMAGE_VARIANTS)
+    vp = [(int(r["step"]), float(r["loss"])) for r in rows if r["variant"] == "vp"]
+    assert vp == [(step, pytest.approx(1.0 / (1 + step / 100) + 0.1)) for step in range(50, 501, 50)]
 
 
 def test_csv_has_one_row_per_variant_and_setting(image_case):
@@ -248,7 +276,7 @@ def test_two_d_data_without_mlflow(tmp_path):
     metrics = json.loads((reports / "metrics.json").read_text())
     for variant, (key, value) in expected_best(evals, "sliced_w2").items():
         assert key != "ddim-10" or variant != "vp", "a NaN result is never the best"
-        assert metrics[variant]["best_setting"] == key and metrics[variant]["best_sliced_w2"] == value
+        assert metrics[variant]["setting"] == key and metrics[variant]["sliced_w2"] == value
         assert f"{key} (lowest mean)" in md
     assert metrics["vp"]["test_loglik"] == pytest.approx(-2.8)
     with open(reports / "fid_vs_nfe.csv", newline="") as f:
@@ -270,6 +298,7 @@ def test_unreachable_tracking_server_is_a_note_not_a_crash(tmp_path):
     assert "| real vs real (vp) |" in md and "| real vs real (subvp) |" in md
     assert result["metrics"]["baseline_sliced_w2"] == pytest.approx(0.06)
     assert not (tmp_path / "reports" / "loss_curves.png").exists()
+    assert (tmp_path / "reports" / "loss_curves.csv").read_text() == "variant,step,loss\n", "the header alone"
     assert (tmp_path / "reports" / "samples.png").is_file()
     assert any("unreachable" in n for n in result["notes"])
 
@@ -342,7 +371,7 @@ def test_a_diverged_setting_is_shown_as_diverged_not_scored(tmp_path):
     assert "**diverged** (not scored)" in row and "(best)" not in row
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     finite = {k: s["sliced_w2_mean"] for k, s in evals["vp"]["settings"].items() if k != "ddim-10"}
-    assert metrics["vp"]["best_setting"] == min(finite, key=finite.get)
+    assert metrics["vp"]["setting"] == min(finite, key=finite.get)
     with open(tmp_path / "reports" / "fid_vs_nfe.csv", newline="") as f:
         assert [r["value"] for r in csv.DictReader(f) if r["setting"] == "ddim-10" and r["variant"] == "vp"] == [""]
 
@@ -377,6 +406,10 @@ def test_pairwise_comparisons_call_ties_and_significant_differences(tmp_path):
     assert "Significantly above the real-vs-real baseline: ddpm, vp, ve" in md
     assert "| ddpm (ancestral-1000, NFE 1000) | vp (ode-adaptive, NFE 143.7) | -0.02 |" in md
     assert "N = 256 held-out real samples per seed" in md
+    ddpm = evals["ddpm"]["settings"]["ancestral-1000"]
+    headline = result["metrics"]["ddpm"]
+    assert headline["domain_fd"] == ddpm["domain_fd_mean"]
+    assert [headline["low"], headline["high"]] == ddpm["domain_fd_ci"]
 
     # evaluations that resampled differently are not paired by their replicates (and these hold no per-seed values)
     data = evals["ve"]

@@ -11,6 +11,7 @@ agreement); the stage scripts, the report and the error messages ask this module
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,11 @@ class Layout:
     def reports(self) -> Path:
         return self.root / "reports"
 
+    @property
+    def headline(self) -> Path:
+        """The report's metrics.json: each variant's headline, the one file dvc.yaml declares as metrics."""
+        return self.reports / METRICS_FILE
+
     def train(self, variant: str) -> Path:
         """The train stage's folder; the sweep's winner was trained by the tune stage."""
         return self.tune if variant == TUNED_VARIANT else self.root / OUTPUTS / "train" / variant
@@ -73,6 +79,14 @@ class Layout:
             return str(Path(path).relative_to(self.root))
         except ValueError:
             return str(path)
+
+
+def shared_root(root: Path) -> Path:
+    """Where state shared by every run of the project lives (the default MLflow store, Ray's checkpoints):
+    the repository DVC runs the stage for. `dvc exp run --queue`/`--temp` runs stages in a throw-away copy
+    under .dvc/tmp/exps and sets DVC_ROOT to the real repository (dvc/repo/experiments/queue/base.py); a
+    plain `dvc repro` sets it to the repository itself. Outside DVC: `root`."""
+    return Path(os.environ.get("DVC_ROOT") or root).resolve()
 
 
 STAGE_SCRIPTS = {"prepare": "prepare", "featurizer": "featurizer", "train": "train", "tune": "tune",

@@ -24,8 +24,11 @@ Outputs, in out_dir (default <root>/reports), each written to a temporary name a
     fid_vs_nfe.png    primary metric vs NFE, one line per variant x sampler, baseline dashed
     fid_vs_nfe.csv    the same points for `dvc plots show`: variant, method, setting, nfe, value, std
     loss_curves.png   training loss vs step from the MLflow runs; skipped (and said so) without MLflow
+    loss_curves.csv   the same curves for `dvc plots`: variant, step, loss (the header alone without MLflow)
     samples.png       each variant's best-setting grid, side by side
-    metrics.json      for `dvc metrics show`: per variant its best setting and value, bits/dim, training time
+    metrics.json      the headline, the one file dvc.yaml declares as metrics (`dvc metrics diff`, `dvc exp
+                      show`): per variant its best value with interval, NFE and setting, the likelihood,
+                      training time and final loss (metrics_summary)
 
 With log_to_mlflow, one run named "comparison" in the training runs' experiment (found again by a run
 key made from the variant names, so a re-run updates it) gets the files as artifacts and the best value
@@ -84,25 +87,35 @@ def _json_number(x: float | None) -> float | None:
 
 
 def metrics_summary(variants: list[VariantResult], primary: str) -> dict[str, Any]:
-    """What reports/metrics.json holds (non-finite values as null)."""
+    """What reports/metrics.json holds: the headline of each variant, the one file dvc.yaml declares as
+    metrics (non-finite values as null). Short keys keep `dvc exp show` narrow, since it prints one column
+    per key that differs: <variant>.<primary> is the best setting's value, low/high its interval, then its
+    nfe and setting, the likelihood, training seconds and final loss. Per seed and per setting, KID and
+    precision/recall stay in outputs/eval/<variant>/metrics.json."""
     out: dict[str, Any] = {}
     for v in variants:
-        entry: dict[str, Any] = {
-            "best_setting": v.best.key if v.best else None,
-            "best_method": v.best.method if v.best else None,
-            "best_nfe": _nfe_value(v.best.nfe) if v.best else None,
-            f"best_{primary}": _json_number(v.best.metrics[primary][0]) if v.best else None,
-            f"best_{primary}_std": _json_number(v.best.metrics[primary][1]) if v.best else None,
-        }
-        if v.best is not None and primary in v.best.ci:
-            entry[f"best_{primary}_low"], entry[f"best_{primary}_high"] = map(_json_number, v.best.ci[primary])
+        best = v.best
+        entry: dict[str, Any] = {primary: _json_number(best.metrics[primary][0]) if best else None}
+        entry["low"], entry["high"] = (map(_json_number, best.ci[primary]) if best and primary in best.ci
+                                       else (None, None))
+        entry.update(nfe=_nfe_value(best.nfe) if best else None, setting=best.key if best else None)
         if v.likelihood:
             entry[v.likelihood.name] = _json_number(v.likelihood.mean)
-        entry.update(train_seconds=_json_number(v.train_seconds), train_steps=v.train_steps,
-                     final_loss=_json_number(v.final_loss))
+        entry.update(train_s=_json_number(v.train_seconds), loss=_json_number(v.final_loss))
         out[v.name] = entry
     out[f"baseline_{primary}"] = _json_number(baseline_value(variants, primary))
     return out
+
+
+def loss_csv(histories: Histories) -> str:
+    """reports/loss_curves.csv, what `dvc plots` draws as the training loss curves: variant,step,loss (the
+    header alone when no history was read)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["variant", "step", "loss"])
+    for name, (steps, losses) in histories.items():
+        w.writerows([name, step, loss] for step, loss in zip(steps, losses))
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +231,7 @@ def build_report(
     """Compare every variant of params (module docstring). Returns
 
         {"files": {"comparison": Path, "fid_vs_nfe": Path, "fid_vs_nfe_csv": Path, "samples": Path,
-                   "metrics": Path, "loss_curves": Path (only when drawn)},
+                   "metrics": Path, "loss_curves_csv": Path, "loss_curves": Path (only when drawn)},
          "primary_metric": str, "best": {variant: setting key or None}, "metrics": what metrics.json holds,
          "mlflow_run_id": the comparison run, or None, "notes": [str],
          "pairwise": report_compare.Comparison (which differences are significant)}
@@ -255,6 +268,7 @@ def build_report(
     files: dict[str, Path] = {}
     files["fid_vs_nfe"] = save_figure(plot_vs_nfe(variants, primary), out_dir / "fid_vs_nfe.png")
     files["fid_vs_nfe_csv"] = storage.write_text(out_dir / "fid_vs_nfe.csv", _csv_text(variants, primary))
+    files["loss_curves_csv"] = storage.write_text(out_dir / "loss_curves.csv", loss_csv(histories))
     if histories:
         files["loss_curves"] = save_figure(plot_loss_curves(histories), out_dir / "loss_curves.png")
     else:
@@ -271,7 +285,7 @@ def build_report(
 
     if session is not None:
         before = session.logger.dropped
-        session.logger.artifacts([files[k] for k in ("comparison", "fid_vs_nfe", "fid_vs_nfe_csv", "loss_curves",
+        session.logger.artifacts([files[k] for k in ("comparison", "fid_vs_nfe", "fid_vs_nfe_csv", "loss_curves", "loss_curves_csv",
                                                      "samples", "metrics") if k in files])
         session.logger.finish()
         if session.logger.dropped > before:
@@ -282,4 +296,4 @@ def build_report(
 
 
 __all__ = ["COMPARISON_RUN_NAME", "ReportError", "build_report", "comparison_run_key", "loss_histories",
-           "metrics_summary"]
+           "loss_csv", "metrics_summary"]

@@ -9,13 +9,17 @@ server works: other nodes cannot write to this machine's files, so a local store
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .layout import shared_root
+
 RUN_KEY_TAG = "scorelab.run_key"
+DVC_EXP_TAG = "dvc.exp_name"  # the DVC experiment (`dvc exp show`'s name) whose stage made or last resumed the run
 # MLflow 3's experiment kind: "custom_model_development" is its model-training kind (as opposed to
 # "genai_development"). The 3.17 UI decides its view from the browser's workflowType instead (the
 # localStorage default is GenAI), so links carry ?workflowType=machine_learning as well (ui_url).
@@ -35,8 +39,9 @@ _UNFINISHED: dict[str, str] = {}
 
 
 def resolve_tracking_uri(uri: str, root: Path) -> str:
-    """"" -> sqlite:///<root>/mlflow.db; relative sqlite/file paths made absolute against root."""
-    root = root.resolve()
+    """"" -> sqlite:///<root>/mlflow.db; relative sqlite/file paths made absolute against root. Inside a DVC
+    experiment's temporary copy, root is the real repository (layout.shared_root): the copy is deleted."""
+    root = shared_root(root)
     if not uri:
         return f"sqlite:///{root / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -138,7 +143,7 @@ def experiment_id(uri: str, name: str, root: Path) -> str:
         if EXPERIMENT_KIND_TAG not in exp.tags:
             c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return exp.experiment_id
-    location = (root.resolve() / "mlruns" / name).as_uri() if is_local_store(uri) else None
+    location = (shared_root(root) / "mlruns" / name).as_uri() if is_local_store(uri) else None
     return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
 
 
@@ -168,17 +173,29 @@ def best_at_each_step(points: Iterable[tuple[int, float | None]]) -> list[tuple[
     return sorted(best.items())
 
 
+def dvc_experiment_tags() -> dict[str, str]:
+    """The DVC experiment this process runs in, as MLflow tags: `dvc exp run` (queued or not) sets
+    DVC_EXP_NAME and DVC_EXP_BASELINE_REV for its stages (dvc/repo/experiments/queue/base.py). Empty
+    under a plain `dvc repro` or outside DVC."""
+    tags = {DVC_EXP_TAG: os.environ.get("DVC_EXP_NAME", ""),
+            "dvc.exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", "")}
+    return {k: v for k, v in tags.items() if v} if tags[DVC_EXP_TAG] else {}
+
+
 def start_or_resume_run(uri: str, exp_id: str, run_key: str, run_name: str, tags: Mapping[str, str]) -> str:
-    """The run tagged with run_key if there is one (a resumed or re-run configuration), else a new run."""
+    """The run tagged with run_key if there is one (a resumed or re-run configuration), else a new run.
+    Either way it carries the DVC experiment that (re)ran it (dvc_experiment_tags)."""
     c = client(uri)
     found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
         if found[0].info.status != "RUNNING":
             c.update_run(run_id, status="RUNNING")
+        for key, value in dvc_experiment_tags().items():
+            c.set_tag(run_id, key, value)
         _UNFINISHED[run_id] = uri
         return run_id
-    run = c.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags})
+    run = c.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags, **dvc_experiment_tags()})
     _UNFINISHED[run.info.run_id] = uri
     return run.info.run_id
 

@@ -37,7 +37,7 @@ from .data import Manifest, load_manifest, read_rows, verify
 from .ema import EMA
 from .losses import dsm_loss, loss_per_bin
 from .parameterization import ScoreModel
-from .layout import METRICS_FILE, MODEL_FILE
+from .layout import METRICS_FILE, MODEL_FILE, shared_root
 from .runtime import (Shipment, StopWatch, alive_nodes, check_storage_shared, checkpoint_on_sigterm, ray_session,
                       remove_unregistered_checkpoints, say, ship_files, torch_trainer, unpack, worker_error)
 from .visual import save_samples
@@ -467,7 +467,7 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
     train = resolve_train(params, variant)
     key = config_hash(params, variant, manifest.checksum)
     uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, root)
-    store = storage.resolve(params.ray.storage_path, root)
+    store = storage.resolve(params.ray.storage_path, shared_root(root))
     name = f"{variant}-{key[:12]}"
     run_dir = storage.join(store, name)
     status_path, stop_path = storage.join(run_dir, STATUS_FILE), storage.join(run_dir, STOP_FILE)

@@ -44,7 +44,7 @@ from .schema import describe_error
 from .checkpoint import export_model, load_state
 from .featurizer import CLASSIFIER_FILE, REF_TEST_FILE, FeaturizerError, load_featurizer
 from .features import load_classifier
-from .layout import MODEL_FILE, TUNED_VARIANT
+from .layout import MODEL_FILE, TUNED_VARIANT, shared_root
 from .modality import Modality, modality_of
 from .runtime import (Shipment, alive_nodes, check_storage_shared, graceful_sigterm, ray_session, ship_files,
                       torch_trainer, unpack)
@@ -295,7 +295,7 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
             raise TuneError(str(e)) from None
     key = sweep_key(params, trials, manifest.checksum)
     name = f"tune-{key[:12]}"
-    store = storage.resolve(params.ray.storage_path, root)  # absolute: Tune and the workers run elsewhere
+    store = storage.resolve(params.ray.storage_path, shared_root(root))  # absolute: Tune and the workers run elsewhere
     uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, root)
     tracking.check_server(uri, params.mlflow.connect_timeout_s)  # before Ray starts: seconds, not minutes
 
