@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    from scorelab.checkpoint import write_model
     from scorelab.sampling import sample
 
     with benchlib.tmpdir("bench-quality-") as tmp_name:
@@ -73,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.save_model:
             path = Path(args.save_model)
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"weights": ours.sampling_model().state_dict(), "variant": vcfg.model_dump(mode="json"),
-                        "data_shape": list(shape), "step": ours.steps, "config_hash": "bench-quality_vs_diffusers",
-                        "run_id": ""}, path)
+            write_model(ours.sampling_model().state_dict(), vcfg, shape, path, step=ours.steps,
+                        config_hash="bench-quality_vs_diffusers")
 
         model = ours.sampling_model()
         unet = peer.sampling_model()

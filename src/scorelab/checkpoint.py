@@ -158,12 +158,19 @@ class TrainedModel:
     run_id: str
 
 
+def write_model(weights: dict[str, torch.Tensor], variant: VariantConfig, data_shape: tuple[int, ...], path: Path,
+                *, step: int, config_hash: str, run_id: str = "") -> Path:
+    """A model file load_trained accepts: ScoreModel weights, what rebuilds the model, and the digest."""
+    return _save_atomic({"weights": weights, "variant": variant.model_dump(mode="json"),
+                         "data_shape": list(data_shape), "step": int(step),
+                         "config_hash": config_hash, "run_id": run_id}, Path(path))
+
+
 def export_model(state: dict[str, Any], variant: VariantConfig, data_shape: tuple[int, ...], path: Path) -> Path:
     """model.pt: the EMA weights of the ScoreModel plus what is needed to rebuild it."""
     ema_weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
-    return _save_atomic({"weights": ema_weights, "variant": variant.model_dump(mode="json"),
-                         "data_shape": list(data_shape), "step": int(state["step"]),
-                         "config_hash": state["config_hash"], "run_id": state["run_id"]}, Path(path))
+    return write_model(ema_weights, variant, data_shape, path, step=state["step"],
+                       config_hash=state["config_hash"], run_id=state["run_id"])
 
 
 def load_trained(path: Path | str, device: str | torch.device = "cpu") -> TrainedModel:
