@@ -339,6 +339,43 @@ def test_ddim_on_the_ddpm_chain_is_diffusers_euler_with_trailing_spacing(steps):
     assert torch.allclose(ours, x.to(ours.dtype), atol=1e-4), (ours - x).abs().max()
 
 
+@pytest.mark.parametrize("steps,x0_threshold", [(1000, "none"), (100, "none"), (100, "clip"), (20, "dynamic")])
+def test_ancestral_on_the_ddpm_chain_is_diffusers_ddpm_scheduler(steps, x0_threshold, monkeypatch):
+    """An independent implementation of DDPM's sampler: diffusers' DDPMScheduler (posterior variance
+    "fixed_small", "trailing" spacing: 999, 989, ..., 9 for 100 steps, then the clean data) fed the same
+    noise draws. clip is its clip_sample, dynamic its thresholding with no upper bound on s."""
+    diffusers = pytest.importorskip("diffusers")
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+    from scorelab.parameterization import ScoreModel
+
+    class Net(torch.nn.Module):  # the exact eps of data N(0, 0.5^2 I), plus an error that thresholding cuts
+        def forward(self, x, k):
+            alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[k.long()].view(-1, 1, 1)
+            return (1 - alpha_bar).sqrt() * x / (0.25 * alpha_bar + 1 - alpha_bar) + 0.1 * torch.tanh(x + 0.1)
+
+    sde, net, n = get_sde("ddpm"), Net(), 64
+    ours = sample(ScoreModel(net, sde, "eps"), sde, (n, 1, 4), method="ancestral", steps=steps, seed=3,
+                  dtype=torch.float64, x0_threshold=x0_threshold).x
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing="trailing",
+                                        variance_type="fixed_small", clip_sample=x0_threshold == "clip",
+                                        thresholding=x0_threshold == "dynamic", dynamic_thresholding_ratio=0.995,
+                                        sample_max_value=float("inf"))
+    scheduler.set_timesteps(steps)
+    assert [round(float(t)) for t in scheduler.timesteps] == \
+        ((time_grid(sde, steps)[:-1] * 1000).round().long() - 1).tolist()
+    noise = SampleNoise(3, torch.arange(n))
+    x = noise.randn((1, 4), dtype=torch.float64)  # channels first, as its thresholding expects
+    # The scheduler's variance noise is scorelab's next draw (its last step draws one it multiplies by ~0).
+    monkeypatch.setattr(ddpm_module, "randn_tensor", lambda shape, **kw: noise.randn(shape[1:], dtype=kw["dtype"]))
+    for t in scheduler.timesteps:
+        x = scheduler.step(net(x, t.expand(n)), t, x).prev_sample
+    if x0_threshold != "none":  # the thresholding acts: without it the samples differ
+        plain = sample(ScoreModel(net, sde, "eps"), sde, (n, 1, 4), method="ancestral", steps=steps, seed=3,
+                       dtype=torch.float64).x
+        assert (plain - x).abs().max() > 100 * 1e-4
+    assert torch.allclose(ours, x.to(ours.dtype), atol=1e-4), (ours - x).abs().max()
+
+
 # -- bad input ------------------------------------------------------------------------------
 
 

@@ -171,12 +171,19 @@ def _transition(sde: SDE, t: float, s: float) -> tuple[float, float]:
     return sde.transition_at(s, t)
 
 
-def ancestral_step(score, sde, x, t, s, noise, noise_kind="posterior"):
+def ancestral_step(score, sde, x, t, s, noise, noise_kind="posterior", x0_threshold="none", threshold_ratio=0.995):
     """p(x_s | x_t) from the exact Gaussian transition x_t = a x_s + sig z with x_0 replaced by its
     Tweedie estimate: mean (x + sig^2 score)/a (DDPM's and SMLD's update), variance sig^2 std_s^2/std_t^2
-    (the posterior; DDPM's beta-tilde, SMLD's choice) or sig^2 (DDPM's sigma^2 = beta)."""
+    (the posterior; DDPM's beta-tilde, SMLD's choice) or sig^2 (DDPM's sigma^2 = beta). With x0_threshold,
+    x0_hat is thresholded (threshold_x0) and the score recomputed from it: DDPM's clipped x0 prediction
+    (diffusers' DDPMScheduler clip_sample / thresholding) in the posterior mean."""
     a, sig = _transition(sde, t, s)
-    mean = (x + sig**2 * score(x, t)) / a
+    grad = score(x, t)
+    if x0_threshold != "none":
+        (alpha_t, std_t), = _coeffs(sde, t)
+        x0_hat = threshold_x0((x + std_t**2 * grad) / alpha_t, x0_threshold, threshold_ratio)
+        grad = (alpha_t * x0_hat - x) / std_t**2
+    mean = (x + sig**2 * grad) / a
     if s == 0:
         return mean
     (_, std_t), (_, std_s) = _coeffs(sde, t, s)
@@ -268,11 +275,13 @@ def _walk(grid: Tensor, progress: bool, desc: str):
 
 
 @_register("ancestral")
-def _ancestral(score, sde, x, grid, noise, progress, noise_kind="posterior"):
+def _ancestral(score, sde, x, grid, noise, progress, noise_kind="posterior", x0_threshold="none",
+               threshold_ratio=0.995):
     if noise_kind not in ("posterior", "transition"):
         raise ValueError(f"noise must be 'posterior' or 'transition', got {noise_kind!r}")
+    _check_threshold(x0_threshold, threshold_ratio)
     for t, s in _walk(grid, progress, "ancestral"):
-        x = ancestral_step(score, sde, x, t, s, noise, noise_kind)
+        x = ancestral_step(score, sde, x, t, s, noise, noise_kind, x0_threshold, threshold_ratio)
     return x
 
 

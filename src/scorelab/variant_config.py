@@ -196,13 +196,6 @@ class _SamplerBase(_Model):
         return [None] if steps is None else list(steps)
 
 
-class AncestralSampler(_SamplerBase):
-    method: Literal["ancestral"] = "ancestral"
-    steps: Steps
-    noise: Literal["posterior", "transition"] = "posterior"
-    grid: Grid = "uniform"
-
-
 class EulerMaruyamaSampler(_SamplerBase):
     method: Literal["euler_maruyama"] = "euler_maruyama"
     steps: Steps
@@ -256,6 +249,13 @@ class _X0Thresholded(_SamplerBase):
         elif self.x0_threshold == "clip":
             del out["threshold_ratio"]
         return out
+
+
+class AncestralSampler(_X0Thresholded):
+    method: Literal["ancestral"] = "ancestral"
+    steps: Steps
+    noise: Literal["posterior", "transition"] = "posterior"
+    grid: Grid = "uniform"
 
 
 class DDIMSampler(_X0Thresholded):
