@@ -1,4 +1,5 @@
-# Two commands: `make run` (the whole DAG: dvc repro) and `make test`. Both create .venv on first use.
+# Two commands: `make run` (the whole DAG: dvc repro, its stages sharing one local Ray that starts and stops
+# with it: scorelab.runtime.with_local_ray) and `make test`. Both create .venv on first use.
 # `make run PRESET=toy2d` first validates presets/toy2d.yaml and copies it over params.yaml
 # (presets: digits = the committed default, toy2d, mnist, cifar10); `make demo` is the 2-D sampler demo.
 PYTHON ?= python3
@@ -23,7 +24,9 @@ ifneq ($(PRESET),)
 	$(PY) -m scorelab validate presets/$(PRESET).yaml
 	cp presets/$(PRESET).yaml params.yaml
 endif
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DVC_NO_ANALYTICS=1 $(VENV)/bin/dvc repro
+	@# Nothing to run (dvc status -q exits 0): no Ray to start either.
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DVC_NO_ANALYTICS=1 sh -c 'if dvc status -q >/dev/null 2>&1; \
+	  then dvc repro; else $(PY) -m scorelab with-local-ray -- dvc repro; fi'
 
 demo: $(STAMP)
 	$(PY) -m scorelab demo --params params.yaml --out outputs/demo

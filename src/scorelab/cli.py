@@ -1,4 +1,5 @@
-"""Command line: `python -m scorelab validate PATH` and `python -m scorelab demo --params PATH --out DIR`."""
+"""Command line: `python -m scorelab validate PATH`, `python -m scorelab demo --params PATH --out DIR` and
+`python -m scorelab with-local-ray [--params PATH] -- CMD...` (make run: dvc repro with one local Ray)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,32 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_local_ray(args: argparse.Namespace) -> int:
+    import math
+    import os
+    import subprocess
+
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    if not command:
+        print("with-local-ray: no command given (usage: python -m scorelab with-local-ray -- dvc repro)",
+              file=sys.stderr)
+        return 2
+    params = load_or_report(args.params)
+    if params is None:
+        return 2
+    if params.ray.address or os.environ.get("RAY_ADDRESS"):  # the stages go to that cluster: nothing to share
+        return subprocess.call(command)
+    from .runtime import with_local_ray
+
+    # The most any stage would give its own local Ray: training, the sweep's trials, the sampling tasks.
+    tune = params.tune
+    needed = max(float(os.cpu_count() or 1), params.ray.num_workers * params.ray.cpus_per_worker,
+                 float(params.sample.workers),
+                 math.ceil(tune.max_concurrent * tune.workers_per_trial * tune.cpus_per_worker
+                           + 0.01 * tune.max_concurrent) if tune is not None else 0.0)
+    return with_local_ray(command, needed)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scorelab", description="Score-based generative models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("with-local-ray", help="run a command (dvc repro) whose stages share one local Ray, "
+                                              "started and stopped here, instead of starting one each")
+    p.add_argument("--params", default="params.yaml", help="params file: the CPUs the stages need (default: params.yaml)")
+    p.add_argument("command_line", nargs=argparse.REMAINDER, help="-- and the command")
+    p.set_defaults(func=_with_local_ray)
     return parser
 
 

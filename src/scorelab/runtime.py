@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -60,13 +61,20 @@ def check_ray_address(address: str, where: str, timeout_s: float) -> None:
                             "(ray.connect_timeout_s): start it (ray start --head) or fix the address") from None
 
 
+# A local Ray that `python -m scorelab with-local-ray -- CMD` started for CMD's processes (its GCS address).
+# Stages that would start a local Ray of their own attach to it instead: everything else about the local
+# case stays as it is (evaluation in-process, one node), only the ~10 s of each stage's ray.init go.
+SHARED_LOCAL_RAY_ENV = "SCORELAB_LOCAL_RAY"
+
+
 @contextmanager
 def ray_session(address: str, num_cpus: float | None = None, connect_timeout_s: float = 10.0,
                 dashboard: bool = False) -> Iterator[None]:
-    """Attach to the cluster named by `address` (or RAY_ADDRESS), else start a local Ray with explicit
-    CPUs; never silently attach to a stale cluster of an earlier `ray start`. A host:port where nothing
-    answers within connect_timeout_s is a RuntimeSetupError (ray.init would wait far longer). Inside a
-    running Ray, does nothing.
+    """Attach to the cluster named by `address` (or RAY_ADDRESS), else to the shared local Ray of
+    $SCORELAB_LOCAL_RAY (`with_local_ray`), else start a local Ray with explicit CPUs; never silently
+    attach to a stale cluster of an earlier `ray start`. A host:port where nothing answers within
+    connect_timeout_s is a RuntimeSetupError (ray.init would wait far longer). Inside a running Ray,
+    does nothing.
 
     dashboard: a local Ray also starts its dashboard on a free port and tells its processes where it is.
     Ray Train's placement-group cleaner, which frees the resources of a trial that Tune's scheduler stops,
@@ -80,9 +88,18 @@ def ray_session(address: str, num_cpus: float | None = None, connect_timeout_s: 
     where = "ray.address" if address else "$RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS", "")
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    shared = os.environ.get(SHARED_LOCAL_RAY_ENV, "")
     if address:
         check_ray_address(address, where, connect_timeout_s)
         ray.init(address=address, **kwargs)
+    elif shared:
+        check_ray_address(shared, f"${SHARED_LOCAL_RAY_ENV}", connect_timeout_s)
+        ray.init(address=shared, **kwargs)
+        if num_cpus is not None and ray.cluster_resources().get("CPU", 0) < num_cpus:
+            have = ray.cluster_resources().get("CPU", 0)
+            ray.shutdown()
+            raise RuntimeSetupError(f"${SHARED_LOCAL_RAY_ENV} {shared}: the shared local Ray has {have:g} CPUs, "
+                                    f"this stage needs {num_cpus:g}: start it with --num-cpus {math.ceil(num_cpus)}")
     elif dashboard:
         with socket.socket() as s:  # a free port for the dashboard, named before Ray starts
             s.bind(("127.0.0.1", 0))
@@ -95,6 +112,40 @@ def ray_session(address: str, num_cpus: float | None = None, connect_timeout_s: 
     try:
         yield
     finally:
+        ray.shutdown()
+
+
+def with_local_ray(command: list[str], num_cpus: float) -> int:
+    """Run `command` (e.g. dvc repro) with one local Ray for all its stages: started here with the
+    dashboard (Ray Train's placement-group cleaner needs its API server, as in ray_session), named to
+    the stages by $SCORELAB_LOCAL_RAY, and stopped when the command ends, whatever the way: only this
+    Ray, never another on the machine. SIGTERM is passed on to the command (a stage checkpoints and
+    exits as it would alone), then this Ray stops; Ctrl-C reaches the command from the terminal, as it
+    reaches every process of the foreground group, and this waits for it. Returns the command's exit code."""
+    import subprocess
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # In the environment of Ray's own processes (raylet, workers of every job), not just of this job.
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, logging_level=logging.WARNING)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    forward = {signal.SIGTERM: lambda signum, _frame: child.send_signal(signum),
+               signal.SIGINT: lambda signum, _frame: None}
+    try:
+        env = {**os.environ, SHARED_LOCAL_RAY_ENV: ray.get_runtime_context().gcs_address}
+        say(f"with-local-ray: one local Ray ({num_cpus:g} CPUs) for the stages of `{' '.join(command)}`")
+        child = subprocess.Popen(command, env=env)
+        for sig, handler in forward.items():
+            signal.signal(sig, handler)
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         ray.shutdown()
 
 
