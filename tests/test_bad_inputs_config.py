@@ -174,6 +174,12 @@ ROWS = [
     Row("infinite-timeout-train", on("train", lambda ctx: params_file(
         ctx, lambda p: set_key(p, "ray.connect_timeout_s", float("inf")))), 2,
         "ray.connect_timeout_s: must be a finite number"),
+    Row("storage-ftp-validate", on("validate", lambda ctx: params_file(
+        ctx, lambda p: set_key(p, "ray.storage_path", "ftp://host/ray"))), 2,
+        "ray.storage_path: URI scheme 'ftp' is not a file system pyarrow can open; valid: a local or shared folder"),
+    Row("storage-ftp-tune", on("tune", lambda ctx: params_file(
+        ctx, lambda p: set_key(p, "ray.storage_path", "FTP://host/ray"))), 2,
+        "ray.storage_path: URI scheme 'ftp' is not a file system pyarrow can open"),
     Row("nan-lr-validate", on("validate", lambda ctx: params_file(ctx, lambda p: set_key(p, "train.lr", float("nan")))),
         2, "train.lr: must be a finite number"),
     Row("seed-2-63-validate", on("validate", lambda ctx: params_file(ctx, lambda p: set_key(p, "seed", 2**63))), 2,

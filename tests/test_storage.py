@@ -49,3 +49,21 @@ def test_relative_storage_is_resolved_against_the_root_and_uris_are_kept(tmp_pat
     assert storage.resolve("s3://bucket/ray", tmp_path) == "s3://bucket/ray"
     assert storage.join("s3://bucket/ray/", "run", "f.json") == "s3://bucket/ray/run/f.json"
     assert storage.join("/abs/ray", "run") == str(Path("/abs/ray/run"))
+
+
+def test_storage_locations_are_folders_or_uris_pyarrow_opens():
+    import pyarrow.fs
+
+    from scorelab.storage import URI_SCHEMES, uri_problem
+
+    assert uri_problem("outputs/ray") is None and uri_problem("/mnt/shared/ray") is None
+    assert uri_problem("s3://bucket/ray") is None and uri_problem("GS://bucket/ray") is None
+    assert "'ftp'" in uri_problem("ftp://host/ray") and "s3://" in uri_problem("ftp://host/ray")
+    for scheme in ("ftp", "http", "sftp"):  # refused here because pyarrow refuses them too
+        assert uri_problem(f"{scheme}://host/ray")
+        try:
+            pyarrow.fs.FileSystem.from_uri(f"{scheme}://host/ray")
+        except Exception:
+            continue
+        raise AssertionError(f"pyarrow opened {scheme}://")
+    assert "file" in URI_SCHEMES and pyarrow.fs.FileSystem.from_uri("file:///tmp")[0].type_name == "local"

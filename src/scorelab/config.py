@@ -28,6 +28,7 @@ from pydantic_core import InitErrorDetails
 
 from .data import DataConfig, parse_data_config
 from .layout import TUNED_VARIANT
+from .storage import uri_problem
 from .nets import NetConfig
 from .rng import MAX_SEED
 from .schema import ConfigError, StrictModel as _Model, cut, describe_error, line_error, show
@@ -84,6 +85,14 @@ class RayConfig(_Model):
     storage_path: str = "outputs/ray"  # checkpoints: a local folder, a shared filesystem or a URI
     max_failures: int = Field(2, ge=0)  # worker or node failures survived by restarting from a checkpoint
     connect_timeout_s: float = Field(10.0, gt=0)  # a host:port address that does not answer by then is an error
+
+    @field_validator("storage_path")
+    @classmethod
+    def _openable(cls, path: str) -> str:
+        problem = uri_problem(path)
+        if problem:  # ftp:// and the like: refused here, not after Ray has started and training has begun
+            raise ValueError(problem)
+        return path
 
 
 class MLflowConfig(_Model):

@@ -21,8 +21,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+# The URI schemes of pyarrow.fs.FileSystem.from_uri, which Ray's checkpoints and this module go through.
+URI_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
+
 def is_uri(path: str) -> bool:
     return "://" in str(path)
+
+
+def uri_problem(path: str) -> str | None:
+    """Why `path` (a local path or a URI) cannot be a storage location, or None."""
+    if not is_uri(path):
+        return None
+    scheme = str(path).split("://", 1)[0].lower()
+    if scheme not in URI_SCHEMES:
+        return (f"URI scheme {scheme[:20]!r} is not a file system pyarrow can open; valid: a local or shared "
+                f"folder, or {', '.join(s + '://' for s in URI_SCHEMES)}")
+    return None
 
 
 def resolve(storage_path: str, root: Path) -> str:
