@@ -84,8 +84,7 @@ def _with_local_ray(args: argparse.Namespace) -> int:
     tune = params.tune
     needed = max(float(os.cpu_count() or 1), params.ray.num_workers * params.ray.cpus_per_worker,
                  float(params.sample.workers),
-                 math.ceil(tune.max_concurrent * tune.workers_per_trial * tune.cpus_per_worker
-                           + 0.01 * tune.max_concurrent) if tune is not None else 0.0)
+                 math.ceil(tune.cpus_needed()) if tune is not None else 0.0)
     return with_local_ray(command, needed)
 
 

@@ -240,6 +240,10 @@ class TuneConfig(_Model):
     objective: TuneObjective = Field(default_factory=TuneObjective)
     samplers: list[SamplerConfig] = Field(min_length=1)  # the `tuned` variant's, for the sample/evaluate stages
 
+    def cpus_needed(self) -> float:
+        """Logical CPUs of max_concurrent trials at once (each trial's function holds 0.01 CPU besides its workers)."""
+        return self.max_concurrent * self.workers_per_trial * self.cpus_per_worker + 0.01 * self.max_concurrent
+
     def size(self) -> int:
         """Distinct configurations in the space: SDE settings x lr choices x ema_decay choices."""
         return (sum(c.grid_size() for c in self.space) * len(self.lr or [None])

@@ -67,6 +67,12 @@ def check_ray_address(address: str, where: str, timeout_s: float) -> None:
 SHARED_LOCAL_RAY_ENV = "SCORELAB_LOCAL_RAY"
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextmanager
 def ray_session(address: str, num_cpus: float | None = None, connect_timeout_s: float = 10.0,
                 dashboard: bool = False) -> Iterator[None]:
@@ -101,9 +107,7 @@ def ray_session(address: str, num_cpus: float | None = None, connect_timeout_s: 
             raise RuntimeSetupError(f"${SHARED_LOCAL_RAY_ENV} {shared}: the shared local Ray has {have:g} CPUs, "
                                     f"this stage needs {num_cpus:g}: start it with --num-cpus {math.ceil(num_cpus)}")
     elif dashboard:
-        with socket.socket() as s:  # a free port for the dashboard, named before Ray starts
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = _free_port()  # for the dashboard, named before Ray starts
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
                  **kwargs)
@@ -126,9 +130,7 @@ def with_local_ray(command: list[str], num_cpus: float) -> int:
 
     import ray
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     # In the environment of Ray's own processes (raylet, workers of every job), not just of this job.
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",

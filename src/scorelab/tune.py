@@ -300,8 +300,7 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
     tracking.check_server(uri, params.mlflow.connect_timeout_s)  # before Ray starts: seconds, not minutes
 
     sampler = tune.objective.sampler
-    needed = tune.max_concurrent * tune.workers_per_trial * tune.cpus_per_worker + 0.01 * tune.max_concurrent
-    with ray_session(params.ray.address, num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
+    with ray_session(params.ray.address, num_cpus=max(os.cpu_count() or 1, math.ceil(tune.cpus_needed())),
                      connect_timeout_s=params.ray.connect_timeout_s, dashboard=True):
         tracking.check_reachable_from(uri, alive_nodes())
         check_storage_shared(store)
