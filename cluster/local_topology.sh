@@ -256,7 +256,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 repo, uri, shared, topology, address = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4], sys.argv[5]
-for f in ["outputs/train/vp/model.pt", "outputs/train/ve/model.pt", "outputs/tune/best_params.yaml",
+for f in ["outputs/train/vp/model.pt", "outputs/train/ve/model.pt", "outputs/tune/best_variant.yaml",
           "outputs/eval/vp/metrics.json", "outputs/eval/tuned/metrics.json", "reports/comparison.md"]:
     assert (repo / f).is_file(), f"missing output {f}"
 client = MlflowClient(uri)
@@ -264,7 +264,7 @@ exp = client.get_experiment_by_name("scorelab-cluster-check")
 assert exp is not None and exp.artifact_location.startswith("mlflow-artifacts:"), exp
 runs = client.search_runs([exp.experiment_id])
 names = sorted(r.info.run_name for r in runs)
-assert names == sorted(["vp", "ve", "tune", "tune-trial000", "tune-trial001", "comparison"]), names
+assert names == sorted(["vp", "ve", "tuned", "tune", "tune-trial000", "tune-trial001", "comparison"]), names
 unfinished = [(r.info.run_name, r.info.status) for r in runs if r.info.status != "FINISHED"]
 assert not unfinished, f"MLflow runs not finished: {unfinished}"
 # isolated: only the worker node has CPUs, so both Train workers share it; shared: SPREAD puts one on each

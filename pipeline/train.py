@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    params = load_or_report(args.params, args.variant)
+    params = load_or_report(args.params, args.variant, root=args.root)
     if params is None:
         return 2
     layout = Layout(Path(args.root))

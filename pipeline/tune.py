@@ -5,10 +5,11 @@
 The search space, budget and objective are params.yaml's `tune:` section (scorelab.config.TuneConfig).
 Each trial trains through Ray Train inside Ray Tune; ASHA stops the trials that fall behind. Rerunning
 a sweep that was killed resumes it: finished trials are kept, the others continue from their last
-checkpoint. Writes <out>/best_params.yaml (a params file whose one variant is `tuned`), <out>/model.pt
-(its EMA weights, for pipeline/sample.py --params <out>/best_params.yaml --variant tuned --model
-<out>/model.pt), <out>/trials.csv, <out>/metrics.json and <out>/objective_vs_params.png; the winner's
-weights are also logged to its trial's MLflow run as an MLflow model that samples (scorelab.mlflow_model).
+checkpoint. Writes <out>/best_variant.yaml (the winner's configuration: `python pipeline/train.py
+--params params.yaml --variant tuned` trains it at the train: budget, and the sample and evaluate stages
+take `--variant tuned` like any variant), <out>/trials.csv (every trial: configuration, objective and its
+standard error over seeds, steps reached, time), <out>/metrics.json (the winner, the objective's noise, the
+early rungs' agreement with the final order) and <out>/objective_vs_params.png.
 Exit codes: 0 done, 2 invalid params (or no tune section), 1 the sweep failed, 143 stopped by SIGTERM
 (130 by SIGINT): Ray Tune saved the sweep's state, and rerunning the stage resumes it.
 """
@@ -25,9 +26,8 @@ from scorelab.config import ConfigError
 from scorelab.data import DataError
 from scorelab.failures import run_stage
 from scorelab.layout import Layout
-from scorelab.mlflow_model import publish
 from scorelab.runtime import RuntimeSetupError
-from scorelab.tracking import TrackingError, resolve_tracking_uri
+from scorelab.tracking import TrackingError
 from scorelab.training import TrainingError
 from scorelab.tune import SweepInterrupted, TuneError, run_sweep
 
@@ -67,15 +67,19 @@ def _run(args: argparse.Namespace) -> int:
         print(f"tune: {e}", file=sys.stderr)
         return 1
     m, best = result.metrics, result.best
-    print(f"tuned: {m['trials']} trials ({m['finished']} finished, {m['stopped_early']} stopped early by ASHA, "
-          f"{m['failed']} failed) in {m['seconds']:.1f}s" + (" (resumed)" if m["resumed"] else ""))
+    print(f"tuned: {m['trials']} trials ({m['search']}: {m['finished']} finished, {m['stopped_early']} stopped early "
+          f"by ASHA, {m['failed']} failed) in {m['seconds']:.1f}s" + (" (resumed)" if m["resumed"] else ""))
     for r in result.rows:
-        obj = "-" if r["objective"] is None else f"{r['objective']:.4g}"
+        obj = "-" if r["objective"] is None else f"{r['objective']:.4g}" + (
+            f" ± {r['objective_se']:.2g}" if r["objective_se"] is not None else "")
         print(f"  trial {r['trial']}: {r['label']}, lr {r['lr']:g}, ema {r['ema_decay']:g} -> {m['objective_metric']} "
               f"{obj} at step {r['steps']}/{r['max_steps']} [{r['status']}]")
-    logged = publish(resolve_tracking_uri(params.mlflow.tracking_uri, layout.root), m["best_run_id"], out / "model.pt")
+    for rung in m["rung_agreement"]:
+        print(f"  at step {rung['step']}: {rung['agree']} of {rung['pairs']} pairs of finished trials already in "
+              "their final order")
     print(f"best: trial {best['trial']} ({best['label']}), {m['objective_metric']} {best['objective']:.4g}; "
-          f"{out / 'best_params.yaml'}, {out / 'model.pt'}; MLflow run {m['mlflow_run_id']}; {logged}")
+          f"{out / 'best_variant.yaml'} (trained next as variant tuned, sampled like {m['samplers_from']}); "
+          f"MLflow run {m['mlflow_run_id']}")
     return 0
 
 

@@ -100,8 +100,10 @@ def test_dvc_repro_runs_the_whole_dag_then_is_a_no_op(tmp_path):
         assert evaluation["seeds"] >= 3 and evaluation["baseline"]["sliced_w2_mean"] > 0
     assert set(json.loads((repo / "outputs" / "eval" / "vp" / "metrics.json").read_text())["settings"]) == {
         "dpm_solver-5", "dpm_solver-10"}
-    for f in ("best_params.yaml", "model.pt", "trials.csv", "metrics.json", "objective_vs_params.png"):
+    for f in ("best_variant.yaml", "trials.csv", "metrics.json", "objective_vs_params.png"):
         assert (repo / "outputs" / "tune" / f).exists(), f
+    tuned_train = json.loads((repo / "outputs" / "train" / "tuned" / "metrics.json").read_text())
+    assert tuned_train["steps"] == 6, "the winner is retrained at the train: budget, not the trial's"
     assert set(json.loads((repo / "outputs" / "eval" / "tuned" / "metrics.json").read_text())["settings"]) == {
         "ddim-5"}
     for f in ("comparison.md", "fid_vs_nfe.png", "samples.png", "metrics.json", "fid_vs_nfe.csv"):
@@ -110,7 +112,7 @@ def test_dvc_repro_runs_the_whole_dag_then_is_a_no_op(tmp_path):
     assert "dpm_solver" in table and "heun" in table and "tuned" in table
 
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert {"prepare", "featurizer", "train@vp", "sample@ve", "evaluate@vp", "tune", "sample_tuned",
+    assert {"prepare", "featurizer", "train@vp", "sample@ve", "evaluate@vp", "tune", "train_tuned", "sample_tuned",
             "evaluate_tuned", "report"} <= set(lock["stages"])
 
     from mlflow.tracking import MlflowClient
@@ -118,8 +120,8 @@ def test_dvc_repro_runs_the_whole_dag_then_is_a_no_op(tmp_path):
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     by_name = {r.info.run_name: r for r in runs}
-    assert set(by_name) == {"vp", "ve", "comparison", "tune", "tune-trial000", "tune-trial001"}, \
-        "one run per variant, the sweep with a nested run per trial, and the comparison"
+    assert set(by_name) == {"vp", "ve", "tuned", "comparison", "tune", "tune-trial000", "tune-trial001"}, \
+        "one run per variant (the retrained winner too), the sweep with a nested run per trial, and the comparison"
     assert by_name["tune-trial000"].data.tags["mlflow.parentRunId"] == by_name["tune"].info.run_id
     history = client.get_metric_history(by_name["vp"].info.run_id, "eval_sliced_w2_dpm_solver")
     assert sorted(m.step for m in history) == [5, 10], "evaluation logged against NFE on the training run"
@@ -149,6 +151,15 @@ def test_dvc_repro_runs_the_whole_dag_then_is_a_no_op(tmp_path):
     again = _dvc(repo, "repro")
     assert again.returncode == 0
     assert "Running stage" not in again.stdout, again.stdout
+
+    # sample.n changed: every variant is sampled again, the sweep's winner too, and nothing is retrained
+    params["sample"]["n"] = params["sample"]["n"] + 8
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = _dvc(repo, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    changed = set(json.loads(status.stdout))
+    assert {"sample@vp", "sample@ve", "sample_tuned"} <= changed, changed
+    assert not changed & {"train@vp", "train@ve", "tune", "train_tuned"}, changed
 
 
 # Appended to the copy's sampling.py: a change to sampling alone, which moves every sample by +1e-3.

@@ -66,8 +66,10 @@ def test_outputs_in_dvc_yaml_are_the_layouts_paths():
     assert _paths(stages["sample"]["do"]["outs"]) == [rel(out.samples("${key}"))]
     assert rel(out.eval_metrics("${key}")) in _paths(stages["evaluate"]["do"]["outs"])
     assert rel(out.featurizer) in _paths(stages["featurizer"]["outs"])
-    assert rel(out.model("tuned")) in _paths(stages["tune"]["outs"])
-    assert rel(out.train_metrics("tuned")) in _paths(stages["tune"]["outs"])
+    assert {rel(out.tuned_variant_file), rel(out.tune_trials), rel(out.tune_metrics)} <= set(_paths(stages["tune"]["outs"]))
+    assert rel(out.tuned_variant_file) in _paths(stages["train_tuned"]["deps"])
+    assert rel(out.model("tuned")) in _paths(stages["train_tuned"]["outs"])
+    assert rel(out.train_metrics("tuned")) in _paths(stages["train_tuned"]["outs"])
     assert _paths(stages["sample_tuned"]["outs"]) == [rel(out.samples("tuned"))]
     assert rel(out.eval_metrics("tuned")) in _paths(stages["evaluate_tuned"]["outs"])
     assert all(p.startswith(rel(out.reports) + "/") for p in _paths(stages["report"]["outs"]))

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scorelab.config import load_params
+from scorelab.config import handset_variant_for, load_params
 from scorelab.sampling import sample
 from scorelab.sde import get_sde
 from scorelab.toy import three_blobs
@@ -60,9 +60,11 @@ def _cases() -> list[tuple[str, dict, str, int | None, dict]]:
                 for steps in s.step_list():
                     add(f"{profile}:{name}", sde, s.method, steps, s.options())
         if params.tune is not None:
-            samplers = [*params.tune.samplers, params.tune.objective.sampler]
             for cand in params.tune.space:
                 for sde in cand.settings(SIGMA_MAX_AUTO):
+                    # unset tune.samplers: the winner samples like the hand-set variant of its SDE type
+                    samplers = [*(params.tune.samplers or params.variants[handset_variant_for(params, sde["type"])].samplers),
+                                params.tune.objective.sampler]
                     for s in samplers:
                         for steps in s.step_list():
                             add(f"{profile}:tune", sde, s.method, steps, s.options())

@@ -19,11 +19,9 @@ import pytest
 import torch
 import yaml
 
-from scorelab.config import ConfigError, load_params, parse_params
+from scorelab.config import ConfigError, parse_params, with_tuned_variant
 from scorelab.data import prepare, read_split
-from scorelab.sampling import sample
-from scorelab.checkpoint import load_trained
-from scorelab.tune import plan_trials, run_sweep, suggest_sigma_max
+from scorelab.tune import plan_trials, rung_agreement, run_sweep, suggest_sigma_max
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,6 +111,59 @@ def test_plan_covers_every_sde_setting_before_the_second_choices(tmp_path):
         "grad_clip": None, "weight_decay": None}
 
 
+def test_random_search_draws_distinct_configurations_with_the_seed(tmp_path):
+    space = {"space": [{"sde": {"type": "vp", "beta_max": [5.0, 10.0, 15.0, 20.0]}}, VE_AUTO],
+             "lr": [1e-2, 1e-3, 1e-4], "num_trials": 5, "search": "random"}
+    plan = plan_trials(parse_params(make_params(tmp_path, space)), sigma_max_auto=6.0)
+    picked = [(t.sde["type"], t.sde.get("beta_max"), t.lr) for t in plan]
+    assert len(set(picked)) == 5 and [t.index for t in plan] == list(range(5))
+    assert picked == [(t.sde["type"], t.sde.get("beta_max"), t.lr)
+                      for t in plan_trials(parse_params(make_params(tmp_path, space)), sigma_max_auto=6.0)]
+    grid = [(t.sde["type"], t.sde.get("beta_max"), t.lr)
+            for t in plan_trials(parse_params(make_params(tmp_path, {**space, "search": "grid"})), 6.0)]
+    assert picked != grid  # not the grid's first five (5 of 15 drawn: p = 1/3003 to equal it by chance)
+    other = parse_params({**make_params(tmp_path, space), "seed": 1})
+    assert [(t.sde["type"], t.sde.get("beta_max"), t.lr) for t in plan_trials(other, 6.0)] != picked
+
+
+def test_sigma_max_auto_times_a_factor(tmp_path):
+    ve = {"sde": {"type": "ve", "sigma_min": 0.01, "sigma_max": ["auto", "auto*0.5", "auto * 2"]},
+          "parameterization": {"type": "score", "scale_by_sigma": True}}
+    plan = plan_trials(parse_params(make_params(tmp_path, {"space": [ve], "num_trials": 3})), sigma_max_auto=6.0)
+    assert [t.sde["sigma_max"] for t in plan] == [6.0, 3.0, 12.0]
+    with pytest.raises(ConfigError, match=r"tune\.space\.0\.sde\.sigma_max"):
+        plan_trials(parse_params(make_params(tmp_path, {"space": [{**ve, "sde": {**ve["sde"], "sigma_max": "auto*0.001"}}],
+                                                        "num_trials": 1})), sigma_max_auto=6.0)
+
+
+def test_rung_agreement_counts_pairs_in_their_final_order():
+    def row(trial, curve, status="finished"):
+        return {"trial": trial, "status": status, "curve": json.dumps(curve)}
+
+    rows = [row(0, [[100, 5.0], [200, 1.0]]), row(1, [[100, 4.0], [200, 2.0]]), row(2, [[100, 6.0], [200, 3.0]]),
+            row(3, [[100, 9.0]], status="stopped_early")]
+    # final order 0 < 1 < 2; at step 100: 1 < 0 < 2: pairs (0,1) swapped, (0,2) and (1,2) kept
+    assert rung_agreement(rows, 200) == [{"step": 100, "agree": 2, "pairs": 3, "rate": 2 / 3}]
+    assert rung_agreement(rows[:1], 200) == [{"step": 100, "agree": 0, "pairs": 0, "rate": None}]
+
+
+def test_unset_tune_samplers_need_a_hand_set_variant_of_each_type(tmp_path):
+    p = make_params(tmp_path, {"space": [VP, VE_AUTO], "num_trials": 2})
+    del p["tune"]["samplers"]
+    with pytest.raises(ConfigError, match=r"tune\.samplers: is unset.*'ve'"):
+        parse_params(p)
+    p["variants"]["ve"] = {**VE_AUTO, "sde": {"type": "ve", "sigma_max": 5.0},
+                           "samplers": [{"method": "heun", "steps": [10]}]}
+    params = parse_params(p)
+    winner = tmp_path / "best_variant.yaml"
+    winner.write_text(yaml.safe_dump({**VE_AUTO, "sde": {"type": "ve", "sigma_max": 7.0}, "train": {"lr": 1e-3}}))
+    tuned = with_tuned_variant(params, winner).variants["tuned"]
+    assert [s.method for s in tuned.samplers] == ["heun"] and tuned.sde.sigma_max == 7.0 and tuned.train.lr == 1e-3
+    winner.write_text(yaml.safe_dump({**VE_AUTO, "sde": {"type": "ve", "sigma_max": -1.0}}))
+    with pytest.raises(ConfigError, match=r"best_variant\.yaml: variants\.tuned\.sde.*sigma_max"):
+        with_tuned_variant(params, winner)
+
+
 # -- a real sweep -----------------------------------------------------------------------------------
 
 
@@ -142,18 +193,21 @@ def test_sweep_stops_trials_early_tracks_them_and_writes_a_valid_winner(tmp_path
     assert metrics["sigma_max_auto"] == pytest.approx(suggest_sigma_max(x_train)[0])
     assert (out / "objective_vs_params.png").stat().st_size > 5000
 
-    # the winner: a params file that validates like params.yaml, and its EMA weights
-    best = load_params(out / "best_params.yaml")
-    assert list(best.variants) == ["tuned"] and best.tune is None
-    tuned = best.variants["tuned"]
+    # the objective's noise: a standard error over its two seeds for every trial that reported one
+    assert all(float(r["objective_se"]) > 0 for r in rows if r["objective"]), rows
+    assert metrics["objective_seeds"] == 2 and metrics["objective_se_median"] > 0
+    finished = [r for r in rows if r["status"] == "finished"]
+    (rung,) = metrics["rung_agreement"]  # one checkpoint before the end: step 100
+    assert rung["step"] == 100 and rung["pairs"] == len(finished) * (len(finished) - 1) // 2
+    assert 0 <= rung["agree"] <= rung["pairs"]
+
+    # the winner: its configuration, without the sweep's budget, read back as variant `tuned` of params
+    tuned = with_tuned_variant(params, out / "best_variant.yaml").variants["tuned"]
     winner = rows[metrics["best_trial"]]
     assert tuned.sde.type == winner["sde"] and tuned.train.lr == float(winner["lr"])
-    assert [s.method for s in tuned.samplers] == ["ddim"] and tuned.ema.decay == 0.9
-    trained = load_trained(out / "model.pt")
-    assert trained.variant.model_dump() == tuned.model_dump() and trained.step == 200
-    with torch.no_grad():
-        x = sample(trained.model, trained.model.sde, (500, 2), method="ddim", steps=10, seed=0).x
-    assert torch.isfinite(x).all()
+    assert tuned.train.steps is None and tuned.train.batch_size is None  # params.train's budget applies
+    assert [s.method for s in tuned.samplers] == ["ddim"] and tuned.ema.decay == 0.9  # tune.samplers
+    assert metrics["samplers_from"] == "tune.samplers" and not (out / "model.pt").exists()
 
     # MLflow: one parent run, one nested run per trial with its params and objective curve, the winner tagged
     client, runs = mlflow_runs(tmp_path)
@@ -162,7 +216,7 @@ def test_sweep_stops_trials_early_tracks_them_and_writes_a_valid_winner(tmp_path
     parent = parents[0]
     assert parent.data.params["tune.num_trials"] == "4" and float(parent.data.params["sigma_max_auto"]) > 0
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
-        "best_params.yaml", "trials.csv", "metrics.json", "objective_vs_params.png", "model"}
+        "best_variant.yaml", "trials.csv", "metrics.json", "objective_vs_params.png"}
     nested = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
                     key=lambda r: int(r.data.tags["scorelab.trial"]))
     assert len(nested) == 4 and len(runs) == 5

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import ConfigError, Params, load_params
+from .config import ConfigError, Params, load_params, with_tuned_variant
+from .layout import TUNED_VARIANT, Layout, stage_command
 from .sde import describe_schedule
 
 
@@ -31,16 +32,25 @@ def print_problems(path: str, problems: list[str]) -> None:
         print(p, file=sys.stderr)
 
 
-def load_or_report(path: str, variant: str | None = None) -> Params | None:
+def load_or_report(path: str, variant: str | None = None, root: str | Path = ".") -> Params | None:
     """Params, or None after printing every problem to stderr (callers exit 2). With `variant`, also
-    refuse a variant the file does not define. Shared by this CLI and the pipeline stage scripts."""
+    refuse a variant the file does not define; variant `tuned` (the sweep's winner) is added from the tune
+    stage's outputs/tune/best_variant.yaml under `root`. Shared by this CLI and the pipeline stage scripts."""
     try:
         params = load_params(path)
+        if variant == TUNED_VARIANT and params.tune is not None and variant not in params.variants:
+            winner = Layout(Path(root)).tuned_variant_file
+            if not winner.is_file():
+                print(f"--variant {TUNED_VARIANT}: {winner} not found; the tune stage writes it "
+                      f"({stage_command('tune')}, or dvc repro)", file=sys.stderr)
+                return None
+            params = with_tuned_variant(params, winner)
     except ConfigError as e:
-        print_problems(path, e.problems)
+        print_problems(e.source or path, e.problems)
         return None
     if variant is not None and variant not in params.variants:
-        print(f"--variant {variant!r} is not in {path}; valid: {', '.join(params.variants)}", file=sys.stderr)
+        valid = [*params.variants, *([TUNED_VARIANT] if params.tune is not None else [])]
+        print(f"--variant {variant!r} is not in {path}; valid: {', '.join(valid)}", file=sys.stderr)
         return None
     return params
 

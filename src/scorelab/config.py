@@ -18,6 +18,7 @@ scorelab.data's, a network scorelab.nets'; those a caller needs are re-exported 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -149,13 +150,23 @@ class SampleConfig(_Model):
 
 AUTO = "auto"  # tune.space.*.sde.sigma_max: resolved from the data by scorelab.tune.suggest_sigma_max
 _INF = sys.float_info.max  # stands for "auto" while the data is unknown: passes sigma_min < sigma_max
+_AUTO_TIMES = re.compile(r"^auto\s*\*\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
+
+
+def auto_factor(value: Any) -> float | None:
+    """F for sigma_max "auto" (F = 1) or "auto*F" (F > 0): F times the data's largest pairwise distance;
+    None for any other value."""
+    if value == AUTO:
+        return 1.0
+    m = _AUTO_TIMES.match(value.strip()) if isinstance(value, str) else None
+    return float(m.group(1)) if m and float(m.group(1)) > 0 else None
 
 
 class TuneCandidate(_Model):
     """One part of the search space: an SDE with its parameterisation, network and loss. Any value under
     `sde` may be a list of choices (the candidate is then the grid over them), and `sigma_max` may be
     "auto": the largest distance between two training points (Song & Ermon 2020, technique 1),
-    computed from the prepared data before the sweep starts."""
+    computed from the prepared data before the sweep starts, or "auto*F": F times it."""
 
     sde: dict[str, Any] = Field(min_length=1)
     parameterization: ParamConfig = Field(default_factory=EpsParam)
@@ -177,14 +188,16 @@ class TuneCandidate(_Model):
         return self
 
     def settings(self, sigma_max_auto: float | None = None) -> list[dict[str, Any]]:
-        """Every SDE setting of the grid, in order; "auto" replaced by sigma_max_auto when given."""
+        """Every SDE setting of the grid, in order; "auto" (and "auto*F") replaced by sigma_max_auto (times F)
+        when given."""
         from itertools import product
 
         keys = list(self.sde)
         choices = [v if isinstance(v, list) else [v] for v in self.sde.values()]
         out = [dict(zip(keys, combo)) for combo in product(*choices)]
         if sigma_max_auto is not None:
-            out = [{**s, "sigma_max": sigma_max_auto} if s.get("sigma_max") == AUTO else s for s in out]
+            out = [{**s, "sigma_max": sigma_max_auto * auto_factor(s["sigma_max"])}
+                   if auto_factor(s.get("sigma_max")) is not None else s for s in out]
         return out
 
     def variant(self, sde: dict[str, Any], samplers: list[Any], lr: float | None = None,
@@ -203,10 +216,12 @@ class TuneCandidate(_Model):
 
 class TuneObjective(_Model):
     """What ranks the trials: the distance to the test split of n_samples samples of the EMA model drawn
-    with one sampler at one NFE (domain Frechet distance for images, sliced W2 for 2-D points)."""
+    with one sampler at one NFE (domain Frechet distance for images, sliced W2 for 2-D points), averaged
+    over `seeds` independent draws; the standard error over them is each trial's measured noise."""
 
     sampler: SamplerConfig = Field(default_factory=lambda: DDIMSampler(steps=[20]))
-    n_samples: int = Field(256, ge=4, le=100_000)
+    n_samples: int = Field(256, ge=4, le=100_000)  # per seed
+    seeds: int = Field(2, ge=1, le=16)  # the objective is the mean over seeds; their spread is its noise
 
     @model_validator(mode="after")
     def _one_nfe(self) -> TuneObjective:
@@ -225,6 +240,9 @@ class TuneConfig(_Model):
     """The sweep: which variants to train (space x lr x ema_decay), for how long, and how ASHA stops them."""
 
     space: list[TuneCandidate] = Field(min_length=1)
+    # grid: the configurations in order (every SDE setting with the first lr/ema_decay, then the next), cut at
+    # num_trials; random: num_trials of them drawn without replacement, seeded by params.seed
+    search: Literal["grid", "random"] = "grid"
     lr: list[Annotated[float, Field(gt=0, le=1)]] | None = Field(None, min_length=1)  # choices; None: train.lr
     ema_decay: list[Annotated[float, Field(ge=0, lt=1)]] | None = Field(None, min_length=1)  # None: ema default
     num_trials: int = Field(4, ge=1)
@@ -238,7 +256,9 @@ class TuneConfig(_Model):
     grace_period: int = Field(100, ge=1)  # steps every trial gets before ASHA may stop it
     reduction_factor: float = Field(2.0, gt=1)  # at each rung ASHA keeps the best 1/reduction_factor
     objective: TuneObjective = Field(default_factory=TuneObjective)
-    samplers: list[SamplerConfig] = Field(min_length=1)  # the `tuned` variant's, for the sample/evaluate stages
+    # the `tuned` variant's, for the sample/evaluate stages; None: those of the hand-set variant of the winner's
+    # SDE type (handset_variant_for), so that its rows compare with that variant's at equal NFE
+    samplers: list[SamplerConfig] | None = Field(None, min_length=1)
 
     def cpus_needed(self) -> float:
         """Logical CPUs of max_concurrent trials at once (each trial's function holds 0.01 CPU besides its workers)."""
@@ -280,9 +300,12 @@ class TuneConfig(_Model):
             return [_described(("space", i, "sde"), "a list of choices is empty")]
         errors: dict[tuple, InitErrorDetails] = {}  # keyed by (loc, message): a grid repeats its problems
         for sde in settings:
-            if sde.get("sigma_max") == AUTO:  # known once the data is: checked again then
+            if auto_factor(sde.get("sigma_max")) is not None:  # known once the data is: checked again then
                 sde = {**sde, "sigma_max": _INF}
-            for samplers, where in ((self.samplers, ("samplers",)), ([self.objective.sampler], ("objective",))):
+            checks = [([self.objective.sampler], ("objective",))]
+            if self.samplers is not None:  # None: the hand-set variants' samplers, checked with those variants
+                checks.insert(0, (self.samplers, ("samplers",)))
+            for samplers, where in checks:
                 for parts, message in _variant_problems(cand.variant(sde, samplers)):
                     if parts[0] != "samplers":
                         loc = ("space", i, *parts)
@@ -293,7 +316,7 @@ class TuneConfig(_Model):
                     errors.setdefault((loc, message), _described(loc, message))
             if not errors and _INF not in sde.values():
                 try:
-                    VariantConfig.model_validate(cand.variant(sde, self.samplers)).sde.build()
+                    VariantConfig.model_validate(cand.variant(sde, [self.objective.sampler])).sde.build()
                 except ValueError as e:
                     errors.setdefault((("space", i, "sde"), str(e)), _described(("space", i, "sde"), str(e)))
         return list(errors.values())
@@ -368,9 +391,16 @@ class Params(_Model):
         if self.tune is not None and TUNED_VARIANT in self.variants:
             errors.append(line_error(("variants", TUNED_VARIANT), f"the name {TUNED_VARIANT!r} is the tune stage's "
                                      "winner's; rename this variant", TUNED_VARIANT))
+        if self.tune is not None and self.tune.samplers is None:
+            for i, cand in enumerate(self.tune.space):
+                for ty in dict.fromkeys(str(s.get("type")) for s in cand.settings()):
+                    if handset_variant_for(self, ty) is None:
+                        errors.append(line_error(("tune", "samplers"), f"is unset, so the winner samples like the "
+                                                 f"hand-set variant of its SDE type, but no variant has sde.type {ty!r} "
+                                                 f"(tune.space.{i}); add one, or list the samplers here", None))
         if self.data.source == "toy2d":  # x0_hat thresholding keeps images inside [-1, 1]; points have no bound
             lists = [(("variants", name, "samplers"), v.samplers) for name, v in self.variants.items()]
-            lists += [(("tune", "samplers"), self.tune.samplers)] if self.tune is not None else []
+            lists += [(("tune", "samplers"), self.tune.samplers)] if self.tune is not None and self.tune.samplers else []
             errors += [line_error((*where, i, "x0_threshold"), "only for image data, bounded in [-1, 1]; "
                                   "data.source is 'toy2d' (unbounded points): use 'none'", s.x0_threshold)
                        for where, samplers in lists for i, s in enumerate(samplers)
@@ -495,6 +525,49 @@ def parse_params(data: Any, source: str | None = None) -> Params:
         raise ConfigError([describe_error(err, Params) for err in e.errors(include_url=False)], source) from None
 
 
+def handset_variant_for(params: Params, sde_type: str) -> str | None:
+    """The first variant of params.variants whose SDE has this type: whose samplers the sweep's winner of
+    that type uses when tune.samplers is unset, and which the report compares it with."""
+    return next((name for name, v in params.variants.items() if v.sde.type == sde_type), None)
+
+
+def tuned_samplers(params: Params, sde_type: str) -> list[Any]:
+    """The samplers of the sweep's winner (as params.yaml spells them): tune.samplers, or those of the
+    hand-set variant of its SDE type."""
+    tune = params.tune
+    if tune is not None and tune.samplers is not None:
+        return [s.model_dump(mode="json") for s in tune.samplers]
+    name = handset_variant_for(params, sde_type)
+    if name is None:
+        raise ConfigError([f"tune.samplers: is unset and no variant has sde.type {sde_type!r}, the winner's"])
+    return [s.model_dump(mode="json") for s in params.variants[name].samplers]
+
+
+def with_tuned_variant(params: Params, path: str | Path) -> Params:
+    """params with the sweep's winner added as variant `tuned`: the variant of `path` (the tune stage's
+    best_variant.yaml: SDE, parameterisation, network, loss, EMA, lr), trained with params.train's budget
+    and sampled with tuned_samplers. Read at each stage rather than frozen by the tune stage, so that
+    `train:`, `sample:` and the samplers of params.yaml apply to `tuned` as to every other variant.
+    ConfigError names the file and every problem in it."""
+    path = Path(path)
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: must be a mapping (a variant: sde, parameterization, net, ...), got "
+                           f"{type(data).__name__}"], str(path))
+    if params.tune is None:
+        raise ConfigError([f"{path}: params has no tune: section, so there is no variant {TUNED_VARIANT!r}"], str(path))
+    sde_type = data.get("sde", {}).get("type") if isinstance(data.get("sde"), dict) else None
+    try:
+        variant = VariantConfig.model_validate({**data, "samplers": tuned_samplers(params, str(sde_type))})
+    except ValidationError as e:
+        raise ConfigError([f"{path}: " + describe_error({**err, "loc": ("variants", TUNED_VARIANT, *err["loc"])},
+                                                        Params) for err in e.errors(include_url=False)],
+                          str(path)) from None
+    except ConfigError as e:
+        raise ConfigError([f"{path}: {p}" for p in e.problems], str(path)) from None
+    return params.model_copy(update={"variants": {**params.variants, TUNED_VARIANT: variant}})
+
+
 # What the prepare stage reads of params.yaml: Params' own seed field; every other key is left to the later stages.
 class _SeedOnly(_Model):
     model_config = ConfigDict(extra="ignore")
@@ -528,5 +601,5 @@ __all__ = [
     "EDMParam", "EMAConfig", "EpsParam", "EulerMaruyamaSampler", "HeunSampler", "LossConfig", "NCSNConfig",
     "ODESampler", "PCSampler", "ParamConfig", "Params", "ReverseDiffusionSampler", "SDEConfig", "SamplerConfig",
     "ScoreParam", "SubVPConfig", "VEConfig", "VPConfig", "VPCosineConfig", "VariantConfig", "load_data_params",
-    "load_params", "parse_params",
+    "auto_factor", "handset_variant_for", "load_params", "parse_params", "tuned_samplers", "with_tuned_variant",
 ]

@@ -1,7 +1,7 @@
 """Where each stage writes, relative to the repository root: the one spelling of every output path.
 
     out = Layout(root)
-    out.model(variant)        # <root>/outputs/train/<variant>/model.pt (the sweep's winner: outputs/tune/model.pt)
+    out.model(variant)        # <root>/outputs/train/<variant>/model.pt (the sweep's winner `tuned` too)
     out.samples(variant)      # <root>/outputs/samples/<variant>
     out.eval_metrics(variant) # <root>/outputs/eval/<variant>/metrics.json
 
@@ -15,12 +15,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-TUNED_VARIANT = "tuned"  # the sweep's winner, a variant of outputs/tune/best_params.yaml (never of params.yaml)
+TUNED_VARIANT = "tuned"  # the sweep's winner, a variant of outputs/tune/best_variant.yaml (never of params.yaml)
 
 OUTPUTS = "outputs"
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.pt"
 GRID_FILE = "grid.png"
+TUNED_VARIANT_FILE = "best_variant.yaml"  # the tune stage's winner, as params.yaml would spell the variant
+TRIALS_FILE = "trials.csv"  # the tune stage's trial table
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,19 @@ class Layout:
         return self.root / OUTPUTS / "tune"
 
     @property
+    def tuned_variant_file(self) -> Path:
+        """The sweep's winner (scorelab.config.with_tuned_variant): trained, sampled and evaluated as `tuned`."""
+        return self.tune / TUNED_VARIANT_FILE
+
+    @property
+    def tune_trials(self) -> Path:
+        return self.tune / TRIALS_FILE
+
+    @property
+    def tune_metrics(self) -> Path:
+        return self.tune / METRICS_FILE
+
+    @property
     def reports(self) -> Path:
         return self.root / "reports"
 
@@ -52,8 +67,8 @@ class Layout:
         return self.reports / METRICS_FILE
 
     def train(self, variant: str) -> Path:
-        """The train stage's folder; the sweep's winner was trained by the tune stage."""
-        return self.tune if variant == TUNED_VARIANT else self.root / OUTPUTS / "train" / variant
+        """The train stage's folder (the sweep's winner is retrained there too, as `tuned`)."""
+        return self.root / OUTPUTS / "train" / variant
 
     def model(self, variant: str) -> Path:
         return self.train(variant) / MODEL_FILE
@@ -95,11 +110,8 @@ STAGE_SCRIPTS = {"prepare": "prepare", "featurizer": "featurizer", "train": "tra
 
 def stage_command(stage: str, variant: str | None = None) -> str:
     """How to run one stage by hand, for error messages: `python pipeline/<stage>.py ...`. The sweep's
-    winner is trained by the tune stage, and sampled and evaluated from the files it writes."""
-    if variant == TUNED_VARIANT:
-        if stage in ("train", "tune"):
-            return "python pipeline/tune.py --params params.yaml"
-        return (f"python pipeline/{STAGE_SCRIPTS[stage]}.py --params {OUTPUTS}/tune/best_params.yaml --variant "
-                f"{TUNED_VARIANT} --model {OUTPUTS}/tune/{MODEL_FILE}")
+    winner `tuned` is chosen by the tune stage, then trained, sampled and evaluated like any variant."""
+    if stage == "tune":
+        return "python pipeline/tune.py --params params.yaml"
     command = f"python pipeline/{STAGE_SCRIPTS[stage]}.py --params params.yaml"
     return command + (f" --variant {variant}" if variant else "")

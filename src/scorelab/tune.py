@@ -10,10 +10,17 @@ Ray Train inside a Ray Tune trial, on tune.workers_per_trial workers, with its o
 
 The objective must rank an eps-predicting VP model against a score-predicting VE model, whose denoising
 losses have different scales; so it is a distance of samples to data: n samples of the EMA model,
-drawn with one sampler at one NFE valid for every SDE family (DDIM by default), against the test split
-(domain Frechet distance on the featurizer stage's classifier features for images, sliced
-Wasserstein-2 for 2-D points). The training loop's rank 0 computes it at every checkpoint, and ASHA
-stops the trials whose objective falls behind at its rungs.
+drawn with one sampler at one NFE valid for every SDE family, against the test split (domain Frechet
+distance on the featurizer stage's classifier features for images, sliced Wasserstein-2 for 2-D
+points), averaged over tune.objective.seeds draws whose standard error is the trial's measured noise.
+The training loop's rank 0 computes it at every checkpoint, and ASHA stops the trials whose objective
+falls behind at its rungs; rung_agreement measures how often an early checkpoint already had the final
+order of the trials that ran to the end.
+
+The winner is not the trial's short-budget checkpoint: best_variant.yaml holds its configuration, which
+the train_tuned, sample_tuned and evaluate_tuned stages train at params.yaml's train: budget and sample
+with the samplers of the hand-set variant of its SDE type (scorelab.config.with_tuned_variant), so that
+`tuned` compares with that variant at equal NFE.
 
 A sweep is named by a hash of everything that decides its trials: rerunning it restores the Tune
 experiment (finished trials are kept, unfinished and errored ones resume from their last Ray Train
@@ -28,6 +35,7 @@ import io
 import json
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +47,11 @@ import yaml
 from pydantic import ValidationError
 
 from . import storage, tracking
-from .config import AUTO, ConfigError, Params, TuneConfig, VariantConfig, parse_params
+from .config import ConfigError, Params, TuneConfig, VariantConfig, auto_factor, handset_variant_for, parse_params
 from .schema import describe_error
-from .checkpoint import export_model, load_state
 from .featurizer import CLASSIFIER_FILE, REF_TEST_FILE, FeaturizerError, load_featurizer
 from .features import load_classifier
-from .layout import MODEL_FILE, TUNED_VARIANT, shared_root
+from .layout import TRIALS_FILE, TUNED_VARIANT, TUNED_VARIANT_FILE as VARIANT_FILE, shared_root
 from .modality import Modality, modality_of
 from .runtime import (Shipment, alive_nodes, check_storage_shared, graceful_sigterm, ray_session, ship_files,
                       torch_trainer, unpack)
@@ -53,9 +60,8 @@ from .visual import plot_objective
 
 OBJECTIVE = "objective"  # the metric Tune minimises
 BEST_TAG = "scorelab.best"
-VARIANT = TUNED_VARIANT  # the winner's name in best_params.yaml
-PARAMS_FILE, TRIALS_FILE, METRICS_FILE, PLOT_FILE = (
-    "best_params.yaml", "trials.csv", "metrics.json", "objective_vs_params.png")
+VARIANT = TUNED_VARIANT  # the winner's name, as best_variant.yaml is read (scorelab.config.with_tuned_variant)
+METRICS_FILE, PLOT_FILE = "metrics.json", "objective_vs_params.png"
 
 
 class TuneError(RuntimeError):
@@ -102,7 +108,7 @@ class Trial:
     sde: dict[str, Any]  # the SDE setting, "auto" resolved
     lr: float
     ema_decay: float
-    variant: dict[str, Any]  # the complete variant, as params.yaml spells it (samplers = tune.samplers)
+    variant: dict[str, Any]  # the complete variant, as params.yaml spells it (samplers: the objective's)
 
     @property
     def label(self) -> str:
@@ -112,10 +118,11 @@ class Trial:
 
 
 def plan_trials(params: Params, sigma_max_auto: float | None) -> list[Trial]:
-    """The sweep's trials, in the order they start: every SDE setting of tune.space with the first
-    (lr, ema_decay) pair, then every setting with the second pair, and so on (lr-major, as listed), cut
-    at tune.num_trials; so a sweep shorter than the space still covers every SDE type, with the choices
-    listed first. Raises ConfigError, naming the field, when an SDE setting is invalid once "auto" is
+    """The sweep's trials, in the order they start. tune.search "grid": every SDE setting of tune.space
+    with the first (lr, ema_decay) pair, then every setting with the second pair, and so on (lr-major, as
+    listed), cut at tune.num_trials; so a sweep shorter than the space still covers every SDE type, with
+    the choices listed first. "random": num_trials distinct configurations of that list, drawn without
+    replacement with params.seed, in the list's order. Raises ConfigError, naming the field, when an SDE setting is invalid once "auto" is
     resolved: before any trial starts."""
     tune = _tune(params)
     errors = [e for i, c in enumerate(tune.space) for e in tune.candidate_errors(i, c, sigma_max_auto)]
@@ -126,9 +133,13 @@ def plan_trials(params: Params, sigma_max_auto: float | None) -> list[Trial]:
     arms = [(i, sde) for i, c in enumerate(tune.space) for sde in c.settings(sigma_max_auto)]
     default_ema = VariantConfig.model_fields["ema"].default_factory().decay
     pairs = [(lr, ema) for lr in (tune.lr or [params.train.lr]) for ema in (tune.ema_decay or [default_ema])]
+    configurations = [(pair, arm) for pair in pairs for arm in arms]
+    if tune.search == "random":  # num_trials distinct configurations, the same ones for the same seed
+        picked = sorted(random.Random(params.seed).sample(range(len(configurations)), tune.num_trials))
+        configurations = [configurations[i] for i in picked]
     trials = []
-    for n, ((lr, ema), (cand, sde)) in enumerate([(pair, arm) for pair in pairs for arm in arms][:tune.num_trials]):
-        variant = tune.space[cand].variant(sde, tune.samplers, lr=lr, ema_decay=ema)
+    for n, ((lr, ema), (cand, sde)) in enumerate(configurations[:tune.num_trials]):
+        variant = tune.space[cand].variant(sde, [tune.objective.sampler], lr=lr, ema_decay=ema)
         variant["train"]["steps"] = tune.steps
         if tune.batch_size is not None:
             variant["train"]["batch_size"] = tune.batch_size
@@ -146,7 +157,7 @@ def trial_params(params: Params, trial: Trial) -> Params:
 
 def _tune(params: Params) -> TuneConfig:
     if params.tune is None:
-        raise ConfigError(["tune: missing section; the sweep needs tune.space, tune.samplers and its budget"])
+        raise ConfigError(["tune: missing section; the sweep needs tune.space and its budget"])
     return params.tune
 
 
@@ -165,6 +176,7 @@ class Objective:
     steps: int | None
     options: dict[str, Any]
     n_samples: int
+    seeds: int  # independent draws of n_samples: the objective is their mean, their spread its noise
     seed: int
     data_shape: tuple[int, ...]
     _reference: Any = field(default=None, repr=False)
@@ -193,23 +205,30 @@ class Objective:
         model.eval()
         device = next(model.parameters()).device
         start = time.perf_counter()
-        out = sample(model, model.sde, (self.n_samples, *self.data_shape), method=self.method, steps=self.steps,
-                     seed=self.seed, device=device, **self.options)
+        values, nfe = [], 0
+        for k in range(self.seeds):  # seed k of the objective: the same noise for every trial and step
+            out = sample(model, model.sde, (self.n_samples, *self.data_shape), method=self.method, steps=self.steps,
+                         seed=self.seed + k, device=device, **self.options)
+            values.append(self._distance(out.x))
+            nfe = out.nfe
         model.train(was_training)
+        mean = float(np.mean(values))
+        noise = {"objective_se": float(np.std(values, ddof=1) / math.sqrt(len(values)))} if len(values) > 1 else {}
+        return {OBJECTIVE: mean, **noise, f"objective_{self.metric}": mean, "objective_nfe": float(nfe),
+                "objective_seconds": time.perf_counter() - start}
+
+    def _distance(self, samples: torch.Tensor) -> float:
         # a diverged model still gets a (large) finite distance, which ASHA can rank
-        x = torch.nan_to_num(out.x.float().cpu(), nan=0.0, posinf=1e6, neginf=-1e6)
+        x = torch.nan_to_num(samples.float().cpu(), nan=0.0, posinf=1e6, neginf=-1e6)
         if not self.modality.is_image:
             from .metrics import sliced_wasserstein
 
-            value = sliced_wasserstein(x, self._reference, n_projections=256, seed=0)
-        else:
-            from .features import domain_frechet
+            return float(sliced_wasserstein(x, self._reference, n_projections=256, seed=0))
+        from .features import domain_frechet
 
-            clf, mu, sigma = self._reference
-            x = torch.from_numpy(self.modality.from_stored(self.modality.to_stored(x.numpy())))  # as samples are stored
-            value = domain_frechet(clf, x, mu, sigma)
-        return {OBJECTIVE: float(value), f"objective_{self.metric}": float(value), "objective_nfe": float(out.nfe),
-                "objective_seconds": time.perf_counter() - start}
+        clf, mu, sigma = self._reference
+        x = torch.from_numpy(self.modality.from_stored(self.modality.to_stored(x.numpy())))  # as samples are stored
+        return float(domain_frechet(clf, x, mu, sigma))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,9 +289,8 @@ def sweep_key(params: Params, trials: list[Trial], checksum: str) -> str:
 
 
 def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Path, out_dir: Path) -> SweepResult:
-    """Run (or resume) the sweep of params.tune and write out_dir: best_params.yaml, model.pt, trials.csv,
+    """Run (or resume) the sweep of params.tune and write out_dir: best_variant.yaml, trials.csv,
     metrics.json, objective_vs_params.png (see pipeline/tune.py)."""
-    import ray.train
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -282,7 +300,7 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
     tune = _tune(params)
     root, data_dir, out_dir = root.resolve(), data_dir.resolve(), out_dir.resolve()
     manifest = verify(data_dir)
-    uses_auto = any(s.get("sigma_max") == AUTO for c in tune.space for s in c.settings())
+    uses_auto = any(auto_factor(s.get("sigma_max")) is not None for c in tune.space for s in c.settings())
     sigma_auto, sigma_points = suggest_sigma_max(read_split(data_dir, "train"), seed=params.seed) if uses_auto \
         else (None, 0)
     trials = plan_trials(params, sigma_auto)
@@ -307,7 +325,7 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
         data = ship_dataset(manifest)  # trials and their objective run where the driver's disk may not be
         featurizer = ship_files(featurizer_dir, [CLASSIFIER_FILE, REF_TEST_FILE]) if modality.is_image else None
         objective = Objective(metric, data, featurizer, sampler.method, sampler.step_list()[0], sampler.options(),
-                              tune.objective.n_samples, params.seed, tuple(manifest.shape))
+                              tune.objective.n_samples, tune.objective.seeds, params.seed, tuple(manifest.shape))
         exp = tracking.experiment_id(uri, tracking.experiment_name(params.mlflow.experiment, manifest.source), root)
         commit = tracking.git_commit(root)
         parent = tracking.start_or_resume_run(uri, exp, name, "tune", {
@@ -380,28 +398,29 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
     winner = trials[best["trial"]]
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with ray.train.Checkpoint(best["checkpoint_path"]).as_directory() as d:  # also fetches a URI's
-        state = load_state(Path(d), jobs[winner.index]["config_hash"])
-    model_path = export_model(state, VariantConfig.model_validate(winner.variant), tuple(manifest.shape),
-                              out_dir / MODEL_FILE)
-    best_params = trial_params(params, winner)
-    header = (f"# The winner of sweep {name} (trial {winner.index}: {winner.label}), objective "
-              f"{metric} = {best['objective']:.4g}; written by pipeline/tune.py. Its weights: {MODEL_FILE}.\n")
-    storage.write_text(out_dir / PARAMS_FILE, header + yaml.safe_dump(best_params.model_dump(mode="json"), sort_keys=False))
+    samplers_from = "tune.samplers" if tune.samplers is not None else handset_variant_for(params, winner.sde["type"])
+    header = (f"# The winner of sweep {name}: trial {winner.index}, {winner.label}, lr {winner.lr:g}, objective "
+              f"{metric} = {best['objective']:.4g}\n# (written by pipeline/tune.py). The stages train it at params.yaml's "
+              f"train: budget, and sample it with the samplers of {samplers_from}, as variant `{VARIANT}`.\n")
+    storage.write_text(out_dir / VARIANT_FILE, header + yaml.safe_dump(winning_variant(winner), sort_keys=False))
     _write_csv(out_dir / TRIALS_FILE, rows)
     plot_objective(rows, out_dir / PLOT_FILE, metric)
+    ses = [r["objective_se"] for r in rows if r["objective_se"] is not None]
     seconds = time.perf_counter() - start
     metrics = {
-        "best_objective": best["objective"], "objective_metric": metric, "best_trial": winner.index,
-        "best_label": winner.label, "best_sde": winner.sde["type"], "trials": len(rows),
+        "best_objective": best["objective"], "best_objective_se": best["objective_se"], "objective_metric": metric,
+        "best_trial": winner.index, "best_label": winner.label, "best_sde": winner.sde["type"], "best_lr": winner.lr,
+        "trials": len(rows), "search": tune.search,
         "finished": len(done), "stopped_early": sum(r["status"] == "stopped_early" for r in rows),
         "failed": sum(r["status"] in ("error", "nonfinite") for r in rows),
         "objective_sampler": sampler.method, "objective_nfe": best["objective_nfe"],
-        "objective_n_samples": tune.objective.n_samples, "sigma_max_auto": sigma_auto,
-        "sigma_max_auto_points": sigma_points or None, "seconds": round(seconds, 2), "resumed": resumed,
-        "sweep": name, "mlflow_run_id": parent,
-        # the winner as the report reads a train stage's metrics.json: its steps, run (loss curves) and loss
-        "steps": int(best["steps"]), "best_run_id": best["mlflow_run_id"],
+        "objective_n_samples": tune.objective.n_samples, "objective_seeds": tune.objective.seeds,
+        "objective_se_median": float(np.median(ses)) if ses else None,
+        "rung_agreement": rung_agreement(rows, tune.steps),
+        "sigma_max_auto": sigma_auto, "sigma_max_auto_points": sigma_points or None,
+        "seconds": round(seconds, 2), "resumed": resumed, "sweep": name, "mlflow_run_id": parent,
+        "best_run_id": best["mlflow_run_id"], "samplers_from": samplers_from,
+        "handset": handset_variant_for(params, winner.sde["type"]),
     }
     storage.write_json(out_dir / METRICS_FILE, metrics, indent=2)
 
@@ -413,8 +432,7 @@ def run_sweep(params: Params, *, root: Path, data_dir: Path, featurizer_dir: Pat
                      "scorelab.best_sde": winner.sde["type"]})
     parent_log.metrics({k: v for k, v in metrics.items() if k in ("best_objective", "trials", "finished",
                                                                    "stopped_early", "failed", "seconds")}, step=0)
-    parent_log.artifacts([out_dir / PARAMS_FILE, out_dir / TRIALS_FILE, out_dir / METRICS_FILE, out_dir / PLOT_FILE])
-    parent_log.artifact(model_path, "model")
+    parent_log.artifacts([out_dir / VARIANT_FILE, out_dir / TRIALS_FILE, out_dir / METRICS_FILE, out_dir / PLOT_FILE])
     parent_log.finish()
     return SweepResult(best, rows, metrics, out_dir)
 
@@ -442,13 +460,40 @@ def _rows(grid: Any, trials: list[Trial], jobs: list[dict], run_ids: list[str], 
             "parameterization": t.variant["parameterization"]["type"],
             "sde_params": json.dumps({k: v for k, v in t.sde.items() if k != "type"}, sort_keys=True),
             "lr": t.lr, "ema_decay": t.ema_decay,
-            "objective": m.get(OBJECTIVE), "best_objective": min((v for _, v in curve), default=None),
+            "objective": m.get(OBJECTIVE), "objective_se": m.get("objective_se"), "best_objective": min((v for _, v in curve), default=None),
             "objective_nfe": m.get("objective_nfe"), "steps": reached, "max_steps": steps,
             "stopped_early": status == "stopped_early", "status": status,
             "seconds": round(float(m.get("time_total_s", 0.0)), 2), "mlflow_run_id": run_ids[t.index],
             "checkpoint_path": m.get("checkpoint_path"), "curve": json.dumps(curve), "error": error,
         })
     return rows
+
+
+def rung_agreement(rows: list[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
+    """For each checkpoint step before the end: over the pairs of trials that ran to `steps`, how many are
+    ordered at that step as they are at the end. What says whether ASHA may stop trials there: a rate
+    well below 1 means the early order is not the final one (a slow starter would be cut)."""
+    curves = {r["trial"]: dict(json.loads(r["curve"])) for r in rows if r["status"] == "finished"}
+    final = {t: c[steps] for t, c in curves.items() if steps in c}
+    early = sorted({s for c in curves.values() for s in c if s < steps})
+    out = []
+    for step in early:
+        have = [t for t in final if step in curves[t]]
+        pairs = [(a, b) for i, a in enumerate(have) for b in have[i + 1:]]
+        agree = sum((curves[a][step] - curves[b][step]) * (final[a] - final[b]) > 0 for a, b in pairs)
+        out.append({"step": step, "agree": agree, "pairs": len(pairs), "rate": agree / len(pairs) if pairs else None})
+    return out
+
+
+def winning_variant(trial: Trial) -> dict[str, Any]:
+    """The winner as best_variant.yaml spells it: the trial's variant without its samplers and without the
+    sweep's budget (steps, batch), which params.yaml's train: section sets for the retraining; only the
+    choices the sweep made or the candidate set (e.g. lr) are kept."""
+    variant = {k: v for k, v in trial.variant.items() if k != "samplers"}
+    train = {k: v for k, v in (variant.get("train") or {}).items()
+             if v is not None and k not in ("steps", "batch_size")}
+    variant["train"] = train
+    return variant
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
