@@ -1,7 +1,7 @@
 # Two commands: `make run` (the whole DAG: dvc repro, its stages sharing one local Ray that starts and stops
 # with it: scorelab.runtime.with_local_ray) and `make test`. Both create .venv on first use.
 # `make run PRESET=toy2d` first validates presets/toy2d.yaml and copies it over params.yaml
-# (presets: digits = the committed default, toy2d, mnist, cifar10); `make demo` is the 2-D sampler demo.
+# (presets: digits = the committed default, sweep_digits = it with a 34-trial sweep, toy2d, mnist, cifar10); `make demo` is the 2-D sampler demo.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python

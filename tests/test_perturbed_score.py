@@ -27,7 +27,7 @@ from scorelab.sde import get_sde
 from scorelab.toy import three_blobs
 
 ROOT = Path(__file__).resolve().parents[1]
-PROFILES = ("params.yaml", "presets/toy2d.yaml")
+PROFILES = ("params.yaml", "presets/toy2d.yaml", "presets/sweep_digits.yaml")
 N = 400
 DELTAS = (0.01, 0.05)
 # Mean |x_delta - x_0| <= DELTA_GAIN * delta. The data spans about 6 units; the probability-flow ODE carries an

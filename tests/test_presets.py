@@ -14,7 +14,15 @@ PRESETS = sorted(p.stem for p in (REPO / "presets").glob("*.yaml"))
 
 
 def test_the_documented_presets_exist():
-    assert set(PRESETS) == {"digits", "toy2d", "mnist", "cifar10"}
+    assert set(PRESETS) == {"digits", "sweep_digits", "toy2d", "mnist", "cifar10"}
+
+
+def test_sweep_digits_is_the_default_with_a_real_sweep():
+    """Everything but the tune section is the default's, so its run adds only the sweep's time to the default's."""
+    default, sweep = load_params(REPO / "params.yaml"), load_params(REPO / "presets" / "sweep_digits.yaml")
+    assert sweep.model_dump(exclude={"tune"}) == default.model_dump(exclude={"tune"})
+    assert sweep.tune.num_trials >= 24 and {c.sde["type"] for c in sweep.tune.space} >= {
+        "vp", "subvp", "ve", "ddpm", "ncsn"}
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -231,6 +231,46 @@ def test_sweep_stops_trials_early_tracks_them_and_writes_a_valid_winner(tmp_path
     assert result.best["trial"] == metrics["best_trial"]
 
 
+def test_digits_sweep_ranks_trials_by_the_domain_frechet_distance(tmp_path):
+    """The image objective end to end, tiny: digits, the featurizer stage's classifier, two VP schedules.
+    Unset tune.samplers: the winner samples like the hand-set `vp`."""
+    from scorelab.featurizer import build_featurizer
+
+    unet = {"type": "unet", "channels": 16, "channel_mult": [1], "num_res_blocks": 1, "attn_resolutions": []}
+    p = {
+        "seed": 0,
+        "data": {"source": "digits", "out_dir": str(tmp_path / "data"), "image_size": 8, "test_fraction": 0.3},
+        "train": {"steps": 10, "batch_size": 32, "warmup_steps": 0, "log_every": 10},
+        "ray": {"num_workers": 1, "storage_path": str(tmp_path / "ray"), "max_failures": 0},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "variants": {"vp": {**VP, "parameterization": {"type": "eps"}, "net": unet,
+                            "samplers": [{"method": "dpm_solver", "steps": [5, 10]}]}},
+        "tune": {"space": [{"sde": {"type": "vp", "beta_max": [10.0, 20.0]}, "net": unet}], "num_trials": 2,
+                 "max_concurrent": 2, "steps": 20, "batch_size": 32, "eval_every": 10, "grace_period": 20,
+                 "objective": {"sampler": {"method": "dpm_solver", "steps": [5]}, "n_samples": 64, "seeds": 2}},
+    }
+    params = parse_params(p)
+    prepare(params.data, params.seed)
+    build_featurizer(params, root=tmp_path, out_dir=tmp_path / "featurizer", epochs=2)
+    out = tmp_path / "outputs" / "tune"
+    run_sweep(params, root=tmp_path, data_dir=params.data.dataset_dir, featurizer_dir=tmp_path / "featurizer",
+              out_dir=out)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert metrics["objective_metric"] == "domain_fd" and metrics["objective_nfe"] == 5
+    assert [json.loads(r["sde_params"])["beta_max"] for r in rows] == [10.0, 20.0]
+    assert all(r["status"] == "finished" and 0 < float(r["objective"]) < 1e4 and float(r["objective_se"]) > 0
+               for r in rows), rows
+    assert [[s for s, _ in json.loads(r["curve"])] for r in rows] == [[10, 20], [10, 20]]
+    assert metrics["rung_agreement"] == [{**metrics["rung_agreement"][0], "step": 10, "pairs": 1}]
+    assert metrics["best_objective"] == min(float(r["objective"]) for r in rows)
+    assert metrics["samplers_from"] == metrics["handset"] == "vp"
+    tuned = with_tuned_variant(params, out / "best_variant.yaml").variants["tuned"]
+    assert tuned.samplers == params.variants["vp"].samplers
+    assert tuned.sde.beta_max == json.loads(rows[metrics["best_trial"]]["sde_params"])["beta_max"]
+
+
 def _finished_trials(storage: Path) -> int:
     """Trials the Tune experiment state records as TERMINATED (what a restore keeps)."""
     done = 0

@@ -29,6 +29,7 @@ from pydantic_core import InitErrorDetails
 
 from .data import DataConfig, parse_data_config
 from .layout import TUNED_VARIANT
+from .sde import SDE_FAMILY
 from .storage import uri_problem
 from .nets import NetConfig
 from .rng import MAX_SEED
@@ -397,6 +398,7 @@ class Params(_Model):
                     if handset_variant_for(self, ty) is None:
                         errors.append(line_error(("tune", "samplers"), f"is unset, so the winner samples like the "
                                                  f"hand-set variant of its SDE type, but no variant has sde.type {ty!r} "
+                                                 "or its family "
                                                  f"(tune.space.{i}); add one, or list the samplers here", None))
         if self.data.source == "toy2d":  # x0_hat thresholding keeps images inside [-1, 1]; points have no bound
             lists = [(("variants", name, "samplers"), v.samplers) for name, v in self.variants.items()]
@@ -526,9 +528,12 @@ def parse_params(data: Any, source: str | None = None) -> Params:
 
 
 def handset_variant_for(params: Params, sde_type: str) -> str | None:
-    """The first variant of params.variants whose SDE has this type: whose samplers the sweep's winner of
-    that type uses when tune.samplers is unset, and which the report compares it with."""
-    return next((name for name, v in params.variants.items() if v.sde.type == sde_type), None)
+    """The first variant of params.variants whose SDE has this type, else the first of its family (vp for
+    vp_cosine and ddpm, ve for ncsn): whose samplers the sweep's winner of that type uses when tune.samplers
+    is unset (the same family: the same samplers apply), and which the report compares it with."""
+    family = SDE_FAMILY.get(sde_type)
+    return next((name for name, v in params.variants.items() if v.sde.type == sde_type),
+                next((name for name, v in params.variants.items() if v.sde.family == family), None))
 
 
 def tuned_samplers(params: Params, sde_type: str) -> list[Any]:
