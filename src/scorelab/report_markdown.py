@@ -155,7 +155,8 @@ def _sweep_lines(sweep: Sweep, against: HandsetComparison | None, primary: str,
                        ("stopped_early", "stopped early by ASHA"), ("failed", "failed")) if k in m)
     se = m.get("objective_se_median")
     noise = (f"The measured noise: the median over trials of the objective's standard error over seeds is "
-             f"{fmt(se)}, so trials closer than about twice that are not ordered by the sweep."
+             f"{fmt(se)}: two trials closer than about 2.8 times that (the 95% margin of a difference of two such "
+             "means) are not ordered by the sweep."
              if isinstance(se, (int, float)) else "The objective's noise was not measured (one seed per trial).")
     samplers_from = m.get("samplers_from")
     sampled = ("`tune.samplers`" if samplers_from == "tune.samplers" else
@@ -200,7 +201,8 @@ def _handset_lines(against: HandsetComparison | None, primary: str, variants: li
     cmp = against.comparison
     if cmp is None:
         return lines + [f"Not computed: {against.reason}."]
-    lines += [f"At every sampler setting both evaluated (the same sampler, steps and so NFE): {TUNED_VARIANT} − "
+    lines += [f"At every sampler setting both evaluated (the same sampler and steps, so the same NFE; the adaptive "
+              f"ODE's is each variant's own, {TUNED_VARIANT}'s shown): {TUNED_VARIANT} − "
               f"{against.handset} of the mean {primary} over seeds, with its {cmp.level:.0%} paired Student-t interval "
               f"over seeds {', '.join(cmp.seeds)} and two-sided p-value; significant: rejected by Holm's procedure at "
               f"α = {cmp.alpha:.2g} over these {len(cmp.rows)} settings, else a tie.", ""]
