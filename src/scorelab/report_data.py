@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from .layout import TUNED_VARIANT, Layout, stage_command
 from .modality import PRIMARY_METRICS
-from .report_compare import BASELINE, Comparison, Entry, compare, compare_pairs
+from .report_compare import BASELINE, Comparison, Entry, Pair, compare, compare_pairs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -430,7 +430,7 @@ class HandsetComparison:
         return f"no worse than {self.handset} at {n - len(self.higher())} of {n} settings"
 
 
-def tuned_verdict(pair) -> str:
+def tuned_verdict(pair: Pair) -> str:
     """A report_compare.Pair of tuned (a) against the hand-set variant (b) in words."""
     if not pair.significant:
         return "tie"
