@@ -3,9 +3,10 @@
     python pipeline/report.py --params params.yaml [--root .] [--out reports] [--no-mlflow]
 
 Reads outputs/train/<variant>/metrics.json, outputs/eval/<variant>/metrics.json and the sample grids
-of each variant in params; writes <out>/comparison.md, fid_vs_nfe.png, fid_vs_nfe.csv, samples.png,
-metrics.json and (when the MLflow store has the runs' loss histories) loss_curves.png, and logs a
-"comparison" run to MLflow (format: scorelab.report). --no-mlflow leaves MLflow alone (no loss curves).
+of each variant in params (with a tune: section also of `tuned`, and outputs/tune/trials.csv and
+metrics.json); writes <out>/comparison.md, fid_vs_nfe.png, fid_vs_nfe.csv, samples.png, metrics.json,
+sweep.png (with a tune: section) and (when the MLflow store has the runs' loss histories) loss_curves.png,
+and logs a "comparison" run to MLflow (format: scorelab.report). --no-mlflow leaves MLflow alone (no loss curves).
 Prints the path of comparison.md. Exit codes: 0 done, 2 invalid params, 1 a missing or malformed input.
 """
 

@@ -22,6 +22,7 @@ import yaml
 from scorelab import tracking
 from scorelab.config import parse_params
 from scorelab.report import ReportError, build_report, comparison_run_key
+from scorelab.report_data import read_trials
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = ("comparison.md", "fid_vs_nfe.png", "fid_vs_nfe.csv", "loss_curves.png", "loss_curves.csv", "samples.png",
@@ -55,6 +56,7 @@ TOY_SETTINGS = {
     "subvp": {"euler_maruyama-100": ("euler_maruyama", 100, 100),
               "euler_maruyama-1000": ("euler_maruyama", 1000, 1000)},
 }
+SWEEP_TUNED = {"sde": {"type": "vp"}}  # the sweep's winner `tuned`: a vp, sampled with vp's samplers
 
 
 def write_inputs(root: Path, settings: dict, *, image: bool, run_ids: dict[str, str] | None = None,
@@ -86,7 +88,8 @@ def write_inputs(root: Path, settings: dict, *, image: bool, run_ids: dict[str, 
             import matplotlib.image as mpimg
 
             mpimg.imsave(grid, rng.uniform(size=(34, 34)), cmap="gray")
-        data = {"variant": variant, "sde": IMAGE_VARIANTS.get(variant, TOY_VARIANTS.get(variant))["sde"]["type"],
+        sde = (IMAGE_VARIANTS.get(variant) or TOY_VARIANTS.get(variant) or SWEEP_TUNED)["sde"]["type"]
+        data = {"variant": variant, "sde": sde,
                 "n_per_seed": 256 if image else 1000, "seeds": 3, "baseline": baseline, "settings": block,
                 "inception_fid": None, "inception_fid_reason": "no Inception weights offline"}
         if image:
@@ -444,3 +447,194 @@ def test_pairwise_comparisons_over_seeds(tmp_path):
     assert all(verdicts[(v, "real vs real (baseline)")] == "real vs real (baseline) lower" for v in lowest)
     md = (tmp_path / "reports" / "comparison.md").read_text()
     assert "paired Student-t interval over seeds 0, 1, 2, 3, 4" in md
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep (params.tune): its trials, sweep.png, and `tuned` against the hand-set vp at equal NFE
+
+SWEEP_TUNE = {  # a valid tune: section: every SDE type of the space has a hand-set variant (vp, ve)
+    "space": [{"sde": {"type": "vp", "beta_max": [10.0, 20.0]}},
+              {"sde": {"type": "ve", "sigma_min": 0.01, "sigma_max": 50.0},
+               "parameterization": {"type": "score", "scale_by_sigma": True}}],
+    "lr": [2e-3, 1e-3], "num_trials": 4, "steps": 200, "eval_every": 100, "grace_period": 100,
+    "objective": {"sampler": {"method": "ddim", "steps": [10]}, "n_samples": 256, "seeds": 2},
+    "samplers": IMAGE_VARIANTS["vp"]["samplers"],
+}
+# the tune stage's rows (scorelab.tune._rows), as its trials.csv spells them
+SWEEP_TRIALS = [
+    {"trial": 0, "label": "vp beta_max=10", "sde": "vp", "parameterization": "eps",
+     "sde_params": json.dumps({"beta_max": 10.0}), "lr": 2e-3, "ema_decay": 0.999, "objective": 3.25,
+     "objective_se": 0.125, "best_objective": 3.25, "objective_nfe": 10.0, "steps": 200, "max_steps": 200,
+     "stopped_early": False, "status": "finished", "seconds": 61.5, "mlflow_run_id": "run0",
+     "curve": json.dumps([[100, 4.0], [200, 3.25]]), "error": None},
+    {"trial": 1, "label": "vp beta_max=20", "sde": "vp", "parameterization": "eps",
+     "sde_params": json.dumps({"beta_max": 20.0}), "lr": 2e-3, "ema_decay": 0.999, "objective": 2.5,
+     "objective_se": 0.25, "best_objective": 2.5, "objective_nfe": 10.0, "steps": 200, "max_steps": 200,
+     "stopped_early": False, "status": "finished", "seconds": 58.0, "mlflow_run_id": "run1",
+     "curve": json.dumps([[100, 3.5], [200, 2.5]]), "error": None},
+    {"trial": 2, "label": "ve sigma_max=50", "sde": "ve", "parameterization": "score",
+     "sde_params": json.dumps({"sigma_max": 50.0, "sigma_min": 0.01}), "lr": 2e-3, "ema_decay": 0.999,
+     "objective": 9.0, "objective_se": None, "best_objective": 9.0, "objective_nfe": 19.0, "steps": 100,
+     "max_steps": 200, "stopped_early": True, "status": "stopped_early", "seconds": 30.25,
+     "mlflow_run_id": "run2", "curve": json.dumps([[100, 9.0]]), "error": None},
+    {"trial": 3, "label": "vp beta_max=10", "sde": "vp", "parameterization": "eps",
+     "sde_params": json.dumps({"beta_max": 10.0}), "lr": 1e-3, "ema_decay": 0.999, "objective": None,
+     "objective_se": None, "best_objective": None, "objective_nfe": None, "steps": 0, "max_steps": 200,
+     "stopped_early": False, "status": "error", "seconds": 1.5, "mlflow_run_id": "run3",
+     "curve": json.dumps([]), "error": "RuntimeError: CUDA out of memory"},
+]
+SWEEP_METRICS = {
+    "best_objective": 2.5, "best_objective_se": 0.25, "objective_metric": "domain_fd", "best_trial": 1,
+    "best_label": "vp beta_max=20", "best_sde": "vp", "best_lr": 2e-3, "trials": 4, "search": "grid",
+    "finished": 2, "stopped_early": 1, "failed": 1, "objective_sampler": "ddim", "objective_nfe": 10,
+    "objective_n_samples": 256, "objective_seeds": 2, "objective_se_median": 0.1875,
+    "rung_agreement": [{"step": 100, "agree": 1, "pairs": 1, "rate": 1.0}], "seconds": 152.3,
+    "sweep": "sweep-abc", "mlflow_run_id": "parent", "best_run_id": "run1", "samplers_from": "tune.samplers",
+    "handset": "vp",
+}
+SWEEP_SETTINGS = {**IMAGE_SETTINGS, "tuned": IMAGE_SETTINGS["vp"]}
+LUCK = [0.0, 3.0, -2.0, 1.0, 0.5]  # each seed's own luck, shared by every variant (the same noise)
+TIE_NOISE = [0.01, -0.01, 0.01, -0.01, 0.0]  # tuned - vp at a tie: mean 0 whatever the seed effect
+HIGHER_AT = "ddim-10"  # where tuned is clearly higher (worse) than vp
+
+
+def write_trials(path: Path, rows: list[dict]) -> None:
+    """trials.csv as the tune stage writes it (csv.DictWriter: None as an empty cell, True/False as words)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_sweep_inputs(root: Path) -> dict:
+    """The image variants plus `tuned`, with per-seed values at vp's and tuned's settings, and the tune
+    stage's trials.csv and metrics.json."""
+    evals = write_inputs(root, SWEEP_SETTINGS, image=True, seed=7)
+    for variant in ("vp", "tuned"):
+        data = evals[variant]
+        data.update(primary_metric="domain_fd", intervals={"level": 0.95}, bootstrap=None)
+        for i, (key, s) in enumerate(data["settings"].items()):
+            shift = (1.0 if key == HIGHER_AT else 0.0) if variant == "tuned" else 0.0
+            noise = TIE_NOISE if variant == "tuned" else [0.0] * len(LUCK)
+            values = [1.0 + i + shift + x + e for x, e in zip(LUCK, noise)]
+            s["domain_fd_mean"] = float(np.mean(values))
+            s["per_seed"] = {str(k): {"domain_fd": v} for k, v in enumerate(values)}
+        (root / "outputs" / "eval" / variant / "metrics.json").write_text(json.dumps(data))
+    write_trials(root / "outputs" / "tune" / "trials.csv", SWEEP_TRIALS)
+    (root / "outputs" / "tune" / "metrics.json").write_text(json.dumps(SWEEP_METRICS))
+    return evals
+
+
+def sweep_params(tracking_uri: str = "") -> object:
+    return parse_params({**make_params(IMAGE_VARIANTS, tracking_uri=tracking_uri), "tune": SWEEP_TUNE})
+
+
+@pytest.fixture(scope="module")
+def sweep_case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    evals = write_sweep_inputs(root)
+    tracking.experiment_id(tracking.resolve_tracking_uri("", root), "scorelab-digits", root)  # the local store
+    result = build_report(sweep_params(), root=root)  # no training runs in it: notes, no loss curves
+    return {"root": root, "evals": evals, "result": result,
+            "md": (root / "reports" / "comparison.md").read_text()}
+
+
+def test_read_trials_round_trips_the_tune_stages_rows(tmp_path):
+    path = tmp_path / "trials.csv"
+    write_trials(path, SWEEP_TRIALS)
+    rows = read_trials(path)
+    assert rows == SWEEP_TRIALS
+    assert type(rows[0]["trial"]) is int and type(rows[0]["lr"]) is float and rows[0]["stopped_early"] is False
+    assert rows[2]["stopped_early"] is True and rows[2]["objective_se"] is None and rows[3]["error"].startswith("Runtime")
+    bad = [{**SWEEP_TRIALS[0], "steps": "many"}]
+    write_trials(path, bad)
+    with pytest.raises(ReportError, match=r"trials.csv: line 2, column steps: invalid literal"):
+        read_trials(path)
+
+
+def test_sweep_section_lists_every_trial_and_marks_the_winner(sweep_case):
+    md = sweep_case["md"]
+    assert "## The sweep" in md
+    sweep = md.split("## The sweep")[1].split("\n## ")[0]
+    assert "4 trials (grid search, 2 ran to the end, 1 stopped early by ASHA, 1 failed)" in sweep
+    assert "256 samples per seed × 2 seeds drawn with ddim at NFE 10" in sweep
+    assert "standard error over seeds is 0.1875" in sweep
+    assert "at step 100, 1 of 1 pairs of trials that ran to the end were already in their final order (100%)" in sweep
+    assert "The sweep took 152 s (2.5 min)" in sweep
+    assert "retrained at the full `train:` budget (" in sweep and "sampled with the samplers of `tune.samplers`" in sweep
+    for r in SWEEP_TRIALS:
+        row = next(line for line in sweep.splitlines() if line.startswith(f"| {r['trial']} | {r['label']}"))
+        assert f"| {r['status']} |" in row and f"| {r['steps']} / {r['max_steps']} |" in row
+        assert ("(winner)" in row) == (r["trial"] == SWEEP_METRICS["best_trial"])
+    assert "| 1 | vp beta_max=20 (winner) | 0.002 | 0.999 | 2.5 ± 0.25 | 200 / 200 | finished | 58.0 |" in sweep
+    assert "| 9 |" in sweep and "| — |" in sweep, "no se: the mean alone; no objective: a dash"
+    assert "trial 3: RuntimeError: CUDA out of memory" in sweep
+    assert "](sweep.png)" in sweep
+
+
+def test_sweep_png_is_written_and_logged(sweep_case):
+    reports = sweep_case["root"] / "reports"
+    png = reports / "sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(png).ndim == 3
+    assert sweep_case["result"]["files"]["sweep"] == png
+    assert not [p for p in reports.iterdir() if p.name.endswith(".tmp")], "no temporary files left behind"
+    client = tracking.client(tracking.resolve_tracking_uri("", sweep_case["root"]))
+    artifacts = {a.path for a in client.list_artifacts(sweep_case["result"]["mlflow_run_id"])}
+    assert {"sweep.png", "trials.csv", "comparison.md", "metrics.json"} <= artifacts
+
+
+def test_tuned_against_the_handset_at_equal_nfe(sweep_case):
+    against = sweep_case["result"]["vs_handset"]
+    assert against.handset == "vp" and against.untested == []
+    verdicts = {r.a.setting: r for r in against.comparison.rows}
+    assert list(verdicts) == list(IMAGE_SETTINGS["vp"])
+    from scorelab.report_data import tuned_verdict
+
+    assert {k: tuned_verdict(r) for k, r in verdicts.items()} == {
+        k: "tuned higher" if k == HIGHER_AT else "tie" for k in IMAGE_SETTINGS["vp"]}
+    assert verdicts[HIGHER_AT].diff.estimate == pytest.approx(1.0)
+    assert against.higher() == [HIGHER_AT]
+    md = sweep_case["md"]
+    assert "### tuned against vp at equal NFE" in md and "paired Student-t interval over seeds 0, 1, 2, 3, 4" in md
+    assert f"| {HIGHER_AT} | 10 |" in md and "| tuned higher |" in md
+    assert (f"tuned is not no worse than vp within the noise at every shared setting: it is significantly higher at "
+            f"{HIGHER_AT} (no worse than vp at 3 of 4 settings)") in md
+    metrics = json.loads((sweep_case["root"] / "reports" / "metrics.json").read_text())
+    assert metrics["tuned"]["vs_handset"] == "no worse than vp at 3 of 4 settings"
+    assert "vs_handset" not in metrics["vp"]
+    leaves = _leaves(metrics)  # one more leaf than the other variants' eight: still small for `dvc exp show`
+    assert len(leaves) == 8 * len(SWEEP_SETTINGS) + 2 and all(not isinstance(x, (list, dict)) for x in leaves)
+
+
+def test_no_handset_variant_is_said_and_skipped(tmp_path):
+    write_sweep_inputs(tmp_path)
+    path = tmp_path / "outputs" / "tune" / "metrics.json"
+    path.write_text(json.dumps({**SWEEP_METRICS, "handset": None}))
+    result = build_report(sweep_params(), root=tmp_path, log_to_mlflow=False)
+    md = (tmp_path / "reports" / "comparison.md").read_text()
+    assert "None: no hand-set variant of the winner's SDE type (vp) among the variants" in md
+    assert result["vs_handset"].comparison is None and result["metrics"]["tuned"]["vs_handset"] is None
+
+
+def test_missing_trials_csv_names_the_file_and_writes_nothing(tmp_path):
+    write_sweep_inputs(tmp_path)
+    (tmp_path / "outputs" / "tune" / "trials.csv").unlink()
+    with pytest.raises(ReportError) as e:
+        build_report(sweep_params(), root=tmp_path)
+    message = str(e.value)
+    assert "outputs/tune/trials.csv" in message and "python pipeline/tune.py --params params.yaml" in message
+    assert e.value.missing == [tmp_path.resolve() / "outputs" / "tune" / "trials.csv"]
+    assert not (tmp_path / "reports").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_without_a_sweep_no_sweep_section_and_a_stale_sweep_png_is_removed(tmp_path):
+    write_inputs(tmp_path, TOY_SETTINGS, image=False)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "sweep.png").write_bytes(b"stale")
+    result = build_report(parse_params(make_params(TOY_VARIANTS, source="toy2d")), root=tmp_path, log_to_mlflow=False)
+    assert "## The sweep" not in (tmp_path / "reports" / "comparison.md").read_text()
+    assert not (tmp_path / "reports" / "sweep.png").exists() and result["vs_handset"] is None

@@ -10,6 +10,13 @@ Inputs, for each variant in params.variants (made by the train, evaluate and sam
                                             "bits_per_dim" | "test_loglik", "inception_fid", "inception_fid_reason"}
     outputs/samples/<variant>/<setting>/grid.png   the grid of the variant's best setting
 
+With params.tune, the sweep's winner is one more variant, `tuned` (the same three files), and the tune stage's
+
+    outputs/tune/trials.csv       one row per trial: configuration, objective ± se over seeds, steps, status,
+                                  time, curve (report_data.read_trials)
+    outputs/tune/metrics.json     {"best_trial", "objective_metric", "trials", "search", "objective_*",
+                                   "objective_se_median", "rung_agreement", "seconds", "handset", "samplers_from", ...}
+
 All are read and checked before anything is written: a missing one is a ReportError that names every
 missing file and the stage that makes it, and leaves the output folder untouched. The primary metric
 is `domain_fd` for images, `sliced_w2` for 2-D data (lower is better); a variant's best setting is
@@ -26,12 +33,17 @@ Outputs, in out_dir (default <root>/reports), each written to a temporary name a
     loss_curves.png   training loss vs step from the MLflow runs; skipped (and said so) without MLflow
     loss_curves.csv   the same curves for `dvc plots`: variant, step, loss (the header alone without MLflow)
     samples.png       each variant's best-setting grid, side by side
+    sweep.png         with params.tune: each trial's objective by SDE type and swept parameter, ± its standard
+                      error over seeds (scorelab.visual.plot_objective); comparison.md then has "The sweep":
+                      the search, its noise and early-rung agreement, every trial, and `tuned` against the
+                      hand-set variant of its SDE type at each shared sampler setting (paired t over seeds)
     metrics.json      the headline, the one file dvc.yaml declares as metrics (`dvc metrics diff`, `dvc exp
                       show`): per variant its best value with interval, NFE and setting, the likelihood,
-                      training time and final loss (metrics_summary)
+                      training time and final loss, and for `tuned` the one string vs_handset
+                      ("no worse than vp at 4 of 4 settings") (metrics_summary)
 
 With log_to_mlflow, one run named "comparison" in the training runs' experiment (found again by a run
-key made from the variant names, so a re-run updates it) gets the files as artifacts and the best value
+key made from the variant names, so a re-run updates it) gets the files (and trials.csv) as artifacts and the best value
 per variant as metrics, and each training run gets the tag `best_setting` and the metric
 `best_<primary>`. MLflow problems never stop the report: they become notes in it.
 
@@ -51,8 +63,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import storage, tracking
-from .layout import Layout
-from .report_data import Histories, ReportError, VariantResult, baseline_value, load_inputs, nfe_text, pairwise
+from .layout import TUNED_VARIANT, Layout
+from .report_data import (Histories, ReportError, Sweep, VariantResult, baseline_value, load_inputs, load_sweep,
+                          nfe_text, pairwise, vs_handset)
 from .report_figures import plot_loss_curves, plot_samples, plot_vs_nfe, save_figure
 from .report_markdown import comparison_markdown
 
@@ -86,12 +99,14 @@ def _json_number(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def metrics_summary(variants: list[VariantResult], primary: str) -> dict[str, Any]:
+def metrics_summary(variants: list[VariantResult], primary: str, vs_handset: str | None = None,
+                    with_tuned: bool = False) -> dict[str, Any]:
     """What reports/metrics.json holds: the headline of each variant, the one file dvc.yaml declares as
     metrics (non-finite values as null). Short keys keep `dvc exp show` narrow, since it prints one column
     per key that differs: <variant>.<primary> is the best setting's value, low/high its interval, then its
     nfe and setting, the likelihood, training seconds and final loss. Per seed and per setting, KID and
-    precision/recall stay in outputs/eval/<variant>/metrics.json."""
+    precision/recall stay in outputs/eval/<variant>/metrics.json. with_tuned (a sweep): `tuned` also gets
+    vs_handset, the equal-NFE verdict against its hand-set variant in words (null when there is none)."""
     out: dict[str, Any] = {}
     for v in variants:
         best = v.best
@@ -102,6 +117,8 @@ def metrics_summary(variants: list[VariantResult], primary: str) -> dict[str, An
         if v.likelihood:
             entry[v.likelihood.name] = _json_number(v.likelihood.mean)
         entry.update(train_s=_json_number(v.train_seconds), loss=_json_number(v.final_loss))
+        if with_tuned and v.name == TUNED_VARIANT:
+            entry["vs_handset"] = vs_handset
         out[v.name] = entry
     out[f"baseline_{primary}"] = _json_number(baseline_value(variants, primary))
     return out
@@ -116,6 +133,16 @@ def loss_csv(histories: Histories) -> str:
     for name, (steps, losses) in histories.items():
         w.writerows([name, step, loss] for step, loss in zip(steps, losses))
     return buf.getvalue()
+
+
+def _plot_sweep(sweep: Sweep, path: Path) -> Path:
+    """reports/sweep.png: the tune stage's own figure of the trials (scorelab.visual.plot_objective), drawn
+    from trials.csv to a temporary name and renamed."""
+    from .visual import plot_objective  # imported here: visual imports torch, which only this figure needs
+
+    with storage.atomic_path(path) as tmp:
+        plot_objective(sweep.trials, tmp, sweep.metrics["objective_metric"])
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,10 +258,12 @@ def build_report(
     """Compare every variant of params (module docstring). Returns
 
         {"files": {"comparison": Path, "fid_vs_nfe": Path, "fid_vs_nfe_csv": Path, "samples": Path,
-                   "metrics": Path, "loss_curves_csv": Path, "loss_curves": Path (only when drawn)},
+                   "metrics": Path, "loss_curves_csv": Path, "loss_curves": Path (only when drawn),
+                   "sweep": Path (only with params.tune)},
          "primary_metric": str, "best": {variant: setting key or None}, "metrics": what metrics.json holds,
          "mlflow_run_id": the comparison run, or None, "notes": [str],
-         "pairwise": report_compare.Comparison (which differences are significant)}
+         "pairwise": report_compare.Comparison (which differences are significant),
+         "vs_handset": report_data.HandsetComparison (`tuned` at equal NFE; None without params.tune)}
 
     Raises ReportError, before writing anything, when an input is missing or malformed. Without
     log_to_mlflow, MLflow is not contacted at all, and the loss-curve figure is skipped.
@@ -243,6 +272,8 @@ def build_report(
     root = layout.root
     out_dir = Path(out_dir).resolve() if out_dir is not None else layout.reports
     variants, primary = load_inputs(params, root)
+    sweep = load_sweep(params, root)  # None without params.tune
+    against = vs_handset(variants, sweep, primary, params.evaluate.level)
     notes = [f"{v.name}: no setting has a finite {primary}; no best setting" for v in variants if v.best is None]
 
     session: _MLflowSession | None = None
@@ -274,25 +305,32 @@ def build_report(
     else:
         (out_dir / "loss_curves.png").unlink(missing_ok=True)  # a stale one would pass for this run's
     files["samples"] = save_figure(plot_samples(variants), out_dir / "samples.png")
-    summary = metrics_summary(variants, primary)
+    if sweep is not None:
+        files["sweep"] = _plot_sweep(sweep, out_dir / "sweep.png")
+    else:
+        (out_dir / "sweep.png").unlink(missing_ok=True)  # a stale one would pass for this run's
+    summary = metrics_summary(variants, primary, against.summary() if against else None, with_tuned=sweep is not None)
     files["metrics"] = storage.write_text(out_dir / "metrics.json",
                                           json.dumps(summary, indent=2, allow_nan=False) + "\n")
     comparison = pairwise(variants, primary)
     markdown = comparison_markdown(variants, primary, out_dir=out_dir, loss_figure=bool(histories),
                                    loss_reason=loss_reason, mlflow_summary=_mlflow_summary(session, primary),
-                                   notes=notes, source=params.data.source, comparison=comparison)
+                                   notes=notes, source=params.data.source, comparison=comparison,
+                                   sweep=sweep, against=against)
     files["comparison"] = storage.write_text(out_dir / "comparison.md", markdown)
 
     if session is not None:
         before = session.logger.dropped
-        session.logger.artifacts([files[k] for k in ("comparison", "fid_vs_nfe", "fid_vs_nfe_csv", "loss_curves", "loss_curves_csv",
-                                                     "samples", "metrics") if k in files])
+        session.logger.artifacts([*(files[k] for k in ("comparison", "fid_vs_nfe", "fid_vs_nfe_csv", "loss_curves",
+                                                       "loss_curves_csv", "samples", "sweep", "metrics") if k in files),
+                                  *([sweep.trials_path] if sweep is not None else [])])
         session.logger.finish()
         if session.logger.dropped > before:
             notes.append(f"MLflow: {session.logger.dropped - before} artifact upload(s) of the comparison run failed")
     return {"files": files, "primary_metric": primary,
             "best": {v.name: v.best.key if v.best else None for v in variants}, "metrics": summary,
-            "mlflow_run_id": session.run_id if session else None, "notes": notes, "pairwise": comparison}
+            "mlflow_run_id": session.run_id if session else None, "notes": notes, "pairwise": comparison,
+            "vs_handset": against}
 
 
 __all__ = ["COMPARISON_RUN_NAME", "ReportError", "build_report", "comparison_run_key", "loss_histories",

@@ -11,7 +11,8 @@ Two ways to pair, both on what the evaluations wrote (nothing here recomputes a 
   rows: their difference is a paired bootstrap replicate (metrics.paired_difference).
 Every pair's two-sided p-value enters one family with Holm's correction at alpha = 1 - level; a pair is
 "significant" only if Holm rejects it, else a tie.
-(report_data.pairwise builds the entries from the evaluations; report_markdown writes the section.)
+compare_pairs tests given pairs alone (the sweep's winner against a hand-set variant at each shared setting).
+(report_data.pairwise and vs_handset build the entries from the evaluations; report_markdown writes the sections.)
 """
 
 from __future__ import annotations
@@ -80,4 +81,16 @@ def compare(entries: Sequence[Entry], baseline: Entry | None, level: float, meth
     return Comparison(level, [Pair(a, b, d, r) for (a, b), d, r in zip(pairs, diffs, rejected)], None, method, seeds)
 
 
-__all__ = ["BASELINE", "Comparison", "Entry", "Pair", "compare"]
+def compare_pairs(pairs: Sequence[tuple[Entry, Entry]], level: float) -> Comparison:
+    """Given pairs only, each a paired t-test over the seeds its two entries share, Holm-corrected over the
+    pairs: one family, so that "no pair is significant" holds at alpha = 1 - level."""
+    diffs = []
+    for a, b in pairs:
+        common = sorted(set(a.per_seed) & set(b.per_seed), key=int)
+        diffs.append(paired_t([a.per_seed[s] for s in common], [b.per_seed[s] for s in common], level))
+    rejected = holm([d.p_value for d in diffs], 1 - level)
+    seeds = tuple(sorted(set().union(*(set(a.per_seed) & set(b.per_seed) for a, b in pairs)), key=int))
+    return Comparison(level, [Pair(a, b, d, r) for (a, b), d, r in zip(pairs, diffs, rejected)], None, "seeds", seeds)
+
+
+__all__ = ["BASELINE", "Comparison", "Entry", "Pair", "compare", "compare_pairs"]

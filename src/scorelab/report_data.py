@@ -2,6 +2,8 @@
 
     variants, primary = load_inputs(params, root)   # ReportError names every missing or malformed file
     variants[0].best.key                            # the setting with the lowest mean of `primary`
+    sweep = load_sweep(params, root)                # with params.tune: outputs/tune/{trials.csv,metrics.json}
+    against = vs_handset(variants, sweep, primary, params.evaluate.level)  # `tuned` vs its hand-set variant
 
 What each file holds is described in scorelab.report. Also here: the few ways of spelling a result
 (fmt, nfe_text, best_title) and of comparing the variants' baselines (baselines, baseline_value) that the
@@ -10,6 +12,7 @@ Markdown, the figures and the DVC metrics share.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from dataclasses import dataclass, field
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from .layout import TUNED_VARIANT, Layout, stage_command
 from .modality import PRIMARY_METRICS
-from .report_compare import BASELINE, Comparison, Entry, compare
+from .report_compare import BASELINE, Comparison, Entry, Pair, compare, compare_pairs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -92,8 +95,7 @@ Histories = dict[str, tuple[list[int], list[float]]]  # variant -> (training ste
 # Reading
 
 
-def _stage_hint(stage: str, variant: str) -> str:
-    stage = "tune" if stage == "train" and variant == TUNED_VARIANT else stage  # the sweep trains the winner
+def _stage_hint(stage: str, variant: str | None = None) -> str:
     return f"made by the {stage} stage: {stage_command(stage, variant)}"
 
 
@@ -284,8 +286,10 @@ def load_inputs(params: Params, root: Path) -> tuple[list[VariantResult], str]:
     layout = Layout(root)
     missing: list[tuple[Path, str]] = []
     variants: list[VariantResult] = []
-    # the tune stage's winner joins as variant `tuned`: its "training" is the sweep (outputs/tune/metrics.json
-    # holds its steps and the winning trial's MLflow run, as a train stage's metrics.json does)
+    # the tune stage's winner joins as variant `tuned`, retrained, sampled and evaluated like the others; the
+    # sweep's own files are checked here too, so that one error names everything missing
+    if params.tune is not None:
+        missing += [(p, _stage_hint("tune")) for p in (layout.tune_trials, layout.tune_metrics) if not p.is_file()]
     for name in [*params.variants, *([TUNED_VARIANT] if params.tune is not None else [])]:
         train_path = layout.train_metrics(name)
         eval_path = layout.eval_metrics(name)
@@ -319,6 +323,149 @@ def load_inputs(params: Params, root: Path) -> tuple[list[VariantResult], str]:
 def _missing_error(missing: list[tuple[Path, str]], layout: Layout) -> ReportError:
     parts = "; ".join(f"{layout.shown(p)} ({hint})" for p, hint in missing)
     return ReportError(f"missing input(s): {parts}; or run `dvc repro`", [p for p, _ in missing])
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep (params.tune): its trials, and the winner `tuned` against the hand-set variant of its SDE type
+
+_TRIAL_INTS = ("trial", "steps", "max_steps")
+_TRIAL_FLOATS = ("lr", "ema_decay", "objective", "objective_se", "best_objective", "objective_nfe", "seconds")
+_TRIAL_BOOLS = ("stopped_early",)
+_TRIAL_JSON = ("sde_params", "curve")  # kept as JSON text, as the tune stage's rows hold them; checked here
+_TRIAL_REQUIRED = ("trial", "label", "sde", "parameterization", "sde_params", "lr", "ema_decay", "objective",
+                   "steps", "max_steps", "status", "seconds")
+
+
+def read_trials(path: Path, *, name: str | None = None) -> list[dict[str, Any]]:
+    """outputs/tune/trials.csv as the tune stage's rows: ints, floats and booleans converted, an empty cell
+    None, sde_params and curve left as JSON text (what scorelab.visual.plot_objective and
+    scorelab.tune.rung_agreement read). ReportError names the file (as `name`, default the path), line and
+    column of a bad cell."""
+    path = Path(path)
+    shown = name or str(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            lacking = [c for c in _TRIAL_REQUIRED if c not in (reader.fieldnames or [])]
+            if lacking:
+                raise ReportError(f"{shown}: missing column(s) {', '.join(lacking)}: re-run the tune stage")
+            raw = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ReportError(f"{shown}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    rows = []
+    for line, cells in enumerate(raw, start=2):  # line 1 is the header
+        row: dict[str, Any] = {}
+        for column, text in cells.items():
+            try:
+                row[column] = _trial_cell(column, text)
+            except ValueError as e:
+                raise ReportError(f"{shown}: line {line}, column {column}: {e}") from None
+        rows.append(row)
+    return rows
+
+
+def _trial_cell(column: str | None, text: str | None) -> Any:
+    if text is None or text == "":
+        return None
+    if column in _TRIAL_INTS:
+        return int(text)
+    if column in _TRIAL_FLOATS:
+        return float(text)
+    if column in _TRIAL_BOOLS:
+        if text not in ("True", "False"):
+            raise ValueError(f"must be True or False, got {text!r}")
+        return text == "True"
+    if column in _TRIAL_JSON:
+        json.loads(text)  # raises a ValueError (JSONDecodeError) for malformed JSON
+    return text
+
+
+@dataclass
+class Sweep:
+    trials: list[dict[str, Any]]  # read_trials of trials.csv
+    metrics: dict[str, Any]  # outputs/tune/metrics.json
+    trials_path: Path
+
+
+def load_sweep(params: Params, root: Path) -> Sweep | None:
+    """The tune stage's trials.csv and metrics.json (None without params.tune); ReportError for a missing or
+    malformed one (load_inputs has already named every missing file at once)."""
+    if params.tune is None:
+        return None
+    layout = Layout(root)
+    missing = [(p, _stage_hint("tune")) for p in (layout.tune_trials, layout.tune_metrics) if not p.is_file()]
+    if missing:
+        raise _missing_error(missing, layout)
+    metrics = _read_json(layout.tune_metrics, layout)
+    lacking = [k for k in ("best_trial", "objective_metric", "trials") if k not in metrics]
+    if lacking:
+        raise ReportError(f"{layout.shown(layout.tune_metrics)}: missing key(s) {', '.join(lacking)}: re-run the "
+                          "tune stage")
+    trials = read_trials(layout.tune_trials, name=layout.shown(layout.tune_trials))
+    if not trials:
+        raise ReportError(f"{layout.shown(layout.tune_trials)}: no trial rows: re-run the tune stage")
+    return Sweep(trials, metrics, layout.tune_trials)
+
+
+@dataclass
+class HandsetComparison:
+    """`tuned` against the hand-set variant of its SDE type at each sampler setting both have (equal NFE)."""
+
+    handset: str | None  # the hand-set variant, None when there is none to compare with
+    reason: str | None  # why there are no rows, else None
+    comparison: Comparison | None  # Pair a = tuned, b = the hand-set variant, one per tested setting
+    untested: list[str] = field(default_factory=list)  # shared settings without two paired seeds
+
+    def higher(self) -> list[str]:
+        """The settings where `tuned` is significantly higher (worse) than the hand-set variant."""
+        rows = self.comparison.rows if self.comparison else []
+        return [r.a.setting for r in rows if r.significant and r.diff.estimate > 0]
+
+    def summary(self) -> str | None:
+        """"no worse than <handset> at k of n settings" (k: the settings where tuned is not significantly
+        higher), None without a comparison."""
+        if not self.comparison or not self.comparison.rows:
+            return None
+        n = len(self.comparison.rows)
+        return f"no worse than {self.handset} at {n - len(self.higher())} of {n} settings"
+
+
+def tuned_verdict(pair: Pair) -> str:
+    """A report_compare.Pair of tuned (a) against the hand-set variant (b) in words."""
+    if not pair.significant:
+        return "tie"
+    return "tuned lower" if pair.diff.estimate < 0 else "tuned higher"
+
+
+def vs_handset(variants: list[VariantResult], sweep: Sweep | None, primary: str,
+               level: float) -> HandsetComparison | None:
+    """Paired Student-t differences over seeds (tuned - hand-set) of the primary metric at every setting key
+    both variants evaluated, Holm-corrected over those settings at alpha = 1 - level (report_compare). None
+    without a sweep."""
+    if sweep is None:
+        return None
+    by_name = {v.name: v for v in variants}
+    handset = sweep.metrics.get("handset")
+    tuned = by_name.get(TUNED_VARIANT)
+    if not isinstance(handset, str) or handset not in by_name or tuned is None:
+        sde = sweep.metrics.get("best_sde", "?")
+        return HandsetComparison(None, f"no hand-set variant of the winner's SDE type ({sde}) among the variants", None)
+    theirs = {s.key: s for s in by_name[handset].settings}
+    shared = [(s, theirs[s.key]) for s in tuned.settings if s.key in theirs]
+    if not shared:
+        return HandsetComparison(handset, f"{TUNED_VARIANT} and {handset} share no sampler setting", None)
+    pairs, untested = [], []
+    for mine, other in shared:
+        seeds = set(mine.per_seed) & set(other.per_seed)
+        if len(seeds) < 2 or mine.diverged or other.diverged:
+            untested.append(mine.key)
+            continue
+        pairs.append((Entry(TUNED_VARIANT, mine.key, mine.metrics[primary][0], None, mine.per_seed),
+                      Entry(handset, other.key, other.metrics[primary][0], None, other.per_seed)))
+    if not pairs:
+        return HandsetComparison(handset, f"no shared setting has a finite {primary} for two or more seeds of both "
+                                          "(re-run sample and evaluate with sample.seeds)", None, untested)
+    return HandsetComparison(handset, None, compare_pairs(pairs, level), untested)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,6 +546,7 @@ def best_title(v: VariantResult) -> str:
 
 
 __all__ = [
-    "Histories", "Likelihood", "ReportError", "Setting", "VariantResult", "baseline_value", "baselines",
-    "best_setting", "best_title", "fmt", "load_inputs", "nfe_text", "pairwise", "primary_metric",
+    "HandsetComparison", "Histories", "Likelihood", "ReportError", "Setting", "Sweep", "VariantResult",
+    "baseline_value", "baselines", "best_setting", "best_title", "fmt", "load_inputs", "load_sweep", "nfe_text",
+    "pairwise", "primary_metric", "read_trials", "tuned_verdict", "vs_handset",
 ]

@@ -1,7 +1,8 @@
 """The text of the report's comparison.md: tables of every variant's results, notes, links to the figures.
 
     text = comparison_markdown(variants, primary, out_dir=out_dir, loss_figure=True, loss_reason=None,
-                               mlflow_summary="Comparison run ...", notes=[], source="digits")
+                               mlflow_summary="Comparison run ...", notes=[], source="digits",
+                               sweep=sweep, against=against)   # with params.tune: "## The sweep"
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .layout import TUNED_VARIANT
 from .report_compare import BASELINE, Comparison
-from .report_data import VariantResult, baselines, best_title, fmt, nfe_text
+from .report_data import (HandsetComparison, Sweep, VariantResult, baselines, best_title, fmt, nfe_text,
+                          tuned_verdict)
 
 METRIC_ORDER = ("domain_fd", "sliced_w2", "kid_x1e3", "precision", "recall", "mmd", "data_loglik")
 HIGHER_IS_BETTER = {"precision", "recall", "data_loglik", "test_loglik"}
@@ -127,12 +130,107 @@ def _comparison_lines(result: Comparison, primary: str, variants: list[VariantRe
     return lines
 
 
+def _rung_text(rungs: Any) -> str:
+    """The early rungs' agreement with the final order, one clause per checkpoint step."""
+    if not isinstance(rungs, list) or not rungs:
+        return "no early checkpoint to compare with the final order"
+    parts = []
+    for r in rungs:
+        if not r.get("pairs"):
+            parts.append(f"at step {r.get('step')}, no pair (fewer than two trials ran to the end)")
+        else:
+            parts.append(f"at step {r['step']}, {r['agree']} of {r['pairs']} pairs of trials that ran to the end "
+                         f"were already in their final order ({r['agree'] / r['pairs']:.0%})")
+    return "; ".join(parts)
+
+
+def _sweep_lines(sweep: Sweep, against: HandsetComparison | None, primary: str,
+                 variants: list[VariantResult]) -> list[str]:
+    """The "The sweep" section: what was searched and how, every trial, the figure, and the winner `tuned`
+    against the hand-set variant of its SDE type at equal NFE."""
+    m, rows = sweep.metrics, sweep.trials
+    metric = m.get("objective_metric", primary)
+    tuned = next((v for v in variants if v.name == TUNED_VARIANT), None)
+    counts = ", ".join(f"{m[k]} {what}" for k, what in (("finished", "ran to the end"),
+                       ("stopped_early", "stopped early by ASHA"), ("failed", "failed")) if k in m)
+    se = m.get("objective_se_median")
+    noise = (f"The measured noise: the median over trials of the objective's standard error over seeds is "
+             f"{fmt(se)}: two trials closer than about 2.8 times that (the 95% margin of a difference of two such "
+             "means) are not ordered by the sweep."
+             if isinstance(se, (int, float)) else "The objective's noise was not measured (one seed per trial).")
+    samplers_from = m.get("samplers_from")
+    sampled = ("`tune.samplers`" if samplers_from == "tune.samplers" else
+               f"{samplers_from} (the hand-set variant of its SDE type)" if samplers_from else "its configured samplers")
+    budget = f" ({tuned.train_steps} steps)" if tuned else ""
+    seconds = float(m["seconds"]) if isinstance(m.get("seconds"), (int, float)) else math.nan
+    lines = ["## The sweep", "",
+             f"{m.get('trials', len(rows))} trials ({m.get('search', 'grid')} search{', ' + counts if counts else ''}), "
+             f"ranked by the objective: {metric} (lower is better) of {m.get('objective_n_samples', '?')} samples per "
+             f"seed × {m.get('objective_seeds', '?')} seeds drawn with {m.get('objective_sampler', '?')} at NFE "
+             f"{nfe_text(m.get('objective_nfe'))}, the mean over seeds. {noise} Early rungs: "
+             f"{_rung_text(m.get('rung_agreement'))}. The sweep took {_duration(seconds)}. "
+             f"Winner: trial {m['best_trial']} ({m.get('best_label', '?')}, {m.get('best_sde', '?')}), objective "
+             f"{fmt(m.get('best_objective'))}; it was retrained at the full `train:` budget{budget} as `{TUNED_VARIANT}` "
+             f"and sampled with the samplers of {sampled}.", ""]
+    table = []
+    for r in rows:
+        winner = r["trial"] == m["best_trial"]
+        objective = "—" if r["objective"] is None else _pm((r["objective"], r.get("objective_se")))
+        table.append([r["trial"], f"{r['label']} (winner)" if winner else r["label"], fmt(r["lr"]), fmt(r["ema_decay"]),
+                      objective, f"{r['steps']} / {r['max_steps']}", r["status"],
+                      "—" if r["seconds"] is None else f"{r['seconds']:.1f}"])
+    lines += _table(["trial", "configuration", "lr", "ema_decay", f"{metric} ± se", "steps / max", "status",
+                     "time (s)"], table)
+    failed = [f"trial {r['trial']}: {r['error']}" for r in rows if r.get("error")]
+    if failed:
+        lines += ["", "Failed: " + "; ".join(failed) + "."]
+    lines += ["", "![the sweep's objective](sweep.png)", "",
+              f"Each trial's last {metric} by SDE type, then against each parameter that varies within a type "
+              "(filled: ran to the end; hollow: stopped early; bars: ± 1 standard error over seeds). Trials: "
+              f"`{sweep.trials_path.name}` of the tune stage (also an artifact of the MLflow comparison run).", ""]
+    return lines + _handset_lines(against, primary, variants)
+
+
+def _handset_lines(against: HandsetComparison | None, primary: str, variants: list[VariantResult]) -> list[str]:
+    if against is None:
+        return []
+    if against.handset is None:
+        return [f"### {TUNED_VARIANT} against a hand-set variant", "",
+                f"None: {against.reason}, so there is no equal-NFE comparison."]
+    lines = [f"### {TUNED_VARIANT} against {against.handset} at equal NFE", ""]
+    cmp = against.comparison
+    if cmp is None:
+        return lines + [f"Not computed: {against.reason}."]
+    lines += [f"At every sampler setting both evaluated (the same sampler and steps, so the same NFE; the adaptive "
+              f"ODE's is each variant's own, {TUNED_VARIANT}'s shown): {TUNED_VARIANT} − "
+              f"{against.handset} of the mean {primary} over seeds, with its {cmp.level:.0%} paired Student-t interval "
+              f"over seeds {', '.join(cmp.seeds)} and two-sided p-value; significant: rejected by Holm's procedure at "
+              f"α = {cmp.alpha:.2g} over these {len(cmp.rows)} settings, else a tie.", ""]
+    nfe = {s.key: s.nfe for v in variants if v.name == TUNED_VARIANT for s in v.settings}
+    lines += _table(["setting", "NFE", TUNED_VARIANT, against.handset, f"{TUNED_VARIANT} − {against.handset}",
+                     "interval", "p", "verdict"],
+                    [[r.a.setting, nfe_text(nfe.get(r.a.setting)), fmt(r.a.estimate), fmt(r.b.estimate),
+                      fmt(r.diff.estimate), f"[{fmt(r.diff.low, 3)}, {fmt(r.diff.high, 3)}]", fmt(r.diff.p_value, 2),
+                      tuned_verdict(r)] for r in cmp.rows])
+    higher = against.higher()
+    lines += ["", (f"{TUNED_VARIANT} is no worse than {against.handset} within the noise at every shared setting "
+                   f"({against.summary()})." if not higher else
+                   f"{TUNED_VARIANT} is not no worse than {against.handset} within the noise at every shared setting: "
+                   f"it is significantly higher at {', '.join(higher)} ({against.summary()}).")]
+    if against.untested:
+        lines.append(f"Not tested (fewer than two paired seeds, or diverged): {', '.join(against.untested)}.")
+    return lines
+
+
 def comparison_markdown(variants: list[VariantResult], primary: str, *, out_dir: Path, loss_figure: bool,
                         loss_reason: str | None, mlflow_summary: str, notes: list[str], source: str,
-                        comparison: Comparison | None = None) -> str:
+                        comparison: Comparison | None = None, sweep: Sweep | None = None,
+                        against: HandsetComparison | None = None) -> str:
     """comparison.md. out_dir: where it goes (the sample grids are linked relative to it); loss_figure:
     whether loss_curves.png was drawn, else loss_reason says why not; mlflow_summary: the MLflow section;
-    comparison: report_compare.compare's pairwise tests (None: the section is left out)."""
+    comparison: report_compare.compare's pairwise tests (None: the section is left out); sweep: the tune
+    stage's results, with against (report_data.vs_handset): the section "The sweep" (None: left out),
+    whose figure is sweep.png beside comparison.md."""
     metrics = _metric_names(variants, primary)
     lines = [
         "# Variant comparison",
@@ -207,6 +305,9 @@ def comparison_markdown(variants: list[VariantResult], primary: str, *, out_dir:
     lines += _table(["variant", "steps", "time", "final loss", "MLflow run"],
                     [[v.name, v.train_steps, _duration(v.train_seconds), fmt(v.final_loss),
                       f"`{v.run_id}`" if v.run_id else "—"] for v in variants])
+
+    if sweep is not None:
+        lines += ["", *_sweep_lines(sweep, against, primary, variants)]
 
     lines += ["", "## Inception FID", ""]
     rows = []

@@ -84,8 +84,9 @@ def save_scatter(x: torch.Tensor, path: Path, title: str = "") -> Path:
 def plot_objective(rows: list[dict[str, Any]], path: Path, metric: str) -> Path:
     """The objective of every trial by SDE type, then against each parameter that varies within a type
     (its SDE parameters, parameterisation, lr, ema_decay), all on one y axis. Filled: ran to the end;
-    hollow: stopped early by ASHA (its last objective, at fewer steps). Failed trials are only in
-    trials.csv."""
+    hollow: stopped early by ASHA (its last objective, at fewer steps). Vertical bars: +-1 standard error
+    over the objective's seeds, where a row has objective_se. Failed trials are only in trials.csv.
+    Written as PNG whatever the name's suffix (the report writes to a temporary name)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,7 +111,12 @@ def plot_objective(rows: list[dict[str, Any]], path: Path, metric: str) -> Path:
         mine = rows if key is None else [r for r in rows if r["sde"] == ty]
         for r in mine:
             x = types.index(r["sde"]) if key is None else knobs(r).get(key)
-            ax.scatter([x if isinstance(x, (int, float)) else str(x)], [r["objective"]], s=40,
+            x = x if isinstance(x, (int, float)) else str(x)
+            se = r.get("objective_se")
+            if se is not None and se > 0:  # the measured noise: trials closer than it are not ordered
+                ax.errorbar([x], [r["objective"]], yerr=[se], fmt="none", ecolor="tab:blue", elinewidth=1,
+                            capsize=2, alpha=0.6)
+            ax.scatter([x], [r["objective"]], s=40,
                        facecolors="tab:blue" if r["status"] == "finished" else "none", edgecolors="tab:blue")
         if key is None:
             ax.set_xticks(range(len(types)), types)
@@ -135,6 +141,6 @@ def plot_objective(rows: list[dict[str, Any]], path: Path, metric: str) -> Path:
         axes[0][0].set_yscale("log")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path
