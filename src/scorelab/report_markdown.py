@@ -215,8 +215,8 @@ def _handset_lines(against: HandsetComparison | None, primary: str, variants: li
     higher = against.higher()
     lines += ["", (f"{TUNED_VARIANT} is no worse than {against.handset} within the noise at every shared setting "
                    f"({against.summary()})." if not higher else
-                   f"{TUNED_VARIANT} is not no worse than {against.handset} within the noise at every shared setting: "
-                   f"it is significantly higher at {', '.join(higher)} ({against.summary()}).")]
+                   f"{TUNED_VARIANT} is worse than {against.handset} beyond the noise: significantly higher at "
+                   f"{', '.join(higher)} ({against.summary()}).")]
     if against.untested:
         lines.append(f"Not tested (fewer than two paired seeds, or diverged): {', '.join(against.untested)}.")
     return lines
