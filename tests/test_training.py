@@ -476,3 +476,43 @@ def test_restore_onto_another_device_puts_every_optimizer_moment_on_its_paramete
     old.to(meta)
     off = _moments_off_their_parameter(old, optimizer)
     assert off and all("on cpu, parameter on meta" in o for o in off), off
+
+
+# -- EMA profiles chosen after training -----------------------------------------------------------
+
+
+def test_ema_profiles_are_scored_at_the_end_and_the_best_is_exported(ray_local, tmp_path):
+    """Two power EMA profiles beside the classic EMA: the last step scores all three with the objective,
+    metrics.json and the MLflow run carry the scores, and model.pt holds the argmin's weights as the last
+    checkpoint has them."""
+    variants = {"vp": {**VARIANTS["vp"], "ema": {"decay": 0.9, "profiles": [0.05, 0.2],
+                                                 "select": {"n_samples": 64, "seeds": 2}}}}
+    p = make_params(tmp_path, "toy2d", variants, {"steps": 12, "batch_size": 32, "checkpoint_every": 6})
+    _, result = run(p, tmp_path, "vp")
+    metrics = json.loads((tmp_path / "out" / "vp" / "metrics.json").read_text())
+    scores = metrics["ema_scores"]
+    assert list(scores) == ["ema-0.9", "power-0.05", "power-0.20"]
+    assert all(len(v) == 2 and v[0] > 0 and v[1] > 0 for v in scores.values()), scores
+    assert len({v[0] for v in scores.values()}) == 3, scores  # three different averages, scored apart
+    chosen = metrics["ema_chosen"]
+    assert chosen == min(scores, key=lambda k: scores[k][0])
+
+    states = {s["step"]: s for s in (torch.load(c, map_location="cpu", weights_only=True)
+                                     for c in (tmp_path / "ray").glob("vp-*/checkpoint_*/state.pt"))}
+    assert set(states[6]["ema_profiles"]) == {"power-0.05", "power-0.20"} and "ema_selection" not in states[6]
+    last = states[12]
+    assert last["ema_selection"]["chosen"] == chosen and last["ema_selection"]["scores"] == scores
+    source = last["ema"] if chosen == "ema-0.9" else last["ema_profiles"][chosen]
+    model = torch.load(result.model_path, map_location="cpu", weights_only=True)
+    assert model["ema"] == chosen and load_trained(result.model_path).ema == chosen
+    assert model["weights"].keys() == {k[len("module."):] for k in source if k.startswith("module.")}
+    for name, tensor in model["weights"].items():
+        assert torch.equal(tensor, source[f"module.{name}"]), name
+    others = [last["ema"]] + list(last["ema_profiles"].values())
+    assert sum(all(torch.equal(t, s[f"module.{n}"]) for n, t in model["weights"].items()) for s in others) == 1
+
+    client, runs = mlflow_runs(tmp_path)
+    (r,) = runs
+    assert r.data.tags["scorelab.ema_chosen"] == chosen
+    for name, (mean, se) in scores.items():
+        assert r.data.metrics[f"ema_{name}"] == pytest.approx(mean) and r.data.metrics[f"ema_{name}_se"] == pytest.approx(se)
