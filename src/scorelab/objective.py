@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .featurizer import CLASSIFIER_FILE, REF_TEST_FILE
 from .features import load_classifier
+from .layout import CLASSIFIER_FILE, REF_TEST_FILE
 from .modality import Modality, modality_of
 from .runtime import Shipment, unpack
 

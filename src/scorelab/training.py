@@ -37,12 +37,12 @@ from .checkpoint import (STATE_FILE, CheckpointError, CheckpointMismatchError, b
 from .config import Params, TrainConfig, VariantConfig
 from .data import Manifest, load_manifest, read_rows, verify
 from .ema import EMA, PowerEMA
-from .featurizer import CLASSIFIER_FILE, REF_TEST_FILE, FeaturizerError, load_featurizer
+from .featurizer import FeaturizerError, load_featurizer
 from .losses import dsm_loss, loss_per_bin
 from .modality import modality_of
 from .objective import OBJECTIVE, Objective
 from .parameterization import ScoreModel
-from .layout import METRICS_FILE, MODEL_FILE, Layout, shared_root
+from .layout import CLASSIFIER_FILE, METRICS_FILE, MODEL_FILE, REF_TEST_FILE, Layout, shared_root
 from .variant_config import profile_name
 from .runtime import (Shipment, StopWatch, alive_nodes, check_storage_shared, checkpoint_on_sigterm, ray_session,
                       remove_unregistered_checkpoints, say, ship_files, torch_trainer, unpack, worker_error)
