@@ -516,3 +516,57 @@ def test_ema_profiles_are_scored_at_the_end_and_the_best_is_exported(ray_local, 
     assert r.data.tags["scorelab.ema_chosen"] == chosen
     for name, (mean, se) in scores.items():
         assert r.data.metrics[f"ema_{name}"] == pytest.approx(mean) and r.data.metrics[f"ema_{name}_se"] == pytest.approx(se)
+
+
+def test_a_restored_training_state_continues_its_ema_profiles_exactly():
+    """training_state restores every power EMA from the checkpoint's ema_profiles: continued, they equal the
+    profiles of the state that was never written, bit for bit; a checkpoint without them is refused."""
+    from scorelab.config import TrainConfig, VariantConfig
+    from scorelab.training import training_state
+
+    variant = VariantConfig.model_validate({**VARIANTS["vp"], "net": {"type": "mlp", "hidden": 16, "layers": 2},
+                                            "ema": {"profiles": [0.05, 0.2]}})
+    train = TrainConfig.model_validate({"steps": 10, "batch_size": 8, "lr": 1e-2})
+    cpu = torch.device("cpu")
+
+    def step(ts, k: int) -> None:
+        ts.optimizer.zero_grad()
+        g = torch.Generator().manual_seed(k)
+        # against 1, not 0: the output layer starts at zero, where a square loss has no gradient at all
+        (ts.model(torch.randn(8, 2, generator=g), torch.rand(8, generator=g)) - 1).square().mean().backward()
+        ts.optimizer.step()
+        ts.ema.update(ts.model)
+        for p in ts.profiles.values():
+            p.update(ts.model)
+
+    torch.manual_seed(0)
+    straight = training_state(variant, (2,), train, cpu)
+    assert list(straight.profiles) == ["power-0.05", "power-0.20"]
+    for k in range(4):
+        step(straight, k)
+    state = {"model": straight.model.state_dict(), "ema": straight.ema.state_dict(),
+             "optimizer": straight.optimizer.state_dict(), "step": 4,
+             "ema_profiles": {n: p.state_dict() for n, p in straight.profiles.items()}}
+    state = {k: (v if k == "step" else _clone(v)) for k, v in state.items()}
+    torch.manual_seed(1)  # other initial weights: everything must come from the state
+    resumed = training_state(variant, (2,), train, cpu, state)
+    for k in range(4, 9):
+        step(straight, k)
+        step(resumed, k)
+    for name, profile in straight.profiles.items():
+        assert resumed.profiles[name].num_updates == 9
+        assert _state_equal(profile.state_dict(), resumed.profiles[name].state_dict()), name
+    assert not _state_equal(straight.profiles["power-0.05"].state_dict(), straight.ema.state_dict())
+
+    with pytest.raises(CheckpointMismatchError, match="cannot be resumed"):
+        training_state(variant, (2,), train, cpu, {k: v for k, v in state.items() if k != "ema_profiles"})
+
+
+def _clone(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {k: _clone(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_clone(v) for v in tree]
+    return tree
