@@ -515,7 +515,8 @@ def test_ema_profiles_are_scored_at_the_end_and_the_best_is_exported(ray_local, 
     (r,) = runs
     assert r.data.tags["scorelab.ema_chosen"] == chosen
     for name, (mean, se) in scores.items():
-        assert r.data.metrics[f"ema_{name}"] == pytest.approx(mean) and r.data.metrics[f"ema_{name}_se"] == pytest.approx(se)
+        assert r.data.metrics[f"ema_{name}"] == pytest.approx(mean)
+        assert r.data.metrics[f"ema_{name}_se"] == pytest.approx(se)
 
 
 def test_a_restored_training_state_continues_its_ema_profiles_exactly():

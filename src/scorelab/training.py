@@ -279,7 +279,8 @@ def train_loop(config: dict[str, Any]) -> None:
                         source=where)
     model, ema, optimizer, start, profiles = ts.model, ts.ema, ts.optimizer, ts.step, ts.profiles
     if profiles and job.select_ema is None:
-        raise TrainingError(f"variant {job.variant!r} has ema.profiles but the job has no objective to choose among them")
+        raise TrainingError(f"variant {job.variant!r} has ema.profiles but the job has no objective to choose "
+                            "among them")
     del state
     ddp = ray.train.torch.prepare_model(model)  # already on its device: wraps it in DDP when world > 1
     nodes = [ray.get_runtime_context().get_node_id()] * world
@@ -421,7 +422,7 @@ def select_ema(job: TrainJob, candidates: dict[str, EMA], step: int) -> dict[str
     draws) and choose the one of least objective (the first of equals: the classic EMA before the profiles).
     Returns {"scores": {name: [mean, standard error or None]}, "chosen": name, "seconds": wall time}."""
     start = time.perf_counter()
-    scores: dict[str, list[float]] = {}
+    scores: dict[str, list[float | None]] = {}
     for name, candidate in candidates.items():
         out = job.select_ema(candidate.module, step)
         scores[name] = [out[OBJECTIVE], out.get("objective_se")]  # no standard error from one seed

@@ -283,9 +283,10 @@ SamplerConfig = Annotated[Union[_SAMPLERS], Field(discriminator="method")]  # ty
 
 
 class TuneObjective(_Model):
-    """What ranks the trials: the distance to the test split of n_samples samples of the EMA model drawn
-    with one sampler at one NFE (domain Frechet distance for images, sliced W2 for 2-D points), averaged
-    over `seeds` independent draws; the standard error over them is each trial's measured noise."""
+    """What ranks the sweep's trials (tune.objective) and a variant's candidate EMAs (ema.select): the distance
+    to the test split of n_samples samples of the EMA model drawn with one sampler at one NFE (domain Frechet
+    distance for images, sliced W2 for 2-D points; scorelab.objective), averaged over `seeds` independent
+    draws; the standard error over them is each trial's (or candidate's) measured noise."""
 
     sampler: SamplerConfig = Field(default_factory=lambda: DDIMSampler(steps=[20]))
     n_samples: int = Field(256, ge=4, le=100_000)  # per seed
@@ -399,7 +400,8 @@ class VariantConfig(_Model):
             try:
                 check_method(self.ema.select.sampler.method, self.sde.family)
             except ValueError as e:
-                errors.append(line_error(("ema", "select", "sampler", "method"), str(e), self.ema.select.sampler.method))
+                errors.append(line_error(("ema", "select", "sampler", "method"), str(e),
+                                         self.ema.select.sampler.method))
         if errors:  # raised as a ValidationError, pydantic keeps each error at its own location
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
