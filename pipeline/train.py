@@ -5,7 +5,9 @@
 Resumes the variant's run from its latest checkpoint when one exists. Writes <out>/model.pt
 (load with scorelab.checkpoint.load_trained), <out>/config.json, <out>/samples_final.png and
 <out>/metrics.json, and logs the weights to the variant's MLflow run as an MLflow model that samples
-(scorelab.mlflow_model; not logging it is reported, not a failure). Exit codes: 0 done, 2 invalid params,
+(scorelab.mlflow_model; not logging it is reported, not a failure). A variant with ema.profiles keeps power EMAs
+besides its EMA and exports the best of them (scored with the featurizer stage's classifier for images:
+outputs/featurizer). Exit codes: 0 done, 2 invalid params,
 1 training failed, 143 stopped by SIGTERM (preemption) after checkpointing the step it was at: run it
 again to resume from there.
 """
@@ -47,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else layout.train(args.variant)
     try:
         result = train_variant(params, args.variant, root=layout.root, data_dir=layout.dataset(params.data.dataset_dir),
-                               out_dir=out)
+                               out_dir=out, featurizer_dir=layout.featurizer)
     except TrainingPreempted as e:
         print(f"train {args.variant}: {e}", file=sys.stderr)
         return 143  # 128 + SIGTERM, as if the signal had ended it: schedulers read it as preempted

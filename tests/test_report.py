@@ -638,3 +638,36 @@ def test_without_a_sweep_no_sweep_section_and_a_stale_sweep_png_is_removed(tmp_p
     result = build_report(parse_params(make_params(TOY_VARIANTS, source="toy2d")), root=tmp_path, log_to_mlflow=False)
     assert "## The sweep" not in (tmp_path / "reports" / "comparison.md").read_text()
     assert not (tmp_path / "reports" / "sweep.png").exists() and result["vs_handset"] is None
+
+
+def test_chosen_ema_and_its_scores_are_in_the_training_table_and_one_key_in_metrics_json(tmp_path):
+    """A variant trained with EMA profiles: the training table shows the chosen EMA and every candidate's
+    objective (the chosen one bold); reports/metrics.json gets one key, `ema`, for that variant alone."""
+    params = parse_params(make_params(IMAGE_VARIANTS))
+    write_inputs(tmp_path, IMAGE_SETTINGS, image=True)
+    path = tmp_path / "outputs" / "train" / "vp" / "metrics.json"
+    train = json.loads(path.read_text())
+    path.write_text(json.dumps({**train, "ema_chosen": "power-0.10", "ema_select_seconds": 12.5,
+                                "ema_scores": {"ema-0.995": [1.5, 0.04], "power-0.05": [1.25, 0.03],
+                                               "power-0.10": [1.125, 0.05]}}))
+    result = build_report(params, root=tmp_path, log_to_mlflow=False)
+    md = (tmp_path / "reports" / "comparison.md").read_text()
+    training = md.split("## Training")[1].split("\n## ")[0]
+    assert "| EMA | EMA objective ± se |" in training
+    vp_row = next(line for line in training.splitlines() if line.startswith("| vp |"))
+    assert "| power-0.10 | ema-0.995 1.5 ± 0.04, power-0.05 1.25 ± 0.03, **power-0.10 1.125 ± 0.05** |" in vp_row
+    ddpm_row = next(line for line in training.splitlines() if line.startswith("| ddpm |"))
+    assert "| — | — |" in ddpm_row
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert result["metrics"] == metrics
+    assert metrics["vp"]["ema"] == "power-0.10"
+    assert all("ema" not in metrics[v] for v in IMAGE_VARIANTS if v != "vp")
+    # a chosen EMA that was not scored is an error naming the key
+    path.write_text(json.dumps({**train, "ema_chosen": "power-0.20", "ema_scores": {"ema-0.995": [1.5, 0.04]}}))
+    with pytest.raises(ReportError, match=r"outputs/train/vp/metrics.json.ema_chosen: must name one of ema_scores"):
+        build_report(params, root=tmp_path, log_to_mlflow=False)
+
+
+def test_without_ema_profiles_the_training_table_has_no_ema_columns(image_case):
+    md = (image_case["root"] / "reports" / "comparison.md").read_text()
+    assert "| variant | steps | time | final loss | MLflow run |" in md and "EMA objective" not in md

@@ -476,3 +476,98 @@ def test_restore_onto_another_device_puts_every_optimizer_moment_on_its_paramete
     old.to(meta)
     off = _moments_off_their_parameter(old, optimizer)
     assert off and all("on cpu, parameter on meta" in o for o in off), off
+
+
+# -- EMA profiles chosen after training -----------------------------------------------------------
+
+
+def test_ema_profiles_are_scored_at_the_end_and_the_best_is_exported(ray_local, tmp_path):
+    """Two power EMA profiles beside the classic EMA: the last step scores all three with the objective,
+    metrics.json and the MLflow run carry the scores, and model.pt holds the argmin's weights as the last
+    checkpoint has them."""
+    variants = {"vp": {**VARIANTS["vp"], "ema": {"decay": 0.9, "profiles": [0.05, 0.2],
+                                                 "select": {"n_samples": 64, "seeds": 2}}}}
+    p = make_params(tmp_path, "toy2d", variants, {"steps": 12, "batch_size": 32, "checkpoint_every": 6})
+    _, result = run(p, tmp_path, "vp")
+    metrics = json.loads((tmp_path / "out" / "vp" / "metrics.json").read_text())
+    scores = metrics["ema_scores"]
+    assert list(scores) == ["ema-0.9", "power-0.05", "power-0.20"]
+    assert all(len(v) == 2 and v[0] > 0 and v[1] > 0 for v in scores.values()), scores
+    assert len({v[0] for v in scores.values()}) == 3, scores  # three different averages, scored apart
+    chosen = metrics["ema_chosen"]
+    assert chosen == min(scores, key=lambda k: scores[k][0])
+
+    states = {s["step"]: s for s in (torch.load(c, map_location="cpu", weights_only=True)
+                                     for c in (tmp_path / "ray").glob("vp-*/checkpoint_*/state.pt"))}
+    assert set(states[6]["ema_profiles"]) == {"power-0.05", "power-0.20"} and "ema_selection" not in states[6]
+    last = states[12]
+    assert last["ema_selection"]["chosen"] == chosen and last["ema_selection"]["scores"] == scores
+    source = last["ema"] if chosen == "ema-0.9" else last["ema_profiles"][chosen]
+    model = torch.load(result.model_path, map_location="cpu", weights_only=True)
+    assert model["ema"] == chosen and load_trained(result.model_path).ema == chosen
+    assert model["weights"].keys() == {k[len("module."):] for k in source if k.startswith("module.")}
+    for name, tensor in model["weights"].items():
+        assert torch.equal(tensor, source[f"module.{name}"]), name
+    others = [last["ema"]] + list(last["ema_profiles"].values())
+    assert sum(all(torch.equal(t, s[f"module.{n}"]) for n, t in model["weights"].items()) for s in others) == 1
+
+    client, runs = mlflow_runs(tmp_path)
+    (r,) = runs
+    assert r.data.tags["scorelab.ema_chosen"] == chosen
+    for name, (mean, se) in scores.items():
+        assert r.data.metrics[f"ema_{name}"] == pytest.approx(mean)
+        assert r.data.metrics[f"ema_{name}_se"] == pytest.approx(se)
+
+
+def test_a_restored_training_state_continues_its_ema_profiles_exactly():
+    """training_state restores every power EMA from the checkpoint's ema_profiles: continued, they equal the
+    profiles of the state that was never written, bit for bit; a checkpoint without them is refused."""
+    from scorelab.config import TrainConfig, VariantConfig
+    from scorelab.training import training_state
+
+    variant = VariantConfig.model_validate({**VARIANTS["vp"], "net": {"type": "mlp", "hidden": 16, "layers": 2},
+                                            "ema": {"profiles": [0.05, 0.2]}})
+    train = TrainConfig.model_validate({"steps": 10, "batch_size": 8, "lr": 1e-2})
+    cpu = torch.device("cpu")
+
+    def step(ts, k: int) -> None:
+        ts.optimizer.zero_grad()
+        g = torch.Generator().manual_seed(k)
+        # against 1, not 0: the output layer starts at zero, where a square loss has no gradient at all
+        (ts.model(torch.randn(8, 2, generator=g), torch.rand(8, generator=g)) - 1).square().mean().backward()
+        ts.optimizer.step()
+        ts.ema.update(ts.model)
+        for p in ts.profiles.values():
+            p.update(ts.model)
+
+    torch.manual_seed(0)
+    straight = training_state(variant, (2,), train, cpu)
+    assert list(straight.profiles) == ["power-0.05", "power-0.20"]
+    for k in range(4):
+        step(straight, k)
+    state = {"model": straight.model.state_dict(), "ema": straight.ema.state_dict(),
+             "optimizer": straight.optimizer.state_dict(), "step": 4,
+             "ema_profiles": {n: p.state_dict() for n, p in straight.profiles.items()}}
+    state = {k: (v if k == "step" else _clone(v)) for k, v in state.items()}
+    torch.manual_seed(1)  # other initial weights: everything must come from the state
+    resumed = training_state(variant, (2,), train, cpu, state)
+    for k in range(4, 9):
+        step(straight, k)
+        step(resumed, k)
+    for name, profile in straight.profiles.items():
+        assert resumed.profiles[name].num_updates == 9
+        assert _state_equal(profile.state_dict(), resumed.profiles[name].state_dict()), name
+    assert not _state_equal(straight.profiles["power-0.05"].state_dict(), straight.ema.state_dict())
+
+    with pytest.raises(CheckpointMismatchError, match="cannot be resumed"):
+        training_state(variant, (2,), train, cpu, {k: v for k, v in state.items() if k != "ema_profiles"})
+
+
+def _clone(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {k: _clone(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_clone(v) for v in tree]
+    return tree

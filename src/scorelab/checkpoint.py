@@ -4,7 +4,7 @@ weights (model.pt), their digests, and building the ScoreModel they hold.
     model = build_model(variant, data_shape)                 # the network a variant config describes
     save_state(folder, model=..., ema=..., optimizer=..., step=..., config_hash=..., run_id=...)
     state = load_state(folder, expected_hash)                # CheckpointMismatchError for another config
-    export_model(state, variant, data_shape, out / "model.pt")
+    export_model(state, variant, data_shape, out / "model.pt")  # the chosen EMA, where there are several
     trained = load_trained(out / "model.pt")                 # TrainedModel: EMA weights in eval mode
 
 Both files are one torch.save of plain containers and tensors, read back with weights_only=True (no
@@ -156,21 +156,34 @@ class TrainedModel:
     step: int
     config_hash: str
     run_id: str
+    ema: str | None = None  # which candidate EMA the weights are, where training chose among several
 
 
 def write_model(weights: dict[str, torch.Tensor], variant: VariantConfig, data_shape: tuple[int, ...], path: Path,
-                *, step: int, config_hash: str, run_id: str = "") -> Path:
-    """A model file load_trained accepts: ScoreModel weights, what rebuilds the model, and the digest."""
-    return _save_atomic({"weights": weights, "variant": variant.model_dump(mode="json"),
-                         "data_shape": list(data_shape), "step": int(step),
-                         "config_hash": config_hash, "run_id": run_id}, Path(path))
+                *, step: int, config_hash: str, run_id: str = "", ema: str | None = None) -> Path:
+    """A model file load_trained accepts: ScoreModel weights, what rebuilds the model, and the digest.
+    ema: the name of the candidate EMA the weights are, recorded where training chose among several."""
+    blob = {"weights": weights, "variant": variant.model_dump(mode="json"), "data_shape": list(data_shape),
+            "step": int(step), "config_hash": config_hash, "run_id": run_id}
+    return _save_atomic(blob if ema is None else {**blob, "ema": ema}, Path(path))
+
+
+def chosen_ema(state: dict[str, Any]) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """(name, state_dict) of the EMA a checkpoint exports: the candidate its EMA selection chose (the classic
+    EMA or one of the power profiles in state["ema_profiles"]), or (None, the EMA) without a selection."""
+    selection = state.get("ema_selection")
+    if selection is None:
+        return None, state["ema"]
+    chosen = selection["chosen"]
+    return chosen, state.get("ema_profiles", {}).get(chosen, state["ema"])
 
 
 def export_model(state: dict[str, Any], variant: VariantConfig, data_shape: tuple[int, ...], path: Path) -> Path:
-    """model.pt: the EMA weights of the ScoreModel plus what is needed to rebuild it."""
-    ema_weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    """model.pt: the exported EMA's weights of the ScoreModel (chosen_ema) plus what is needed to rebuild it."""
+    name, ema = chosen_ema(state)
+    ema_weights = {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
     return write_model(ema_weights, variant, data_shape, path, step=state["step"],
-                       config_hash=state["config_hash"], run_id=state["run_id"])
+                       config_hash=state["config_hash"], run_id=state["run_id"], ema=name)
 
 
 def load_trained(path: Path | str, device: str | torch.device = "cpu") -> TrainedModel:
@@ -186,4 +199,4 @@ def load_trained(path: Path | str, device: str | torch.device = "cpu") -> Traine
                                       f"config builds ({state_dict_mismatch(e)}): rerun the stage that wrote it"
                                       ) from None
     model.to(device).eval()
-    return TrainedModel(model, variant, shape, blob["step"], blob["config_hash"], blob["run_id"])
+    return TrainedModel(model, variant, shape, blob["step"], blob["config_hash"], blob["run_id"], blob.get("ema"))

@@ -37,8 +37,8 @@ from .schema import ConfigError, StrictModel as _Model, cut, describe_error, lin
 from .variant_config import (
     ALDSampler, AncestralSampler, DDIMSampler, DDPMConfig, DPMSolverSampler, EDMParam, EMAConfig, EpsParam,
     EulerMaruyamaSampler, HeunSampler, LossConfig, NCSNConfig, ODESampler, ParamConfig, PCSampler,
-    ReverseDiffusionSampler, SamplerConfig, ScoreParam, SDEConfig, SubVPConfig, VariantConfig, VEConfig, VPConfig,
-    VPCosineConfig,
+    ReverseDiffusionSampler, SamplerConfig, ScoreParam, SDEConfig, SubVPConfig, TuneObjective, VariantConfig,
+    VEConfig, VPConfig, VPCosineConfig,
 )
 
 
@@ -213,28 +213,6 @@ class TuneCandidate(_Model):
         if lr is not None:
             out["train"] = {"lr": lr}
         return out
-
-
-class TuneObjective(_Model):
-    """What ranks the trials: the distance to the test split of n_samples samples of the EMA model drawn
-    with one sampler at one NFE (domain Frechet distance for images, sliced W2 for 2-D points), averaged
-    over `seeds` independent draws; the standard error over them is each trial's measured noise."""
-
-    sampler: SamplerConfig = Field(default_factory=lambda: DDIMSampler(steps=[20]))
-    n_samples: int = Field(256, ge=4, le=100_000)  # per seed
-    seeds: int = Field(2, ge=1, le=16)  # the objective is the mean over seeds; their spread is its noise
-
-    @model_validator(mode="after")
-    def _one_nfe(self) -> TuneObjective:
-        if self.sampler.method == "ode":
-            raise ValidationError.from_exception_data(type(self).__name__, [line_error(
-                ("sampler", "method"), "the objective needs a fixed NFE; 'ode' is adaptive: choose a grid sampler "
-                "such as ddim", "ode")])
-        if len(self.sampler.step_list()) != 1:
-            raise ValidationError.from_exception_data(type(self).__name__, [line_error(
-                ("sampler", "steps"), "needs exactly one value, the objective's NFE",
-                self.sampler.steps)])
-        return self
 
 
 class TuneConfig(_Model):

@@ -13,6 +13,7 @@ num_updates; warmup=False uses decay throughout.
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 from torch import Tensor, nn
@@ -97,3 +98,77 @@ class EMA(AveragedModel):
         else:  # integer buffers (e.g. BatchNorm's num_batches_tracked) are counters: copy, don't average
             for e, c in zip(ema, current, strict=True):
                 e.copy_(c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Power-function EMA profiles (Karras et al. 2024)
+
+MAX_SIGMA_REL = math.sqrt(1 / 12)  # the profile's relative std at gamma = 0 (a uniform average): the largest
+
+
+def sigma_rel_of(gamma: float) -> float:
+    """The relative standard deviation of the power profile p(t) ~ t^gamma on [0, 1]:
+    sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)) (Karras et al. 2024, eq. 3)."""
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def gamma_of(sigma_rel: float) -> float:
+    """The exponent gamma > 0 whose power profile has relative standard deviation sigma_rel, in
+    (0, sqrt(1/12)). sigma_rel_of decreases from sqrt(1/12) at gamma = 0 towards 0, so bisection on a
+    bracket grown until it holds the root finds it to float64's resolution."""
+    if not 0.0 < sigma_rel < MAX_SIGMA_REL:
+        raise ValueError(f"sigma_rel must be in (0, sqrt(1/12) = {MAX_SIGMA_REL:.4f}), got {sigma_rel}")
+    lo, hi = 0.0, 1.0
+    while sigma_rel_of(hi) > sigma_rel:
+        lo, hi = hi, 2 * hi
+    for _ in range(200):  # halves the bracket to adjacent floats long before 200
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        if sigma_rel_of(mid) > sigma_rel:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+class PowerEMA(EMA):
+    """The power-function EMA of Karras et al. 2024, "Analyzing and Improving the Training Dynamics of
+    Diffusion Models" (arXiv 2312.02696, sec. 3.1): after t updates with weights theta_1..theta_t the
+    average is
+
+        sum_tau tau^gamma theta_tau / sum_tau tau^gamma,
+
+    whose width grows with training: a fixed fraction of it (sigma_rel, its relative std) instead of the fixed
+    number of steps (1 / (1 - decay)) of a classic EMA. The construction-time weights get no weight.
+
+    Incrementally ema_t = beta_t ema_{t-1} + (1 - beta_t) theta_t with beta_t = S_{t-1} / S_t,
+    S_t = sum_{tau <= t} tau^gamma. The paper's beta_t = (1 - 1/t)^(gamma + 1) approximates this ratio (it
+    weighs update tau by tau^(gamma+1) - (tau-1)^(gamma+1), proportional to tau^gamma only for large tau); the
+    exact ratio costs one multiply-add a step: with r_t = S_t / t^gamma, r_t = r_{t-1} ((t-1)/t)^gamma + 1 and
+    beta_t = 1 - 1/r_t, numbers of order t / (gamma + 1) that never overflow.
+
+    sigma_rel: in (0, sqrt(1/12)); gamma = gamma_of(sigma_rel). The update, state_dict and load_state_dict are
+    EMA's: the state is the averaged weights and the update count, from which r_t is recomputed, by the same
+    operations in the same order, so a resumed average continues exactly.
+    """
+
+    def __init__(self, model: nn.Module, sigma_rel: float):
+        self.sigma_rel, self.gamma = float(sigma_rel), gamma_of(sigma_rel)
+        self._ratio = (0, 0.0)  # (t, r_t): r_0 = 0 (S_0 = 0)
+        super().__init__(model, decay=0.0, warmup=False)
+
+    def _ratio_at(self, t: int) -> float:
+        """r_t = S_t / t^gamma, advanced from the cached one (or from r_0 = 0 after a load or a jump back)."""
+        done, r = self._ratio if self._ratio[0] <= t else (0, 0.0)
+        for tau in range(done + 1, t + 1):
+            r = r * ((tau - 1) / tau) ** self.gamma + 1.0
+        self._ratio = (t, r)
+        return r
+
+    def decay_at(self, n: Tensor | int) -> Tensor:
+        """beta for the update made after n earlier updates: that is update t = n + 1."""
+        return torch.as_tensor(1.0 - 1.0 / self._ratio_at(int(n) + 1), dtype=torch.float64)
+

@@ -30,11 +30,8 @@ from .config import Params
 from .data import Manifest, load_manifest, read_split
 from .features import (DigitClassifier, accuracy, feature_stats, load_classifier, save_classifier,
                        train_classifier)
-from .layout import METRICS_FILE, Layout
+from .layout import CLASSIFIER_FILE, METRICS_FILE, REF_TEST_FILE, REF_TRAIN_FILE, Layout
 
-CLASSIFIER_FILE = "classifier.pt"
-REF_TEST_FILE = "ref_test.npz"
-REF_TRAIN_FILE = "ref_train.npz"
 
 _RUN_STAGE = "run the featurizer stage (python pipeline/featurizer.py)"
 

@@ -23,6 +23,10 @@ MODEL_FILE = "model.pt"
 GRID_FILE = "grid.png"
 TUNED_VARIANT_FILE = "best_variant.yaml"  # the tune stage's winner, as params.yaml would spell the variant
 TRIALS_FILE = "trials.csv"  # the tune stage's trial table
+# the featurizer stage's files (outputs/featurizer): its classifier and the reference feature statistics
+CLASSIFIER_FILE = "classifier.pt"
+REF_TEST_FILE = "ref_test.npz"
+REF_TRAIN_FILE = "ref_train.npz"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@
 
 Inputs, for each variant in params.variants (made by the train, evaluate and sample stages):
 
-    outputs/train/<variant>/metrics.json   {"steps", "seconds", "final_loss", "mlflow_run_id"}
+    outputs/train/<variant>/metrics.json   {"steps", "seconds", "final_loss", "mlflow_run_id"; with EMA profiles
+                                            "ema_scores", "ema_chosen"}
     outputs/eval/<variant>/metrics.json    {"variant", "sde", "n_per_seed", "seeds", "baseline", "settings",
                                             "bits_per_dim" | "test_loglik", "inception_fid", "inception_fid_reason"}
     outputs/samples/<variant>/<setting>/grid.png   the grid of the variant's best setting
@@ -104,7 +105,7 @@ def metrics_summary(variants: list[VariantResult], primary: str, vs_handset: str
     """What reports/metrics.json holds: the headline of each variant, the one file dvc.yaml declares as
     metrics (non-finite values as null). Short keys keep `dvc exp show` narrow, since it prints one column
     per key that differs: <variant>.<primary> is the best setting's value, low/high its interval, then its
-    nfe and setting, the likelihood, training seconds and final loss. Per seed and per setting, KID and
+    nfe and setting, the likelihood, training seconds and final loss, and with EMA profiles the chosen EMA. Per seed and per setting, KID and
     precision/recall stay in outputs/eval/<variant>/metrics.json. with_tuned (a sweep): `tuned` also gets
     vs_handset, the equal-NFE verdict against its hand-set variant in words (null when there is none)."""
     out: dict[str, Any] = {}
@@ -117,6 +118,8 @@ def metrics_summary(variants: list[VariantResult], primary: str, vs_handset: str
         if v.likelihood:
             entry[v.likelihood.name] = _json_number(v.likelihood.mean)
         entry.update(train_s=_json_number(v.train_seconds), loss=_json_number(v.final_loss))
+        if v.ema_chosen:  # with EMA profiles: which one the model is (the scores stay in the train metrics)
+            entry["ema"] = v.ema_chosen
         if with_tuned and v.name == TUNED_VARIANT:
             entry["vs_handset"] = vs_handset
         out[v.name] = entry

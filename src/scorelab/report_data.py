@@ -77,6 +77,9 @@ class VariantResult:
     train_seconds: float
     final_loss: float | None
     run_id: str | None
+    # with EMA profiles: the candidate EMA that model.pt holds, and each candidate's objective (mean, se or None)
+    ema_chosen: str | None = None
+    ema_scores: dict[str, tuple[float, float | None]] = field(default_factory=dict)
     baseline_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     baseline_replicates: list[float] | None = None
     baseline_per_seed: dict[str, float] = field(default_factory=dict)
@@ -182,7 +185,25 @@ def _load_train(path: Path, layout: Layout) -> dict[str, Any]:
         raise ReportError(f"{where}.mlflow_run_id: must be a string, got {run_id!r}")
     return {"steps": _integer(data["steps"], f"{where}.steps"), "seconds": _number(data["seconds"], f"{where}.seconds"),
             "final_loss": _number(data.get("final_loss"), f"{where}.final_loss", optional=True),
-            "run_id": run_id or None}
+            "run_id": run_id or None, **_ema_selection(data, where)}
+
+
+def _ema_selection(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """ema_chosen and ema_scores ({name: [mean, se or null]}) of a run with EMA profiles; none without."""
+    chosen, scores = data.get("ema_chosen"), data.get("ema_scores")
+    if chosen is None and scores is None:
+        return {}
+    if not isinstance(scores, dict) or not scores:
+        raise ReportError(f"{where}.ema_scores: must be a non-empty object of candidate EMAs, got {scores!r}")
+    pairs = {}
+    for name, pair in scores.items():
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ReportError(f"{where}.ema_scores.{name}: must be [mean, standard error], got {pair!r}")
+        pairs[name] = (_number(pair[0], f"{where}.ema_scores.{name}"),
+                       _number(pair[1], f"{where}.ema_scores.{name}", optional=True))
+    if chosen not in pairs:
+        raise ReportError(f"{where}.ema_chosen: must name one of ema_scores ({', '.join(pairs)}), got {chosen!r}")
+    return {"ema_chosen": chosen, "ema_scores": pairs}
 
 
 def _load_eval(path: Path, layout: Layout, variant: str, train: dict[str, Any]) -> VariantResult:
@@ -250,7 +271,7 @@ def _load_eval(path: Path, layout: Layout, variant: str, train: dict[str, Any]) 
         bootstrap=data.get("bootstrap") if isinstance(data.get("bootstrap"), dict) else None,
         level=_number((data.get("intervals") or {}).get("level"), f"{where}.intervals.level", optional=True),
         train_steps=train["steps"], train_seconds=train["seconds"], final_loss=train["final_loss"],
-        run_id=train["run_id"])
+        run_id=train["run_id"], ema_chosen=train.get("ema_chosen"), ema_scores=train.get("ema_scores", {}))
 
 
 def primary_metric(variants: list[VariantResult]) -> str:

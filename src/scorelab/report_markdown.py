@@ -23,6 +23,17 @@ LOWER_IS_BETTER = {"domain_fd", "sliced_w2", "kid", "kid_x1e3", "mmd", "bits_per
 _LABELS = {"kid_x1e3": "KID ×10³"}
 
 
+def _ema_scores_text(v: VariantResult) -> str:
+    """Each candidate's objective, the chosen one in bold: "**power-0.10 1.23 ± 0.04**, ema-0.995 1.4 ± 0.05"."""
+    if not v.ema_scores:
+        return "—"
+    parts = []
+    for name, (mean, se) in v.ema_scores.items():
+        text = f"{name} {fmt(mean)}" + (f" ± {fmt(se, 2)}" if se is not None else "")
+        parts.append(f"**{text}**" if name == v.ema_chosen else text)
+    return ", ".join(parts)
+
+
 def _pm(pair: tuple[float, float] | None, ci: tuple[float, float] | None = None) -> str:
     """mean [low, high] where there is an interval, else mean ± std (older evaluations)."""
     if pair is None:
@@ -302,9 +313,16 @@ def comparison_markdown(variants: list[VariantResult], primary: str, *, out_dir:
                      *(["true density on the same points"] if with_ref else [])], rows)
 
     lines += ["", "## Training", ""]
-    lines += _table(["variant", "steps", "time", "final loss", "MLflow run"],
+    with_ema = any(v.ema_chosen for v in variants)  # EMA profiles: which EMA each model is, and why
+    lines += _table(["variant", "steps", "time", "final loss", *(["EMA", "EMA objective ± se"] if with_ema else []),
+                     "MLflow run"],
                     [[v.name, v.train_steps, _duration(v.train_seconds), fmt(v.final_loss),
+                      *([v.ema_chosen or "—", _ema_scores_text(v)] if with_ema else []),
                       f"`{v.run_id}`" if v.run_id else "—"] for v in variants])
+    if with_ema:
+        lines += ["", "EMA: the candidate EMA the model is, the one of least objective (the sweep's distance of "
+                  "samples to the test split, mean ± standard error over seeds) among the classic EMA (ema-<decay>) "
+                  "and the power-function profiles (power-<sigma_rel>, Karras et al. 2024) scored at the last step."]
 
     if sweep is not None:
         lines += ["", *_sweep_lines(sweep, against, primary, variants)]

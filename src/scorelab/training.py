@@ -10,6 +10,8 @@ decides. What makes it exact and resumable:
 - checkpoints (model, EMA, optimizer, step, config hash) are reported through Ray Train every
   `checkpoint_every` steps; relaunching the same configuration resumes from the latest, and Ray's
   FailureConfig restarts a run whose worker or node dies;
+- with power EMA profiles (variant ema.profiles), every candidate EMA is kept and checkpointed, and at the
+  last step rank 0 scores each with the sweep's objective (scorelab.objective); the best becomes model.pt;
 - only rank 0 logs to MLflow, into the run that the driver created or found for this configuration.
 """
 
@@ -23,7 +25,7 @@ import tempfile
 import time
 import warnings
 from contextlib import closing, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,10 +36,14 @@ from .checkpoint import (STATE_FILE, CheckpointError, CheckpointMismatchError, b
                          load_trained, save_state, state_dict_mismatch)
 from .config import Params, TrainConfig, VariantConfig
 from .data import Manifest, load_manifest, read_rows, verify
-from .ema import EMA
+from .ema import EMA, PowerEMA
+from .featurizer import FeaturizerError, load_featurizer
 from .losses import dsm_loss, loss_per_bin
+from .modality import modality_of
+from .objective import OBJECTIVE, Objective
 from .parameterization import ScoreModel
-from .layout import METRICS_FILE, MODEL_FILE, shared_root
+from .layout import CLASSIFIER_FILE, METRICS_FILE, MODEL_FILE, REF_TEST_FILE, Layout, shared_root
+from .variant_config import profile_name
 from .runtime import (Shipment, StopWatch, alive_nodes, check_storage_shared, checkpoint_on_sigterm, ray_session,
                       remove_unregistered_checkpoints, say, ship_files, torch_trainer, unpack, worker_error)
 from .visual import save_samples
@@ -78,6 +84,9 @@ class TrainJob:
     # Optional: rank 0 calls evaluate(ema_model, step) at each checkpoint step; the returned metrics are
     # logged and reported with the checkpoint (Ray Tune's early stopping reads them). Picklable.
     evaluate: Callable[[ScoreModel, int], dict[str, float]] | None = None
+    # With EMA profiles: rank 0 calls select_ema(candidate_model, step) for every candidate EMA at the last step
+    # and exports the one of least OBJECTIVE (an Objective; None without profiles). Picklable.
+    select_ema: Callable[[ScoreModel, int], dict[str, float]] | None = None
 
     def as_config(self) -> dict[str, Any]:
         """The train_loop_config: the fields as they are (dataclasses.asdict would copy the object refs)."""
@@ -202,6 +211,7 @@ class TrainingState:
     ema: EMA
     optimizer: torch.optim.Optimizer
     step: int  # the next step to take: 0, or the checkpoint's step
+    profiles: dict[str, PowerEMA] = field(default_factory=dict)  # the variant's power EMAs, by candidate name
 
 
 def training_state(variant: VariantConfig, data_shape: tuple[int, ...], train: TrainConfig, device: torch.device,
@@ -216,21 +226,24 @@ def training_state(variant: VariantConfig, data_shape: tuple[int, ...], train: T
     every rank), so a model's initial weights do not depend on the device it trains on."""
     model = build_model(variant, tuple(data_shape)).to(device)
     ema = EMA(model, decay=variant.ema.decay, warmup=variant.ema.warmup)
+    profiles = {profile_name(s): PowerEMA(model, s) for s in variant.ema.profiles}
     # fused: one kernel for all parameters instead of a loop over them; on the CPU it cut the optimizer +
     # EMA share of a digits step from 6.5 to 4.0 ms of CPU (docs/BENCHMARKS.md, "Overheads"). Same update.
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
                                  fused=device.type in ("cpu", "cuda"))
     if state is None:
-        return TrainingState(model, ema, optimizer, 0)
+        return TrainingState(model, ema, optimizer, 0, profiles)
     try:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
+        for name, profile in profiles.items():
+            profile.load_state_dict(state["ema_profiles"][name])
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, KeyError, ValueError) as e:  # e.g. the default net changed since it was written
         raise CheckpointMismatchError(
             f"{source} holds weights of another architecture than {what} builds ({state_dict_mismatch(e)}): "
             "it cannot be resumed; change ray.storage_path or remove the old run to start fresh") from None
-    return TrainingState(model, ema, optimizer, int(state["step"]))
+    return TrainingState(model, ema, optimizer, int(state["step"]), profiles)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +277,10 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(job.seed)  # identical initial weights on every rank
     ts = training_state(variant, tuple(job.data_shape), train, device, state, what=f"variant {job.variant!r}",
                         source=where)
-    model, ema, optimizer, start = ts.model, ts.ema, ts.optimizer, ts.step
+    model, ema, optimizer, start, profiles = ts.model, ts.ema, ts.optimizer, ts.step, ts.profiles
+    if profiles and job.select_ema is None:
+        raise TrainingError(f"variant {job.variant!r} has ema.profiles but the job has no objective to choose "
+                            "among them")
     del state
     ddp = ray.train.torch.prepare_model(model)  # already on its device: wraps it in DDP when world > 1
     nodes = [ray.get_runtime_context().get_node_id()] * world
@@ -328,6 +344,8 @@ def train_loop(config: dict[str, Any]) -> None:
             nonfinite = torch.where(first_bad, here, nonfinite)
             optimizer.step()
             ema.update(model)
+            for profile in profiles.values():
+                profile.update(model)
             window["loss"].append(step_loss)
             spent["optimizer"] += time.perf_counter() - tick  # clipping, Adam and EMA
 
@@ -377,12 +395,18 @@ def train_loop(config: dict[str, Any]) -> None:
                     if done not in logged:
                         logger.metrics(extra, step=done, background=True)
                     spent["evaluate"] += time.perf_counter() - tick
+                selection = None
+                if rank == 0 and profiles and done == train.steps:  # the other ranks wait at the report's barrier
+                    selection = select_ema(job, {variant.ema.candidates()[0]: ema, **profiles}, done)
+                    say(f"[{job.variant}] EMA chosen: {selection['chosen']} ({_scores_line(selection)})")
                 tick = time.perf_counter()
-                _report_checkpoint(job, rank, done, float(step_loss), model, ema, optimizer, accum, extra)
+                _report_checkpoint(job, rank, done, float(step_loss), model, ema, optimizer, accum, extra,
+                                   profiles, selection)
                 spent["checkpoint"] += time.perf_counter() - tick
             if job.stop_path and done < train.steps and _stop_requested(stop, rank, world, device):
                 if not checkpoint_now:  # unless this step's checkpoint was just reported
-                    _report_checkpoint(job, rank, done, float(step_loss), model, ema, optimizer, accum)
+                    _report_checkpoint(job, rank, done, float(step_loss), model, ema, optimizer, accum,
+                                       profiles=profiles)
                 if rank == 0:
                     logger.flush()
                     _write_status(job, {"status": "preempted", "step": done})
@@ -393,8 +417,29 @@ def train_loop(config: dict[str, Any]) -> None:
             _write_status(job, {"status": "finished", "step": train.steps})
 
 
+def select_ema(job: TrainJob, candidates: dict[str, EMA], step: int) -> dict[str, Any]:
+    """Score every candidate EMA with job.select_ema (the same seeds for each, so they are compared on the same
+    draws) and choose the one of least objective (the first of equals: the classic EMA before the profiles).
+    Returns {"scores": {name: [mean, standard error or None]}, "chosen": name, "seconds": wall time}."""
+    start = time.perf_counter()
+    scores: dict[str, list[float | None]] = {}
+    for name, candidate in candidates.items():
+        out = job.select_ema(candidate.module, step)
+        scores[name] = [out[OBJECTIVE], out.get("objective_se")]  # no standard error from one seed
+    chosen = min(scores, key=lambda name: scores[name][0])
+    return {"scores": scores, "chosen": chosen, "seconds": time.perf_counter() - start}
+
+
+def _scores_line(selection: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {mean:.4g}" + (f" +- {se:.2g}" if se is not None else "")
+                     for name, (mean, se) in selection["scores"].items())
+
+
 def _report_checkpoint(job: TrainJob, rank: int, step: int, loss: float, model, ema, optimizer, accum: int,
-                       extra: dict[str, float] | None = None) -> None:
+                       extra: dict[str, float] | None = None, profiles: dict[str, PowerEMA] | None = None,
+                       selection: dict[str, Any] | None = None) -> None:
+    """Report the step's metrics, and rank 0 its checkpoint: with EMA profiles, their states too (a resumed
+    run continues them), and at the last step the EMA selection, which the driver exports."""
     import ray.train
 
     metrics = {"step": step, "loss": loss, **(extra or {})}
@@ -405,9 +450,14 @@ def _report_checkpoint(job: TrainJob, rank: int, step: int, loss: float, model, 
         # the data position is implied by the step (micro-batch k = step * accum + a on every worker), and so
         # is every random draw (order, t, noise, dropout: all seeded from (seed, rank, k)); the position is
         # stored so that a checkpoint can be read without this code
+        # without profiles the state has exactly the keys it had before they existed
+        ema_extra: dict[str, Any] = {"ema_profiles": {n: p.state_dict() for n, p in profiles.items()}} if profiles \
+            else {}
+        if selection is not None:
+            ema_extra["ema_selection"] = selection
         save_state(Path(d), model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                    step=step, data_position={"micro_batches_per_worker": step * accum}, config_hash=job.config_hash,
-                   run_id=job.run_id)
+                   run_id=job.run_id, **ema_extra)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -456,14 +506,29 @@ class TrainResult:
     final_loss: float
 
 
-def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, out_dir: Path) -> TrainResult:
+def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, out_dir: Path,
+                  featurizer_dir: Path | None = None) -> TrainResult:
     """Train one variant through Ray Train (resuming its run if one exists) and write out_dir: model.pt (its
     EMA weights), config.json, samples_final.png and metrics.json; log config, weights and the final
-    sample grid to its MLflow run."""
+    sample grid to its MLflow run.
+
+    With EMA profiles (ema.profiles), model.pt holds the candidate EMA of least objective, metrics.json its
+    scores (ema_scores: name -> [mean, standard error]) and ema_chosen, and the MLflow run the scores
+    (ema_<name>) and the tag scorelab.ema_chosen. For images the objective needs the featurizer stage's
+    classifier: featurizer_dir, default <root>/outputs/featurizer."""
     import ray
 
     root, data_dir, out_dir = root.resolve(), data_dir.resolve(), out_dir.resolve()
     manifest = verify(data_dir)
+    vcfg = params.variants[variant]
+    modality = modality_of(manifest.shape)
+    featurizer_dir = (featurizer_dir or Layout(root).featurizer).resolve()
+    if vcfg.ema.profiles and modality.is_image:  # before Ray starts: the selection would fail at the last step
+        try:
+            load_featurizer(featurizer_dir, manifest)
+        except FeaturizerError as e:
+            raise TrainingError(f"variant {variant!r} chooses among EMA profiles with the featurizer's "
+                                f"classifier: {e}") from None
     train = resolve_train(params, variant)
     key = config_hash(params, variant, manifest.checksum)
     uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, root)
@@ -481,7 +546,6 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
         check_storage_shared(store)
         if cfg.use_gpu and not ray.cluster_resources().get("GPU"):
             raise TrainingError("ray.use_gpu is true but the Ray cluster has no GPU: set ray.use_gpu: false")
-        vcfg = params.variants[variant]
         run_id = tracking.open_run(uri, tracking.experiment_name(params.mlflow.experiment, manifest.source), root,
                                    key, variant, {
             "variant": variant, "sde": vcfg.sde.type, "parameterization": vcfg.parameterization.type,
@@ -493,12 +557,13 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
                                         "seed": params.seed, "data": params.data.model_dump(mode="json")}))
         storage.remove(status_path)
         storage.remove(stop_path)  # a stop request of an earlier, preempted launch
+        data = ship_dataset(manifest)
         job = TrainJob(
             variant=variant, variant_config=vcfg.model_dump(mode="json"), train=train.model_dump(),
-            data=ship_dataset(manifest), data_shape=list(manifest.shape), seed=params.seed, config_hash=key,
+            data=data, data_shape=list(manifest.shape), seed=params.seed, config_hash=key,
             tracking_uri=uri, run_id=run_id, status_path=status_path,
             threads_per_worker=max(1, int(cfg.cpus_per_worker)), hflip=params.data.hflip,
-            stop_path=stop_path,
+            stop_path=stop_path, select_ema=_ema_objective(params, variant, data, featurizer_dir, manifest),
         )
         trainer = torch_trainer(train_loop, job.as_config(), name=name, storage_path=store, workers=cfg.num_workers,
                                 cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=1.0 if cfg.use_gpu else 0.0,
@@ -538,6 +603,9 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
         say(f"train {variant}: removed {len(removed)} checkpoint folder(s) in {run_dir} that Ray does not keep "
             "(written by a killed launch after its last registered checkpoint)")
     model_path = export_model(state, vcfg, tuple(manifest.shape), out_dir / MODEL_FILE)
+    selection = state.get("ema_selection")
+    if selection is not None:
+        _log_selection(logger, selection, int(state["step"]))
     resolved = {"variant": variant, **vcfg.model_dump(mode="json"), "train": train.model_dump(),
                 "seed": params.seed, "data": params.data.model_dump(mode="json"), "ray": params.ray.model_dump(),
                 "config_hash": key}
@@ -549,6 +617,36 @@ def train_variant(params: Params, variant: str, *, root: Path, data_dir: Path, o
     logger.artifact(sample_path, "samples")
     logger.finish()
     out = TrainResult(variant, run_id, model_path, int(state["step"]), seconds, float(result.metrics.get("loss", "nan")))
-    storage.write_json(out_dir / METRICS_FILE, {"steps": out.steps, "seconds": round(out.seconds, 2),
-                                                "final_loss": out.final_loss, "mlflow_run_id": out.run_id}, indent=2)
+    metrics = {"steps": out.steps, "seconds": round(out.seconds, 2), "final_loss": out.final_loss,
+               "mlflow_run_id": out.run_id}
+    if selection is not None:
+        metrics.update({"ema_scores": selection["scores"], "ema_chosen": selection["chosen"],
+                        "ema_select_seconds": round(selection["seconds"], 2)})
+    storage.write_json(out_dir / METRICS_FILE, metrics, indent=2)
     return out
+
+
+def _ema_objective(params: Params, variant: str, data: Shipment, featurizer_dir: Path,
+                   manifest: Manifest) -> Objective | None:
+    """The objective that chooses among the variant's candidate EMAs (None without profiles): ema.select's
+    sampler and sample size, the sweep's distance; the featurizer's files travel with it for images.
+    Call inside the Ray session (the files go through its object store)."""
+    ema = params.variants[variant].ema
+    if not ema.profiles:
+        return None
+    modality = modality_of(manifest.shape)
+    featurizer = ship_files(featurizer_dir, [CLASSIFIER_FILE, REF_TEST_FILE]) if modality.is_image else None
+    sampler = ema.select.sampler
+    return Objective(modality.primary_metric, data, featurizer, sampler.method, sampler.step_list()[0],
+                     sampler.options(), ema.select.n_samples, ema.select.seeds, params.seed, tuple(manifest.shape))
+
+
+def _log_selection(logger: tracking.RunLogger, selection: dict[str, Any], step: int) -> None:
+    """The candidates' scores as metrics ema_<name> (and ema_<name>_se) at the last step, once (a rerun of a
+    finished run logs nothing again), and the chosen one as the tag scorelab.ema_chosen."""
+    first = next(iter(selection["scores"]))
+    if step not in logger.logged_steps(f"ema_{first}"):
+        scores = {f"ema_{name}": mean for name, (mean, _) in selection["scores"].items()}
+        scores.update({f"ema_{name}_se": se for name, (_, se) in selection["scores"].items() if se is not None})
+        logger.metrics(scores, step=step)
+    logger.tags({"scorelab.ema_chosen": selection["chosen"]})

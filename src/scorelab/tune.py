@@ -37,7 +37,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +50,13 @@ from . import storage, tracking
 from .config import ConfigError, Params, TuneConfig, VariantConfig, auto_factor, handset_variant_for, parse_params
 from .schema import describe_error
 from .featurizer import CLASSIFIER_FILE, REF_TEST_FILE, FeaturizerError, load_featurizer
-from .features import load_classifier
 from .layout import TRIALS_FILE, TUNED_VARIANT, TUNED_VARIANT_FILE as VARIANT_FILE, shared_root
-from .modality import Modality, modality_of
-from .runtime import (Shipment, alive_nodes, check_storage_shared, graceful_sigterm, ray_session, ship_files,
-                      torch_trainer, unpack)
+from .modality import modality_of
+from .objective import OBJECTIVE, Objective
+from .runtime import alive_nodes, check_storage_shared, graceful_sigterm, ray_session, ship_files, torch_trainer
 from .training import STATUS_FILE, TrainJob, config_hash, resolve_train, ship_dataset, train_loop
 from .visual import plot_objective
 
-OBJECTIVE = "objective"  # the metric Tune minimises
 BEST_TAG = "scorelab.best"
 VARIANT = TUNED_VARIANT  # the winner's name, as best_variant.yaml is read (scorelab.config.with_tuned_variant)
 METRICS_FILE, PLOT_FILE = "metrics.json", "objective_vs_params.png"
@@ -159,76 +157,6 @@ def _tune(params: Params) -> TuneConfig:
     if params.tune is None:
         raise ConfigError(["tune: missing section; the sweep needs tune.space and its budget"])
     return params.tune
-
-
-# ---------------------------------------------------------------------------------------------
-# The objective, computed by rank 0 of each trial at its checkpoints
-
-
-@dataclass
-class Objective:
-    """Called by training.train_loop's rank 0 with the EMA model at each checkpoint step."""
-
-    metric: str  # "domain_fd" (images) or "sliced_w2" (2-D points)
-    data: Shipment  # the prepared dataset (2-D points: the test split is the reference)
-    featurizer: Shipment | None  # images: the featurizer stage's classifier and test statistics
-    method: str
-    steps: int | None
-    options: dict[str, Any]
-    n_samples: int
-    seeds: int  # independent draws of n_samples: the objective is their mean, their spread its noise
-    seed: int
-    data_shape: tuple[int, ...]
-    _reference: Any = field(default=None, repr=False)
-
-    @property
-    def modality(self) -> Modality:
-        return modality_of(self.data_shape)
-
-    def _load(self) -> Any:
-        from .data import read_split
-
-        if not self.modality.is_image:
-            return read_split(unpack(self.data), "test")
-        folder = unpack(self.featurizer)
-        clf, _ = load_classifier(folder / CLASSIFIER_FILE)
-        with np.load(folder / REF_TEST_FILE) as z:
-            return clf, z["mu"], z["sigma"]
-
-    @torch.no_grad()
-    def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
-        from .sampling import sample
-
-        if self._reference is None:
-            self._reference = self._load()
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        start = time.perf_counter()
-        values, nfe = [], 0
-        for k in range(self.seeds):  # seed k of the objective: the same noise for every trial and step
-            out = sample(model, model.sde, (self.n_samples, *self.data_shape), method=self.method, steps=self.steps,
-                         seed=self.seed + k, device=device, **self.options)
-            values.append(self._distance(out.x))
-            nfe = out.nfe
-        model.train(was_training)
-        mean = float(np.mean(values))
-        noise = {"objective_se": float(np.std(values, ddof=1) / math.sqrt(len(values)))} if len(values) > 1 else {}
-        return {OBJECTIVE: mean, **noise, f"objective_{self.metric}": mean, "objective_nfe": float(nfe),
-                "objective_seconds": time.perf_counter() - start}
-
-    def _distance(self, samples: torch.Tensor) -> float:
-        # a diverged model still gets a (large) finite distance, which ASHA can rank
-        x = torch.nan_to_num(samples.float().cpu(), nan=0.0, posinf=1e6, neginf=-1e6)
-        if not self.modality.is_image:
-            from .metrics import sliced_wasserstein
-
-            return float(sliced_wasserstein(x, self._reference, n_projections=256, seed=0))
-        from .features import domain_frechet
-
-        clf, mu, sigma = self._reference
-        x = torch.from_numpy(self.modality.from_stored(self.modality.to_stored(x.numpy())))  # as samples are stored
-        return float(domain_frechet(clf, x, mu, sigma))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,9 +13,11 @@ tune section's candidates are checked as variants: both config's Params and its 
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (Field, SerializerFunctionWrapHandler, ValidationError, ValidationInfo, field_validator,
+                      model_serializer, model_validator)
 from pydantic_core import InitErrorDetails
 
 from .nets import NetConfig
@@ -171,11 +173,6 @@ class LossConfig(_Model):
     reduction: Literal["mean", "sum"] = "mean"
 
 
-class EMAConfig(_Model):
-    decay: float = Field(0.999, ge=0, lt=1)
-    warmup: bool = True  # decay min(decay, (1 + n) / (10 + n)) early in training
-
-
 # ---------------------------------------------------------------------------------------------
 # Samplers: one model per method, holding only that method's options.
 
@@ -285,6 +282,81 @@ _SAMPLERS = (
 SamplerConfig = Annotated[Union[_SAMPLERS], Field(discriminator="method")]  # type: ignore[valid-type]
 
 
+class TuneObjective(_Model):
+    """What ranks the sweep's trials (tune.objective) and a variant's candidate EMAs (ema.select): the distance
+    to the test split of n_samples samples of the EMA model drawn with one sampler at one NFE (domain Frechet
+    distance for images, sliced W2 for 2-D points; scorelab.objective), averaged over `seeds` independent
+    draws; the standard error over them is each trial's (or candidate's) measured noise."""
+
+    sampler: SamplerConfig = Field(default_factory=lambda: DDIMSampler(steps=[20]))
+    n_samples: int = Field(256, ge=4, le=100_000)  # per seed
+    seeds: int = Field(2, ge=1, le=16)  # the objective is the mean over seeds; their spread is its noise
+
+    @model_validator(mode="after")
+    def _one_nfe(self) -> TuneObjective:
+        if self.sampler.method == "ode":
+            raise ValidationError.from_exception_data(type(self).__name__, [line_error(
+                ("sampler", "method"), "the objective needs a fixed NFE; 'ode' is adaptive: choose a grid sampler "
+                "such as ddim", "ode")])
+        if len(self.sampler.step_list()) != 1:
+            raise ValidationError.from_exception_data(type(self).__name__, [line_error(
+                ("sampler", "steps"), "needs exactly one value, the objective's NFE",
+                self.sampler.steps)])
+        return self
+
+
+MAX_SIGMA_REL = math.sqrt(1 / 12)  # a power EMA profile's relative std at gamma = 0 (scorelab.ema.gamma_of)
+
+
+def classic_ema_name(decay: float) -> str:
+    """How the classic EMA is named among the candidates of the EMA selection: "ema-0.995"."""
+    return f"ema-{decay:g}"
+
+
+def profile_name(sigma_rel: float) -> str:
+    """How a power EMA profile is named: "power-0.10", with more digits where two would round it."""
+    return f"power-{sigma_rel:.2f}" if round(sigma_rel, 2) == sigma_rel else f"power-{sigma_rel:g}"
+
+
+class EMAConfig(_Model):
+    """The classic EMA of the weights, and optionally power-function EMA profiles kept beside it (Karras et al.
+    2024; scorelab.ema.PowerEMA), each named by its relative std sigma_rel. With profiles, the end of training
+    scores every candidate with `select` (the sweep's objective: a distance of samples to the test split) and
+    exports the best; without, the classic EMA is exported and nothing is scored."""
+
+    decay: float = Field(0.999, ge=0, lt=1)
+    warmup: bool = True  # decay min(decay, (1 + n) / (10 + n)) early in training
+    profiles: list[float] = Field(default_factory=list)  # sigma_rel of each power EMA kept besides the classic one
+    # DPM-Solver at 10 steps: valid for every SDE family, and 10 NFE keeps the selection to seconds a candidate
+    select: TuneObjective = Field(default_factory=lambda: TuneObjective(sampler=DPMSolverSampler(steps=[10])))
+
+    @field_validator("profiles")
+    @classmethod
+    def _profiles_are_power_functions(cls, v: list[float]) -> list[float]:
+        bad = [s for s in v if not 0 < s < MAX_SIGMA_REL]
+        if bad:
+            raise ValueError(f"each sigma_rel must be in (0, sqrt(1/12) = {MAX_SIGMA_REL:.4f}), the range of the "
+                             f"power profiles t^gamma with gamma > 0; got {', '.join(f'{s:g}' for s in bad)}")
+        names = [profile_name(s) for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"the profiles must differ (named {', '.join(names)})")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _without_unused_selection(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Without profiles, the section dumps as it did before they existed: the same config hashes (so the same
+        # runs resume), config.json and model.pt.
+        out = handler(self)
+        if not self.profiles:
+            out.pop("profiles", None)
+            out.pop("select", None)
+        return out
+
+    def candidates(self) -> list[str]:
+        """The EMAs the end of training chooses among, in order: the classic one, then each profile."""
+        return [classic_ema_name(self.decay), *map(profile_name, self.profiles)]
+
+
 # ---------------------------------------------------------------------------------------------
 # The variant.
 
@@ -324,6 +396,12 @@ class VariantConfig(_Model):
             if isinstance(s, ALDSampler) and s.steps is None and self.sde.type == "ve":
                 msg = "required for a continuous 've' SDE (only 'ncsn' has a noise ladder of its own)"
                 errors.append(line_error(("samplers", i, "steps"), msg, None))
+        if self.ema.profiles:  # the selection samples every candidate EMA with its sampler
+            try:
+                check_method(self.ema.select.sampler.method, self.sde.family)
+            except ValueError as e:
+                errors.append(line_error(("ema", "select", "sampler", "method"), str(e),
+                                         self.ema.select.sampler.method))
         if errors:  # raised as a ValidationError, pydantic keeps each error at its own location
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
