@@ -506,12 +506,20 @@ def parse_params(data: Any, source: str | None = None) -> Params:
 
 
 def handset_variant_for(params: Params, sde_type: str) -> str | None:
-    """The first variant of params.variants whose SDE has this type, else the first of its family (vp for
-    vp_cosine and ddpm, ve for ncsn): whose samplers the sweep's winner of that type uses when tune.samplers
+    """The first variant of params.variants whose SDE has this type, else of its NEAREST_TYPE, else the first
+    of its family (vp for vp_cosine and ddpm, ve for ncsn): whose samplers the sweep's winner of that type uses when tune.samplers
     is unset (the same family: the same samplers apply), and which the report compares it with."""
     family = SDE_FAMILY.get(sde_type)
-    return next((name for name, v in params.variants.items() if v.sde.type == sde_type),
-                next((name for name, v in params.variants.items() if v.sde.family == family), None))
+    for wanted in (sde_type, NEAREST_TYPE.get(sde_type)):  # vp_cosine samples like vp before ddpm's chain
+        name = next((name for name, v in params.variants.items() if v.sde.type == wanted), None)
+        if name is not None:
+            return name
+    return next((name for name, v in params.variants.items() if v.sde.family == family), None)
+
+
+# The continuous SDE closest to each type: a vp_cosine winner compares best with the hand-set `vp` (same
+# samplers on a continuous time grid), a discrete chain with its own type first.
+NEAREST_TYPE = {"vp_cosine": "vp", "ddpm": "vp", "ncsn": "ve"}
 
 
 def tuned_samplers(params: Params, sde_type: str) -> list[Any]:
