@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                             "cpus_per_worker": 1, "storage_path": str(tmp / f"ray-{bf16}")}
                 p["mlflow"] = {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": f"gpu-bf16-{bf16}"}
                 p["variants"] = {args.variant: raw["variants"][args.variant]}
+                p.pop("tune", None)  # a bench of training alone: no sweep, so no tuned variant to check
                 params = parse_params(p)
                 if not (params.data.dataset_dir / "manifest.json").exists():
                     prepare(params.data, params.seed)
