@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
                         progress=not args.no_progress, variant=params.variants[args.variant],
                         address=params.ray.address, connect_timeout_s=params.ray.connect_timeout_s,
                         use_gpu=params.ray.use_gpu, gpu_batch_size=cfg.gpu_batch_size,
-                        diverged_above=cfg.diverged_above)
+                        diverged_above=cfg.diverged_above, bf16=cfg.bf16)
     except (GenerateError, CheckpointError, RuntimeSetupError) as e:  # CheckpointError: an unreadable or
         # mismatched model file; RuntimeSetupError: no Ray cluster at ray.address
         print(f"sample {args.variant}: {e}", file=sys.stderr)

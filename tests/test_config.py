@@ -254,7 +254,7 @@ BAD = {
                             "must be a multiple of ray.num_workers x micro_batch_size"),
     "variant batch not divisible": ([("variants.vp.train", {"batch_size": 6, "micro_batch_size": 2})],
                                     "variants.vp.train.batch_size", "must be a multiple"),
-    "bf16 without gpu": ([("train.bf16", True)], "train.bf16", "needs ray.use_gpu: true"),
+    "bf16 not a bool": ([("train.bf16", "fast")], "train.bf16", "valid boolean"),
     "lr 0": ([("train.lr", 0)], "train.lr", "must be > 0 (got 0)"),
     "train steps 0": ([("train.steps", 0)], "train.steps", "must be >= 1 (got 0)"),
     "workers 0": ([("ray.num_workers", 0)], "ray.num_workers", "must be >= 1 (got 0)"),

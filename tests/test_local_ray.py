@@ -73,3 +73,18 @@ def test_no_command_is_a_usage_error():
     proc = subprocess.run([sys.executable, "-m", "scorelab", "with-local-ray", "--params", str(PARAMS)],
                           capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 2 and "no command given" in proc.stderr
+
+
+def test_ray_train_polls_its_workers_every_quarter_second_unless_the_user_chose(monkeypatch, tmp_path):
+    """Ray Train's default poll of 2 s made every fit wait for its workers' start and end (BENCHMARKS)."""
+    from scorelab.runtime import TRAIN_POLL_ENV, torch_trainer
+
+    def loop(config):
+        pass
+
+    monkeypatch.delenv(TRAIN_POLL_ENV, raising=False)
+    torch_trainer(loop, {}, name="a", storage_path=str(tmp_path), workers=1, cpus_per_worker=1.0)
+    assert os.environ[TRAIN_POLL_ENV] == "0.25"
+    monkeypatch.setenv(TRAIN_POLL_ENV, "1.5")
+    torch_trainer(loop, {}, name="b", storage_path=str(tmp_path), workers=1, cpus_per_worker=1.0)
+    assert os.environ[TRAIN_POLL_ENV] == "1.5"

@@ -36,7 +36,8 @@ so summation orders, by batch size, and a chunk of 7 would otherwise differ from
 last bits. So for every sampler except the adaptive ODE and the pc sampler with the snr-controlled
 `langevin` corrector (whose step sizes are batch statistics) the arrays do not depend on batch_size
 nor on how many tasks ran, bit for bit, on a given kind of device (the fingerprint names it: CPU and GPU
-kernels round differently).
+kernels round differently). With bf16 (params sample.bf16) the network runs under bfloat16 autocast for
+every setting but the adaptive ODE; the fingerprint says so, and float32 chunks are not mixed with them.
 Chunks are written atomically (temporary file, then os.replace), so a rerun keeps every complete
 chunk, regenerates the missing or unreadable ones, and ends with neither gaps nor duplicates.
 """
@@ -63,7 +64,7 @@ from .config import VariantConfig
 from .layout import GRID_FILE as GRID
 from .modality import Modality, modality_of
 from .provenance import code_fingerprint
-from .runtime import Shipment, ray_session, ship_files, task_device, unpack
+from .runtime import Shipment, bf16_problem, ray_session, ship_files, task_device, unpack
 from .sampling import sample
 from .visual import save_preview
 
@@ -94,6 +95,11 @@ class SamplerSetting:
     def adaptive(self) -> bool:
         """The ODE solver picks its steps per batch: its NFE differs from chunk to chunk."""
         return self.method == "ode"
+
+    def autocast(self, bf16: bool) -> bool:
+        """Whether sample.bf16 applies: not to the adaptive ODE, whose error control (rtol 1e-3 and finer) is
+        as fine as bfloat16's rounding: fed that noise, it took other steps (subvp: NFE 47 against 55)."""
+        return bf16 and not self.adaptive
 
     def describe(self) -> dict[str, Any]:
         return {"key": self.key, "method": self.method, "steps": self.steps, "options": self.options}
@@ -165,18 +171,23 @@ class BlockedScore:
 
 
 def _sample_chunk(model: Shipment, setting: dict[str, Any], seed: int, start: int, end: int, eval_block: int,
-                  use_gpu: bool = False) -> dict[str, Any]:
+                  use_gpu: bool = False, bf16: bool = False) -> dict[str, Any]:
     """Samples [start, end) of `seed` on this task's device; returns the arrays for the driver to write (so
-    the output folder need only exist where the driver runs, not on every node)."""
+    the output folder need only exist where the driver runs, not on every node). bf16: the network runs
+    under bfloat16 autocast; the sampler's own arithmetic stays float32."""
     device = task_device(use_gpu)
     if device.type == "cpu":
         torch.set_num_threads(1)  # one task per CPU: intra-op threads would fight over the same cores
+    problem = bf16_problem(device) if bf16 else None
+    if problem:
+        raise GenerateError(f"sample.bf16 is true but {problem}: set sample.bf16: false")
     trained = _cached_model(model, device)
     net, shape = trained.model, tuple(trained.data_shape)
     tick = time.perf_counter()
-    result = sample(BlockedScore(net, eval_block), net.sde, (end - start, *shape), method=setting["method"],
-                    steps=setting["steps"], seed=seed, indices=torch.arange(start, end), device=device,
-                    **setting["options"])
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        result = sample(BlockedScore(net, eval_block), net.sde, (end - start, *shape), method=setting["method"],
+                        steps=setting["steps"], seed=seed, indices=torch.arange(start, end), device=device,
+                        **setting["options"])
     x = result.x.cpu().numpy()  # waits for the device: the time below is the sampling's, not the queue's
     seconds = time.perf_counter() - tick
     max_abs = float(np.abs(x).max()) if np.isfinite(x).all() else math.inf  # before images are clipped to uint8
@@ -310,6 +321,7 @@ def generate(
     use_gpu: bool = False,  # one GPU per task; chunks and network calls of gpu_batch_size samples
     gpu_batch_size: int = 4096,
     diverged_above: float = DIVERGED_ABOVE,  # a seed with |x| beyond this (or not finite) is marked diverged
+    bf16: bool = False,  # bfloat16 autocast of the network, for every setting but the adaptive ODE
 ) -> list[dict[str, Any]]:
     """Draw n_samples per sampler setting and seed into out_dir (format: module docstring), resuming
     whatever an earlier run left; write a manifest per setting/seed and a grid per setting.
@@ -349,7 +361,7 @@ def generate(
         for seed in seeds:
             folder = out_dir / s.key / f"seed{seed}"
             fingerprint = {"model_sha256": model_sha, "setting": s.describe(), "seed": seed,
-                           "data_shape": list(data_shape), "eval_block": eval_block,
+                           "data_shape": list(data_shape), "eval_block": eval_block, "bf16": s.autocast(bf16),
                            "device": "cuda" if use_gpu else "cpu", "code_sha256": code, "torch": torch.__version__}
             jobs.append(_Job(s, seed, folder, plan, _prepare_folder(folder, fingerprint, plan, sample_shape, dtype)))
 
@@ -364,7 +376,7 @@ def generate(
             model = ship_files(model_path.parent, [model_path.name])  # the tasks' nodes may not see this disk
             bar = tqdm(total=sum(b - a for _, a, b in pending), desc="sampling", unit="sample", unit_scale=True,
                        disable=not progress)
-            _run_chunks(model, pending, num_workers, eval_block, use_gpu, bar)
+            _run_chunks(model, pending, num_workers, eval_block, use_gpu, bf16, bar)
 
     rows = [_finish(job, sample_shape, dtype, modality.layout, n_samples, eval_block, diverged_above) for job in jobs]
     grid_seed = 0 if 0 in seeds else seeds[0]
@@ -377,7 +389,7 @@ def generate(
 
 
 def _run_chunks(model: Shipment, pending: list[tuple[_Job, int, int]], num_workers: int, eval_block: int,
-                use_gpu: bool, bar) -> None:
+                use_gpu: bool, bf16: bool, bar) -> None:
     """Keep num_workers tasks in flight; write each chunk as it arrives, so an interruption loses only
     the chunks still running. The bar counts samples (its rate is samples/s)."""
     import ray
@@ -390,7 +402,8 @@ def _run_chunks(model: Shipment, pending: list[tuple[_Job, int, int]], num_worke
             while queue and len(running) < num_workers:
                 job, a, b = queue.pop()
                 ref = task.remote(model, {"method": job.setting.method, "steps": job.setting.steps,
-                                          "options": job.setting.options}, job.seed, a, b, eval_block, use_gpu)
+                                          "options": job.setting.options}, job.seed, a, b, eval_block, use_gpu,
+                                  job.setting.autocast(bf16))
                 running[ref] = (job, a, b)
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:

@@ -44,8 +44,9 @@ from .objective import OBJECTIVE, Objective
 from .parameterization import ScoreModel
 from .layout import CLASSIFIER_FILE, METRICS_FILE, MODEL_FILE, REF_TEST_FILE, Layout, shared_root
 from .variant_config import profile_name
-from .runtime import (Shipment, StopWatch, alive_nodes, check_storage_shared, checkpoint_on_sigterm, ray_session,
-                      remove_unregistered_checkpoints, say, ship_files, torch_trainer, unpack, worker_error)
+from .runtime import (Shipment, StopWatch, alive_nodes, bf16_problem, check_storage_shared, checkpoint_on_sigterm,
+                      ray_session, remove_unregistered_checkpoints, say, ship_files, torch_trainer, unpack,
+                      worker_error)
 from .visual import save_samples
 
 STATUS_FILE = "scorelab_status.json"  # in the run's folder under ray.storage_path: rank 0's outcome of a launch
@@ -294,7 +295,10 @@ def train_loop(config: dict[str, Any]) -> None:
     # Steps between the checkpoint and where a killed launch got to are redone, bit for bit the same: their
     # metric points already in the run are not logged again (a gap the killed launch left is filled).
     logged = logger.logged_steps("loss") if logger is not None and start > 0 else set()
-    use_bf16 = train.bf16 and device.type == "cuda"
+    problem = bf16_problem(device) if train.bf16 else None
+    if problem:
+        raise TrainingError(f"train.bf16 is true but {problem} (worker {rank}): set train.bf16: false")
+    use_bf16 = train.bf16
 
     sde = model.sde
     # The host reads the device's values only at sync points (every SYNC_EVERY steps, and where it logs,
