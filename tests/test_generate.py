@@ -220,19 +220,23 @@ def test_bf16_redraws_the_fixed_step_settings_in_bfloat16_and_keeps_the_adaptive
     run(toy_model, tmp_path, [DDIM, ODE], n_samples=16, batch_size=8)
     fp32 = {key: load_samples(tmp_path, key, 0) for key in ("ddim-4", "ode-adaptive")}
     problem = bf16_problem(torch.device("cpu"))
-    if problem:  # a CPU without bfloat16 kernels: refused by name, not emulated slowly
+    rows = run(toy_model, tmp_path, [DDIM, ODE], n_samples=16, batch_size=8, bf16="auto")
+    assert [(r["setting"], r["chunks_drawn"], r["chunks_reused"]) for r in rows] == [
+        ("ddim-4", 2, 0), ("ode-adaptive", 0, 2)]  # the fingerprint tells float32 chunks from others
+    manifest = json.loads((tmp_path / "ddim-4" / "seed0" / "manifest.json").read_text())
+    assert manifest["bf16"] is (problem is None) and [c["bf16"] for c in manifest["chunks"]] == [problem is None] * 2
+    assert json.loads((tmp_path / "ode-adaptive" / "seed0" / "manifest.json").read_text())["bf16"] is False
+    auto = load_samples(tmp_path, "ddim-4", 0)
+    np.testing.assert_array_equal(load_samples(tmp_path, "ode-adaptive", 0), fp32["ode-adaptive"])
+    if problem:  # auto ran float32 here; true is refused by name, not emulated slowly
+        np.testing.assert_array_equal(auto, fp32["ddim-4"])
         with pytest.raises(GenerateError, match="sample.bf16 is true but"):
             run(toy_model, tmp_path, [DDIM, ODE], n_samples=16, batch_size=8, bf16=True)
         return
-    rows = run(toy_model, tmp_path, [DDIM, ODE], n_samples=16, batch_size=8, bf16=True)
-    assert [(r["setting"], r["chunks_drawn"], r["chunks_reused"]) for r in rows] == [
-        ("ddim-4", 2, 0), ("ode-adaptive", 0, 2)]  # the fingerprint tells float32 chunks from bfloat16 ones
-    fingerprint = json.loads((tmp_path / "ddim-4" / "seed0" / FINGERPRINT).read_text())
-    assert fingerprint["bf16"] is True
-    assert json.loads((tmp_path / "ode-adaptive" / "seed0" / FINGERPRINT).read_text())["bf16"] is False
-    bf16 = load_samples(tmp_path, "ddim-4", 0)
-    np.testing.assert_array_equal(load_samples(tmp_path, "ode-adaptive", 0), fp32["ode-adaptive"])
-    gap = np.abs(bf16 - fp32["ddim-4"]).max()
+    run(toy_model, tmp_path, [DDIM, ODE], n_samples=16, batch_size=8, bf16=True)
+    assert json.loads((tmp_path / "ddim-4" / "seed0" / FINGERPRINT).read_text())["bf16"] is True
+    np.testing.assert_array_equal(load_samples(tmp_path, "ddim-4", 0), auto)  # auto is true where it runs
+    gap = np.abs(auto - fp32["ddim-4"]).max()
     # the network ran in bfloat16 (different bits), whose relative rounding of 2^-9 per evaluation moves little
     assert 0 < gap < 0.05 * np.abs(fp32["ddim-4"]).max(), gap
 

@@ -156,14 +156,17 @@ def test_bf16_autocast_trains_the_same_network_on_this_cpu_or_is_refused_by_name
     variants = {"vp": {**VARIANTS["vp"], "net": net}}
     train = {"steps": 4, "batch_size": 16, "checkpoint_every": 4, "log_every": 2}
     _, fp32 = run(make_params(tmp_path / "a", "digits", variants, train), tmp_path / "a", "vp")
-    bf16_params = make_params(tmp_path / "b", "digits", variants, {**train, "bf16": True})
-    if bf16_problem(torch.device("cpu")):  # a CPU without bfloat16 kernels: refused, not emulated slowly
-        with pytest.raises(TrainingError, match="train.bf16 is true but"):
-            run(bf16_params, tmp_path / "b", "vp")
-        return
-    _, bf16 = run(bf16_params, tmp_path / "b", "vp")
-    a, b = load_trained(fp32.model_path).model.state_dict(), load_trained(bf16.model_path).model.state_dict()
+    problem = bf16_problem(torch.device("cpu"))
+    _, auto = run(make_params(tmp_path / "b", "digits", variants, {**train, "bf16": "auto"}), tmp_path / "b", "vp")
+    client, runs = mlflow_runs(tmp_path / "b")
+    assert runs[0].data.tags["bf16"] == str(problem is None)  # what auto chose on the worker, in MLflow
+    a, b = load_trained(fp32.model_path).model.state_dict(), load_trained(auto.model_path).model.state_dict()
     gap = max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point())
+    if problem:  # auto ran float32 here, bit for bit; true is refused, not emulated slowly
+        assert gap == 0
+        with pytest.raises(TrainingError, match="train.bf16 is true but"):
+            run(make_params(tmp_path / "c", "digits", variants, {**train, "bf16": True}), tmp_path / "c", "vp")
+        return
     # bfloat16 gradients (other bits), yet Adam's 4 steps of at most lr = 1e-3 each from the same start
     assert 0 < gap < 8e-3, gap
     assert all(b[k].dtype == a[k].dtype for k in a)  # the weights stay float32

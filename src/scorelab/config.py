@@ -68,9 +68,9 @@ class TrainConfig(_Model):
     log_every: int = Field(25, ge=1)
     sample_every: int = Field(0, ge=0)  # steps between sample grids logged to MLflow; 0 = only at the end
     # Autocast the network's forward pass to bfloat16 (weights, optimizer and EMA stay float32): on a GPU, or a
-    # CPU whose oneDNN has bfloat16 kernels (AVX512-BF16/AMX). 1.4x the images/s of float32 on the 2-core digits
-    # default at the same domain FD (docs/BENCHMARKS.md). Sampling and likelihoods stay float32.
-    bf16: bool = False
+    # CPU whose oneDNN has bfloat16 kernels (AVX512). 1.4x the images/s of float32 on the 2-core digits default
+    # at the same domain FD (docs/BENCHMARKS.md). true where it cannot run fast is an error; auto: where it can.
+    bf16: bool | Literal["auto"] = False
 
     @model_validator(mode="after")
     def _decay_has_a_schedule(self):
@@ -140,9 +140,9 @@ class SampleConfig(_Model):
     # The divergence guard: a seed whose samples are not finite or reach |x| above this (model space: images lie
     # in [-1, 1], toy2d within 5) is marked diverged in the summary, the report and MLflow instead of scored.
     diverged_above: float = Field(100.0, gt=0, allow_inf_nan=False)
-    # The network under bfloat16 autocast (as train.bf16, same hardware) for every sampler but the adaptive ODE:
-    # 1.55x the samples/s here at the same domain FD (docs/BENCHMARKS.md). bits/dim stays float32.
-    bf16: bool = False
+    # The network under bfloat16 autocast (true / false / auto, as train.bf16) for every sampler but the adaptive
+    # ODE: 1.55x the samples/s here at the same domain FD (docs/BENCHMARKS.md). bits/dim stays float32.
+    bf16: bool | Literal["auto"] = False
 
     @field_validator("seeds")
     @classmethod

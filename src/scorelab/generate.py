@@ -36,8 +36,9 @@ so summation orders, by batch size, and a chunk of 7 would otherwise differ from
 last bits. So for every sampler except the adaptive ODE and the pc sampler with the snr-controlled
 `langevin` corrector (whose step sizes are batch statistics) the arrays do not depend on batch_size
 nor on how many tasks ran, bit for bit, on a given kind of device (the fingerprint names it: CPU and GPU
-kernels round differently). With bf16 (params sample.bf16) the network runs under bfloat16 autocast for
-every setting but the adaptive ODE; the fingerprint says so, and float32 chunks are not mixed with them.
+kernels round differently). With bf16 (params sample.bf16: true, or auto where the device has bfloat16
+kernels) the network runs under bfloat16 autocast for every setting but the adaptive ODE; the fingerprint
+holds the setting, so float32 and bfloat16 chunks are not mixed, and the manifest says which ran (`bf16`).
 Chunks are written atomically (temporary file, then os.replace), so a rerun keeps every complete
 chunk, regenerates the missing or unreadable ones, and ends with neither gaps nor duplicates.
 """
@@ -64,7 +65,7 @@ from .config import VariantConfig
 from .layout import GRID_FILE as GRID
 from .modality import Modality, modality_of
 from .provenance import code_fingerprint
-from .runtime import Shipment, bf16_problem, ray_session, ship_files, task_device, unpack
+from .runtime import Shipment, ray_session, resolve_bf16, ship_files, task_device, unpack
 from .sampling import sample
 from .visual import save_preview
 
@@ -96,10 +97,10 @@ class SamplerSetting:
         """The ODE solver picks its steps per batch: its NFE differs from chunk to chunk."""
         return self.method == "ode"
 
-    def autocast(self, bf16: bool) -> bool:
-        """Whether sample.bf16 applies: not to the adaptive ODE, whose error control (rtol 1e-3 and finer) is
+    def autocast(self, bf16: bool | str) -> bool | str:
+        """sample.bf16 for this setting: not for the adaptive ODE, whose error control (rtol 1e-3 and finer) is
         as fine as bfloat16's rounding: fed that noise, it took other steps (subvp: NFE 47 against 55)."""
-        return bf16 and not self.adaptive
+        return False if self.adaptive else bf16
 
     def describe(self) -> dict[str, Any]:
         return {"key": self.key, "method": self.method, "steps": self.steps, "options": self.options}
@@ -171,20 +172,21 @@ class BlockedScore:
 
 
 def _sample_chunk(model: Shipment, setting: dict[str, Any], seed: int, start: int, end: int, eval_block: int,
-                  use_gpu: bool = False, bf16: bool = False) -> dict[str, Any]:
+                  use_gpu: bool = False, bf16: bool | str = False) -> dict[str, Any]:
     """Samples [start, end) of `seed` on this task's device; returns the arrays for the driver to write (so
-    the output folder need only exist where the driver runs, not on every node). bf16: the network runs
-    under bfloat16 autocast; the sampler's own arithmetic stays float32."""
+    the output folder need only exist where the driver runs, not on every node). bf16 (true, false or auto,
+    resolved on this device): the network runs under bfloat16 autocast; the sampler's own arithmetic stays
+    float32."""
     device = task_device(use_gpu)
     if device.type == "cpu":
         torch.set_num_threads(1)  # one task per CPU: intra-op threads would fight over the same cores
-    problem = bf16_problem(device) if bf16 else None
+    use_bf16, problem = resolve_bf16(bf16, device)
     if problem:
-        raise GenerateError(f"sample.bf16 is true but {problem}: set sample.bf16: false")
+        raise GenerateError(f"sample.bf16 is true but {problem}: set sample.bf16: auto or false")
     trained = _cached_model(model, device)
     net, shape = trained.model, tuple(trained.data_shape)
     tick = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
         result = sample(BlockedScore(net, eval_block), net.sde, (end - start, *shape), method=setting["method"],
                         steps=setting["steps"], seed=seed, indices=torch.arange(start, end), device=device,
                         **setting["options"])
@@ -196,7 +198,7 @@ def _sample_chunk(model: Shipment, setting: dict[str, Any], seed: int, start: in
     where = f"{ray.get_runtime_context().get_node_id()[:12]}/{device.type}"  # for the summary, not the file
     return {"x": modality_of(shape).to_stored(x), "indices": np.arange(start, end, dtype=np.int64),
             "nfe": np.int64(result.nfe), "seconds": np.float64(seconds), "max_abs": np.float64(max_abs),
-            "where": where}
+            "bf16": np.bool_(use_bf16), "where": where}
 
 
 @functools.cache
@@ -321,7 +323,7 @@ def generate(
     use_gpu: bool = False,  # one GPU per task; chunks and network calls of gpu_batch_size samples
     gpu_batch_size: int = 4096,
     diverged_above: float = DIVERGED_ABOVE,  # a seed with |x| beyond this (or not finite) is marked diverged
-    bf16: bool = False,  # bfloat16 autocast of the network, for every setting but the adaptive ODE
+    bf16: bool | str = False,  # bfloat16 autocast of the network (true, false, auto) but for the adaptive ODE
 ) -> list[dict[str, Any]]:
     """Draw n_samples per sampler setting and seed into out_dir (format: module docstring), resuming
     whatever an earlier run left; write a manifest per setting/seed and a grid per setting.
@@ -389,7 +391,7 @@ def generate(
 
 
 def _run_chunks(model: Shipment, pending: list[tuple[_Job, int, int]], num_workers: int, eval_block: int,
-                use_gpu: bool, bf16: bool, bar) -> None:
+                use_gpu: bool, bf16: bool | str, bar) -> None:
     """Keep num_workers tasks in flight; write each chunk as it arrives, so an interruption loses only
     the chunks still running. The bar counts samples (its rate is samples/s)."""
     import ray
@@ -432,7 +434,8 @@ def _finish(job: _Job, sample_shape: tuple[int, ...], dtype: np.dtype, layout: s
             raise GenerateError(f"{path} is missing or incomplete after sampling")
         c = _read_chunk(path)
         max_abs = max(max_abs, float(c["max_abs"]))
-        chunks.append({"start": a, "end": b, "nfe": int(c["nfe"]), "seconds": float(c["seconds"])})
+        chunks.append({"start": a, "end": b, "nfe": int(c["nfe"]), "seconds": float(c["seconds"]),
+                       "bf16": bool(c["bf16"])})
     nfes = [c["nfe"] for c in chunks]
     # one NFE for fixed-step samplers; the adaptive ODE's step count is per batch, so one per chunk
     nfe: int | list[int] = nfes if job.setting.adaptive or len(set(nfes)) > 1 else nfes[0]
@@ -442,7 +445,7 @@ def _finish(job: _Job, sample_shape: tuple[int, ...], dtype: np.dtype, layout: s
              "diverged": not finite or max_abs > diverged_above}
     manifest = {"count": n_samples, "shape": list(sample_shape), "dtype": dtype.name, "layout": layout,
                 "nfe": nfe, "seconds": round(seconds, 4), "setting": job.setting.describe(), "seed": job.seed,
-                "eval_block": eval_block, "chunks": chunks, **guard}
+                "eval_block": eval_block, "bf16": any(c["bf16"] for c in chunks), "chunks": chunks, **guard}
     storage.write_json(job.folder / MANIFEST, manifest, indent=2)
     return {"setting": job.setting.key, "method": job.setting.method, "steps": job.setting.steps,
             "seed": job.seed, "count": n_samples, "nfe": nfe, "seconds": round(seconds, 4),

@@ -167,8 +167,8 @@ def task_device(use_gpu: bool):
 
 
 def bf16_problem(device) -> str | None:
-    """Why bfloat16 autocast (train.bf16) cannot run fast on `device`, or None. On a CPU, oneDNN's own test:
-    without its bfloat16 kernels autocast would be emulated, slower than float32."""
+    """Why bfloat16 autocast cannot run fast on `device`, or None. On a CPU, oneDNN's own test: without its
+    bfloat16 kernels autocast would be emulated, slower than float32."""
     import torch
 
     if device.type == "cuda":
@@ -176,6 +176,15 @@ def bf16_problem(device) -> str | None:
     if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "this CPU has no bfloat16 kernels (oneDNN needs AVX512 or AMX)"
     return None
+
+
+def resolve_bf16(setting: bool | str, device) -> tuple[bool, str | None]:
+    """A train.bf16 or sample.bf16 setting on `device`: (whether to autocast, why a `true` cannot run here).
+    auto autocasts exactly where bf16_problem finds none, so the same params run on any machine."""
+    if setting is False:
+        return False, None
+    problem = bf16_problem(device)
+    return problem is None, problem if setting is True else None
 
 
 def check_storage_shared(store: str, setting: str = "ray.storage_path", timeout_s: float = 60.0) -> None:

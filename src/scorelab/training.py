@@ -44,9 +44,9 @@ from .objective import OBJECTIVE, Objective
 from .parameterization import ScoreModel
 from .layout import CLASSIFIER_FILE, METRICS_FILE, MODEL_FILE, REF_TEST_FILE, Layout, shared_root
 from .variant_config import profile_name
-from .runtime import (Shipment, StopWatch, alive_nodes, bf16_problem, check_storage_shared, checkpoint_on_sigterm,
-                      ray_session, remove_unregistered_checkpoints, say, ship_files, torch_trainer, unpack,
-                      worker_error)
+from .runtime import (Shipment, StopWatch, alive_nodes, check_storage_shared, checkpoint_on_sigterm,
+                      ray_session, remove_unregistered_checkpoints, resolve_bf16, say, ship_files, torch_trainer,
+                      unpack, worker_error)
 from .visual import save_samples
 
 STATUS_FILE = "scorelab_status.json"  # in the run's folder under ray.storage_path: rank 0's outcome of a launch
@@ -267,6 +267,9 @@ def train_loop(config: dict[str, Any]) -> None:
     variant = VariantConfig.model_validate(job.variant_config)
     train = TrainConfig.model_validate(job.train)
     device = ray.train.torch.get_device()
+    use_bf16, problem = resolve_bf16(train.bf16, device)
+    if problem:
+        raise TrainingError(f"train.bf16 is true but {problem} (worker {rank}): set train.bf16: auto or false")
     rows, accum = micro_batch(train, world)
 
     state, where = None, ""
@@ -291,14 +294,10 @@ def train_loop(config: dict[str, Any]) -> None:
     logger = tracking.RunLogger(job.tracking_uri, job.run_id) if rank == 0 else None
     if logger is not None:
         logger.tags({"ray.num_workers": world, "ray.num_nodes": len(set(nodes)), "resumed_from_step": start,
-                     "device": device.type})
+                     "device": device.type, "bf16": use_bf16})
     # Steps between the checkpoint and where a killed launch got to are redone, bit for bit the same: their
     # metric points already in the run are not logged again (a gap the killed launch left is filled).
     logged = logger.logged_steps("loss") if logger is not None and start > 0 else set()
-    problem = bf16_problem(device) if train.bf16 else None
-    if problem:
-        raise TrainingError(f"train.bf16 is true but {problem} (worker {rank}): set train.bf16: false")
-    use_bf16 = train.bf16
 
     sde = model.sde
     # The host reads the device's values only at sync points (every SYNC_EVERY steps, and where it logs,
