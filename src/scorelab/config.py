@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails
 
 from .data import DataConfig, parse_data_config
@@ -43,6 +43,15 @@ from .variant_config import (
 
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]  # scorelab.rng keys its streams by 63 bits: refused, not masked
+
+
+def _bf16_setting(value: Any) -> Any:
+    if value is True or value is False or value == "auto":
+        return value
+    raise ValueError(f"must be true, false or auto (got {show(value)})")
+
+
+Bf16 = Annotated[bool | Literal["auto"], BeforeValidator(_bf16_setting)]  # bfloat16 autocast; auto: where it is fast
 MAX_GRID = 1000  # configurations a sweep may have: each is checked as a variant before anything runs
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +79,7 @@ class TrainConfig(_Model):
     # Autocast the network's forward pass to bfloat16 (weights, optimizer and EMA stay float32): on a GPU, or a
     # CPU whose oneDNN has bfloat16 kernels (AVX512). 1.4x the images/s of float32 on the 2-core digits default
     # at the same domain FD (docs/BENCHMARKS.md). true where it cannot run fast is an error; auto: where it can.
-    bf16: bool | Literal["auto"] = False
+    bf16: Bf16 = False
 
     @model_validator(mode="after")
     def _decay_has_a_schedule(self):
@@ -142,7 +151,7 @@ class SampleConfig(_Model):
     diverged_above: float = Field(100.0, gt=0, allow_inf_nan=False)
     # The network under bfloat16 autocast (true / false / auto, as train.bf16) for every sampler but the adaptive
     # ODE: 1.55x the samples/s here at the same domain FD (docs/BENCHMARKS.md). bits/dim stays float32.
-    bf16: bool | Literal["auto"] = False
+    bf16: Bf16 = False
 
     @field_validator("seeds")
     @classmethod

@@ -73,7 +73,7 @@ CHUNK_RE = re.compile(r"^chunk-(\d+)-(\d+)\.npz$")
 MANIFEST = "manifest.json"
 FINGERPRINT = "fingerprint.json"
 SUMMARY = "summary.json"  # one row per (setting, seed): what generate() returns
-_KEYS = ("x", "indices", "nfe", "seconds")  # every chunk file; "max_abs" too since the divergence guard
+_KEYS = ("x", "indices", "nfe", "seconds", "bf16")  # every chunk file; "max_abs" too since the divergence guard
 DIVERGED_ABOVE = 100.0  # |x| in model space; params' sample.diverged_above (images lie in [-1, 1], toy2d within 5)
 
 
