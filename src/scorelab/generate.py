@@ -73,7 +73,7 @@ CHUNK_RE = re.compile(r"^chunk-(\d+)-(\d+)\.npz$")
 MANIFEST = "manifest.json"
 FINGERPRINT = "fingerprint.json"
 SUMMARY = "summary.json"  # one row per (setting, seed): what generate() returns
-_KEYS = ("x", "indices", "nfe", "seconds", "bf16")  # every chunk file; "max_abs" too since the divergence guard
+_KEYS = ("x", "indices", "nfe", "seconds")  # every chunk file; "max_abs" since the divergence guard, "bf16" since bf16
 DIVERGED_ABOVE = 100.0  # |x| in model space; params' sample.diverged_above (images lie in [-1, 1], toy2d within 5)
 
 
@@ -222,9 +222,11 @@ def _write_chunk(path: Path, arrays: dict[str, Any]) -> None:
 
 
 def _read_chunk(path: Path) -> dict[str, np.ndarray]:
-    """The chunk's arrays; max_abs None for a file written before the divergence guard (its samples still load)."""
+    """The chunk's arrays; max_abs None for a file written before the divergence guard (its samples still load),
+    bf16 False for one written before sample.bf16 (float32 was all there was)."""
     with np.load(path) as z:
-        return {**{k: z[k] for k in _KEYS}, "max_abs": z["max_abs"] if "max_abs" in z.files else None}
+        return {**{k: z[k] for k in _KEYS}, "max_abs": z["max_abs"] if "max_abs" in z.files else None,
+                "bf16": z["bf16"] if "bf16" in z.files else np.bool_(False)}
 
 
 def _chunk_ok(path: Path, start: int, end: int, sample_shape: tuple[int, ...], dtype: np.dtype) -> bool:
