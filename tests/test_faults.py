@@ -179,7 +179,9 @@ def test_second_sigterm_exits_at_once_keeping_the_registered_checkpoint(tmp_path
     assert "second SIGTERM: exiting now" in err.read_text(), err.read_text()[-3000:]
     assert "stopped by SIGTERM at step" not in err.read_text(), "it waited for the workers' checkpoint"
     on_disk = {int(load_state(s.parent, None)["step"]) for s in (tmp_path / "ray").rglob(STATE_FILE)}
-    assert registered in on_disk
+    # every kept checkpoint loads whole; Ray keeps the last 2 registered, which may have moved past the one seen
+    # before the signals (its controller collects reports every 0.25 s: scorelab.runtime.TRAIN_POLL_S)
+    assert on_disk and max(on_disk) >= registered, (registered, sorted(on_disk))
     report(f"second SIGTERM: the first was handled in {handled_s:.2f}s; the driver exited 143 {exit_s:.2f}s after "
            f"the second; checkpoints kept {sorted(on_disk)}")
 
