@@ -87,7 +87,9 @@ class DomainFD:
     build_featurizer: DigitClassifier trained by features.train_classifier on the train split, one thread,
     seed params.seed) and the test split's feature statistics as the reference. Samples are quantised to
     uint8 and back first, as the sample stage stores them. reference="train": the whole train split, as the
-    evaluate stage scores now (its baseline is then held-out test data, `baseline(..., split="test")`)."""
+    evaluate stage scores now (its baseline is then held-out test data, `baseline(..., split="test")`);
+    reference="full": every image of the data set, train and test split (`baseline(..., split="full")` draws
+    from the same images, so that baseline is the floor of a perfect sampler at N, a little optimistic)."""
 
     def __init__(self, params, work: Path, epochs: int = 12, reference: str = "test"):
         from scorelab.data import read_split
@@ -97,10 +99,17 @@ class DomainFD:
         self.params = params
         self.meta = build_featurizer(params, root=work, out_dir=work / "featurizer", epochs=epochs)
         self.clf, _ = load_classifier(work / "featurizer" / "classifier.pt")
-        ref_file = {"test": REF_TEST_FILE, "train": REF_TRAIN_FILE}[reference]
-        self.ref_mu, self.ref_sigma = read_stats(work / "featurizer" / ref_file)
         self.x_train = read_split(params.data.dataset_dir, "train")
         self.shape = tuple(self.x_train.shape[1:])
+        if reference == "full":  # train and test split together: every image of the data set
+            from scorelab.features import feature_stats
+
+            self.x_full = torch.cat([torch.as_tensor(self.x_train),
+                                     torch.as_tensor(read_split(params.data.dataset_dir, "test"))])
+            self.ref_mu, self.ref_sigma = feature_stats(self.clf, self.x_full)
+        else:
+            ref_file = {"test": REF_TEST_FILE, "train": REF_TRAIN_FILE}[reference]
+            self.ref_mu, self.ref_sigma = read_stats(work / "featurizer" / ref_file)
 
     def __call__(self, x: torch.Tensor) -> float:
         from scorelab.features import domain_frechet
@@ -114,7 +123,8 @@ class DomainFD:
         "test" with reference "train" is the evaluate stage's)."""
         from scorelab.data import read_split
 
-        real = self.x_train if split == "train" else read_split(self.params.data.dataset_dir, split)
+        real = {"train": lambda: self.x_train, "full": lambda: self.x_full}.get(
+            split, lambda: read_split(self.params.data.dataset_dir, split))()
         out = []
         for seed in seeds:
             idx = np.sort(np.random.default_rng([self.params.seed, seed]).choice(len(real), n, replace=False))
@@ -172,17 +182,26 @@ class ScorelabTrainer:
 
     name = "scorelab"
 
-    def __init__(self, params, variant: str, batch_size: int | None = None, fused: bool = True):
-        from scorelab.ema import EMA
+    def __init__(self, params, variant: str, batch_size: int | None = None, fused: bool = True, *,
+                 lr: float | None = None, steps: int | None = None, bf16: bool = False,
+                 profiles: tuple[float, ...] = ()):
+        from scorelab.ema import EMA, PowerEMA
         from scorelab.checkpoint import build_model
         from scorelab.training import PartitionLoader, resolve_train
+        from scorelab.variant_config import profile_name
 
         self.params, self.variant = params, params.variants[variant]
         self.train = resolve_train(params, variant)
+        update = {k: v for k, v in (("lr", lr), ("steps", steps)) if v is not None}
+        if update:  # the lr schedule's length is train.steps: a run of another length needs it too
+            self.train = self.train.model_copy(update=update)
         self.batch_size = batch_size or self.train.batch_size
+        self.bf16 = bf16  # bfloat16 autocast of the forward pass and loss, as train_loop does with train.bf16
         torch.manual_seed(params.seed)
         self.model = build_model(self.variant, tuple(self._shape()))
         self.ema = EMA(self.model, decay=self.variant.ema.decay, warmup=self.variant.ema.warmup)
+        # power EMA profiles kept beside the classic EMA (the variant's ema.profiles does this in train_loop)
+        self.profiles = {profile_name(s): PowerEMA(self.model, s) for s in profiles}
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.train.lr, weight_decay=self.train.weight_decay,
                                     fused=fused)
         self.loader = PartitionLoader(str(params.data.dataset_dir), 0, 1, self.batch_size, params.seed, params.data.hflip)
@@ -208,18 +227,25 @@ class ScorelabTrainer:
         x0 = self.loader.batch(k)
         gen = torch.Generator().manual_seed(mix_seed(self.params.seed, 0, k, 2))
         seed_dropout(torch.device("cpu"), mix_seed(self.params.seed, 0, k, 4))  # as train_loop does per micro-batch
-        out = dsm_loss(self.model, self.sde, x0, weighting=self.variant.loss.weighting,
-                       reduction=self.variant.loss.reduction, generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            out = dsm_loss(self.model, self.sde, x0, weighting=self.variant.loss.weighting,
+                           reduction=self.variant.loss.reduction, generator=gen)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip or math.inf)
         self.opt.step()
         self.ema.update(self.model)
+        for profile in self.profiles.values():
+            profile.update(self.model)
         self.steps += 1
         return float(out.loss.detach())
 
     def sampling_model(self):
         """The EMA ScoreModel, eval mode."""
         return self.ema.module.eval()
+
+    def candidates(self) -> dict:
+        """{name: EMA ScoreModel in eval mode}: the classic EMA ("ema") and each power profile."""
+        return {"ema": self.sampling_model(), **{n: p.module.eval() for n, p in self.profiles.items()}}
 
     def num_params(self) -> int:
         from scorelab.nets import count_parameters
@@ -261,7 +287,8 @@ class DiffusersTrainer:
 
     name = "diffusers"
 
-    def __init__(self, params, image_size: int, batch_size: int, lr: float | None = None, **unet_kw):
+    def __init__(self, params, image_size: int, batch_size: int, lr: float | None = None, bf16: bool = False,
+                 **unet_kw):
         from diffusers import DDPMScheduler
         from diffusers.training_utils import EMAModel
 
@@ -269,6 +296,7 @@ class DiffusersTrainer:
 
         r = DIFFUSERS_RECIPE
         self.params, self.batch_size = params, batch_size
+        self.bf16 = bf16  # the recipe's --mixed_precision bf16: autocast of the forward pass
         torch.manual_seed(params.seed)
         self.model = diffusers_unet(image_size, **unet_kw)
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=r["ddpm_num_steps"],
@@ -302,7 +330,8 @@ class DiffusersTrainer:
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (clean.shape[0],),
                                   generator=self.gen).long()
         noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
-        pred = self.model(noisy, timesteps, return_dict=False)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            pred = self.model(noisy, timesteps, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), DIFFUSERS_RECIPE["max_grad_norm"])

@@ -36,16 +36,37 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_quality_vs_diffusers_runs(tmp_path):
-    _run("quality_vs_diffusers.py", "--budget", "1", "--slice", "0.5", "--nfe", "2", "--seeds", "0", "--n", "16",
-         "--threads", "1", "--classifier-epochs", "1", "--save-model", str(tmp_path / "model.pt"),
-         "--out", str(tmp_path))
-    lines = (tmp_path / "quality_vs_diffusers.csv").read_text().splitlines()
-    # header, 2 samplers x 2 sides, the baseline, 2 matched ratios + the best-vs-best ratio
-    assert len(lines) == 1 + 4 + 1 + 3
-    assert (tmp_path / "quality_vs_diffusers_train.csv").read_text().count("\n") == 3
+    _run("quality_vs_diffusers.py", "--steps", "3", "--scorelab-lrs", "2e-3", "--diffusers-lrs", "1e-3", "3e-3",
+         "--ema-profiles", "0.1", "--nfe", "2", "--ancestral", "3", "--seeds", "0", "1", "--n", "16", "--select-n", "8",
+         "--select-nfe", "2", "--slice", "0.2", "--threads", "1", "--classifier-epochs", "1",
+         "--save-model", str(tmp_path / "model.pt"), "--out", str(tmp_path))
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "quality_vs_diffusers.csv")))
+    scores = {(r["budget"], r["side"], r["sampler"], r["nfe"]): r for r in rows if r["budget"] and "ratio" not in r["side"]}
+    # 3 models (scorelab, diffusers at equal images, diffusers at equal time) x (DDIM-2, DPM-Solver++-2, ancestral-3)
+    assert len(scores) == 9 and sum(r["side"] == "real-vs-real" for r in rows) == 1
+    ratios = [r for r in rows if r["side"] == "ratio scorelab/diffusers"]
+    assert [(r["budget"], r["nfe"]) for r in ratios] == [("images", "2"), ("images", "best"), ("wall", "2"), ("wall", "best")]
+    for r in ratios:  # each ratio is of the rows it names (scorelab's equal-time model is its equal-images one)
+        (a, na), (b, nb) = (pair.rsplit("-", 1) for pair in r["sampler"].split(" vs "))
+        ours, peer = scores[("images", "scorelab", a, na)], scores[(r["budget"], "diffusers", b, nb)]
+        assert float(r["mean"]) == pytest.approx(float(ours["mean"]) / float(peer["mean"]), rel=2e-3)
+    train = list(csv.DictReader(open(tmp_path / "quality_vs_diffusers_train.csv")))
+    assert [(r["budget"], r["side"], r["lr"]) for r in train] == [
+        ("images", "scorelab", "0.002"), ("images", "diffusers", "0.001"), ("images", "diffusers", "0.003"),
+        ("wall", "diffusers", train[1 if train[1]["chosen"] == "True" else 2]["lr"])]
+    assert train[0]["selection"].split()[0].startswith("ema=") and "power-0.10=" in train[0]["selection"]
+    assert [r["chosen"] for r in train[1:3]].count("True") == 1
     from scorelab.checkpoint import load_trained
 
     assert load_trained(tmp_path / "model.pt").variant.sde.type == "ddpm"
+
+
+def test_quality_vs_diffusers_refuses_a_scored_selection_seed(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "quality_vs_diffusers.py"), "--seeds", "0", "1",
+                           "--select-seed", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--select-seed 1" in proc.stderr and not any(tmp_path.iterdir())
 
 
 def test_overheads_runs(tmp_path):
