@@ -124,3 +124,12 @@ def test_lr_schedules_runs(tmp_path):
     rows = (tmp_path / "lr_schedules.csv").read_text().splitlines()
     assert len(rows) == 1 + 1 + 2 * 4  # header, the baseline, 2 configs x (ddpm's 2 + vp's 2 settings)
     assert rows[-1].startswith("vp,linear,2,0.5,dpm_solver-20,20,")
+
+
+def test_ancestral_draws_runs(tmp_path):
+    _run("ancestral_draws.py", "--steps", "2", "--sample-steps", "3", "--n", "8", "--seeds", "0", "1",
+         "--classifier-epochs", "1", "--out", str(tmp_path))
+    import csv
+
+    rows = {r["setting"]: r for r in csv.DictReader(open(tmp_path / "ancestral_draws.csv"))}
+    assert len(rows) == 6 and all(len(r["fd_per_seed"].split()) == 2 for r in rows.values())
