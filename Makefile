@@ -44,6 +44,7 @@ test-all: $(STAMP)
 # The benchmarks of docs/BENCHMARKS.md, one after another (long; not run by CI); CSVs into docs/bench/.
 bench: $(STAMP)
 	$(PY) bench/quality_vs_diffusers.py --save-model outputs/bench/ddpm_model.pt
+	$(PY) bench/ancestral_draws.py
 	$(PY) bench/samplers_one_net.py --model outputs/bench/ddpm_model.pt
 	$(PY) bench/overheads.py
 	$(PY) bench/train_throughput.py
