@@ -101,15 +101,23 @@ class DomainFD:
         self.clf, _ = load_classifier(work / "featurizer" / "classifier.pt")
         self.x_train = read_split(params.data.dataset_dir, "train")
         self.shape = tuple(self.x_train.shape[1:])
-        if reference == "full":  # train and test split together: every image of the data set
+        if reference == "full":
             from scorelab.features import feature_stats
 
-            self.x_full = torch.cat([torch.as_tensor(self.x_train),
-                                     torch.as_tensor(read_split(params.data.dataset_dir, "test"))])
-            self.ref_mu, self.ref_sigma = feature_stats(self.clf, self.x_full)
+            self.ref_mu, self.ref_sigma = feature_stats(self.clf, self.real("full"))
         else:
             ref_file = {"test": REF_TEST_FILE, "train": REF_TRAIN_FILE}[reference]
             self.ref_mu, self.ref_sigma = read_stats(work / "featurizer" / ref_file)
+
+    def real(self, split: str) -> torch.Tensor:
+        """The images of a split of the prepared data; "full": train and test together, every image."""
+        from scorelab.data import read_split
+
+        if split == "train":
+            return self.x_train
+        if split == "full":
+            return torch.cat([self.x_train, read_split(self.params.data.dataset_dir, "test")])
+        return read_split(self.params.data.dataset_dir, split)
 
     def __call__(self, x: torch.Tensor) -> float:
         from scorelab.features import domain_frechet
@@ -121,10 +129,7 @@ class DomainFD:
     def baseline(self, n: int, seeds: list[int], split: str = "train") -> list[float]:
         """N random real images of `split` per seed against the reference: the real-vs-real baseline (split
         "test" with reference "train" is the evaluate stage's)."""
-        from scorelab.data import read_split
-
-        real = {"train": lambda: self.x_train, "full": lambda: self.x_full}.get(
-            split, lambda: read_split(self.params.data.dataset_dir, split))()
+        real = self.real(split)
         out = []
         for seed in seeds:
             idx = np.sort(np.random.default_rng([self.params.seed, seed]).choice(len(real), n, replace=False))

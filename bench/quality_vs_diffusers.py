@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         base = fd.baseline(args.n, args.seeds, split="full")
         rows.append({"budget": "", "side": "real-vs-real", "lr": "", "sampler": "", "nfe": 0, "seeds": len(base),
                      "n": args.n, **_stats(base)})
-        print(f"real vs real (N = {args.n} of {len(fd.x_full)}): {_fmt(base)}", flush=True)
+        print(f"real vs real (N = {args.n} of {len(fd.real('full'))}): {_fmt(base)}", flush=True)
         unet_kw = dict(channels=vcfg.net.channels, channel_mult=tuple(vcfg.net.channel_mult),
                        layers_per_block=vcfg.net.num_res_blocks)
 
@@ -220,10 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"({time.perf_counter() - tick:.0f} s)", flush=True)
                 rows.append({"budget": budget, "side": name, "lr": lr, "sampler": label, "nfe": used,
                              "seeds": len(values), "n": args.n, **_stats(values)})
-    for side in ("scorelab",):  # scorelab's equal-wall model is its equal-images model: the same scores
-        for (budget, name, label, nfe), values in list(per.items()):
-            if budget == "images" and name == side:
-                per[("wall", name, label, nfe)] = values
+    for (budget, name, label, nfe), values in list(per.items()):  # scorelab's equal-time model is its
+        if budget == "images" and name == "scorelab":                # equal-images model: the same scores
+            per[("wall", name, label, nfe)] = values
 
     ratios = _ratios(per, args.nfe)
     for r in ratios:
@@ -235,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     benchlib.write_csv(out / "quality_vs_diffusers.csv", rows)
     benchlib.write_csv(out / "quality_vs_diffusers_train.csv",
                        [{**r, **{f"machine_{k}": v for k, v in m.items()}} for r in train_rows])
-    _print_tables(args, m, train_rows, per, ratios, base, bf16, best, started)
+    _print_tables(args, m, train_rows, per, ratios, base, bf16, started)
     return 0
 
 
@@ -280,7 +279,7 @@ def _ratios(per: dict, nfes: list[int]) -> list[dict]:
     return out
 
 
-def _print_tables(args, m, train_rows, per, ratios, base, bf16, best, started) -> None:
+def _print_tables(args, m, train_rows, per, ratios, base, bf16, started) -> None:
     print(f"\n{benchlib.machine_line(m)}; {time.time() - started:.0f} s in all; bf16 training: {bf16}\n")
     print("| budget | side | lr | training s | steps | images/s | final loss | selection (DPM-Solver++ "
           f"{'/'.join(map(str, args.select_nfe))}, seed {args.select_seed}) | chosen |")
