@@ -1,7 +1,8 @@
-"""Ancestral (DDPM) sampling at 100 steps on one scorelab network, six ways: scorelab's `ancestral` with and without
+"""Ancestral (DDPM) sampling at 100 steps on one scorelab network, seven ways: scorelab's `ancestral` with and without
 x0 clipping, and diffusers' DDPMScheduler with "trailing" or "leading" spacing, with and without clip_sample. The
 "trailing", unclipped DDPMScheduler is scorelab's algorithm (tests/test_sampling.py matches them sample for sample
-with the same noise); here it draws its own noise, so the row shows how far the draws alone move the score.
+with the same noise): fed scorelab's noise it scores what scorelab does; drawing its own noise, the row shows how
+far the draws alone move the score.
 
     .venv/bin/python bench/ancestral_draws.py [--steps 3600] [--lr 1e-3] [--profile 0.10] [--n 1000]
         [--seeds 0 1 2] [--threads 1] [--out docs/bench]
@@ -23,10 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
-# name: ("scorelab", x0_threshold) or ("diffusers", DDPMScheduler keyword arguments)
+# name: ("scorelab", x0_threshold) or ("diffusers", DDPMScheduler keyword arguments[, "shared"]); "shared": its
+# variance noise is scorelab's stream of the seed (benchlib.ddpm_variance_noise), so that row must equal the first
 SETTINGS = {
     "scorelab ancestral": ("scorelab", "none"),
     "scorelab ancestral, clip": ("scorelab", "clip"),
+    "DDPMScheduler trailing, scorelab's noise": ("diffusers", {"timestep_spacing": "trailing", "clip_sample": False},
+                                                 "shared"),
     "DDPMScheduler trailing": ("diffusers", {"timestep_spacing": "trailing", "clip_sample": False}),
     "DDPMScheduler trailing, clip_sample": ("diffusers", {"timestep_spacing": "trailing"}),
     "DDPMScheduler leading, clip_sample (its default)": ("diffusers", {}),
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import diffusers
 
+    from scorelab.rng import SampleNoise
     from scorelab.runtime import resolve_bf16
     from scorelab.sampling import sample
     from scorelab.variant_config import profile_name
@@ -72,13 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         shape = fd.shape
 
         def draw(setting, seed: int) -> torch.Tensor:
-            lib, option = setting
+            lib, option, *shared = setting
             if lib == "scorelab":
                 return sample(model, model.sde, (args.n, *shape), method="ancestral", steps=args.sample_steps,
                               seed=seed, x0_threshold=option).x
             scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", **option)
+            noise = SampleNoise(seed, torch.arange(args.n))  # x_T is its first draw (= benchlib.prior_noise)
             return benchlib.sample_diffusers(lambda x, t: model.net(x, t.to(torch.float32)), scheduler,
-                                             args.sample_steps, benchlib.prior_noise(args.n, shape, seed), seed).x
+                                             args.sample_steps, noise.randn(shape), seed,
+                                             noise=noise if shared else None).x
 
         with torch.no_grad():
             for name, setting in SETTINGS.items():

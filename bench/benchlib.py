@@ -14,6 +14,7 @@ import os
 import platform
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -414,22 +415,40 @@ class DiffusersSample:
     nfe: int
 
 
+@contextmanager
+def ddpm_variance_noise(noise):
+    """DDPMScheduler.step's variance noise drawn from `noise` (a scorelab.rng.SampleNoise) instead of its
+    generator: each step takes the stream's next draw per sample, as scorelab's ancestral sampler does, so that
+    both libraries' ancestral samples of a seed share their noise (common random numbers; tests/test_sampling.py
+    patches the same function to match the two samplers sample for sample)."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+
+    original = ddpm_module.randn_tensor
+    ddpm_module.randn_tensor = lambda shape, **kw: noise.randn(tuple(shape[1:]), dtype=kw.get("dtype") or torch.float32)
+    try:
+        yield
+    finally:
+        ddpm_module.randn_tensor = original
+
+
 @torch.no_grad()
 def sample_diffusers(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler, steps: int,
-                     z: torch.Tensor, seed: int) -> DiffusersSample:
+                     z: torch.Tensor, seed: int, noise=None) -> DiffusersSample:
     """The loop of diffusers' pipelines: set_timesteps, x_T = init_noise_sigma * z, then per timestep
     scale_model_input, the model, scheduler.step. eps_fn(x, t) with t a (B,) tensor of (possibly
-    fractional) timesteps; NFE counted by calls."""
+    fractional) timesteps; NFE counted by calls. Stochastic steps draw from a torch.Generator seeded with
+    `seed`, or, given `noise` (the SampleNoise whose first draw is z), DDPMScheduler's from that stream."""
     scheduler.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed)
     x = z * scheduler.init_noise_sigma
     nfe = 0
-    for t in scheduler.timesteps:
-        inp = scheduler.scale_model_input(x, t)
-        eps = eps_fn(inp, t.expand(x.shape[0]))
-        nfe += 1
-        kwargs = {"generator": gen} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        x = scheduler.step(eps, t, x, **kwargs).prev_sample
+    with ddpm_variance_noise(noise) if noise is not None else nullcontext():
+        for t in scheduler.timesteps:
+            inp = scheduler.scale_model_input(x, t)
+            eps = eps_fn(inp, t.expand(x.shape[0]))
+            nfe += 1
+            kwargs = {"generator": gen} if "generator" in inspect.signature(scheduler.step).parameters else {}
+            x = scheduler.step(eps, t, x, **kwargs).prev_sample
     return DiffusersSample(x=x, nfe=nfe)
 
 

@@ -3,7 +3,7 @@ rate tuned, at two budgets, in one fresh run.
 
     .venv/bin/python bench/quality_vs_diffusers.py [--steps 3600] [--scorelab-lrs 5e-4 1e-3 2e-3]
         [--diffusers-lrs 2e-3 4e-3 8e-3] [--nfe 10 20 50] [--ancestral 100] [--n 1000] [--seeds 0 1 2]
-        [--bf16 auto] [--save-model PATH] [--out docs/bench]
+        [--ancestral-noise shared] [--bf16 auto] [--save-model PATH] [--out docs/bench]
 
 1. The evaluator: the featurizer stage's DigitClassifier, trained on the train split only
    (scorelab.featurizer.build_featurizer); reference statistics from the full data set (train and test split);
@@ -21,7 +21,10 @@ rate tuned, at two budgets, in one fresh run.
 4. Every chosen model is sampled with DDIM and DPM-Solver++ at --nfe and ancestrally (DDPM) at --ancestral, each
    side with its own samplers (diffusers: its schedulers from the training scheduler's config, the pipelines'
    loop, so DDPMScheduler with its defaults: "leading" spacing and clip_sample), from the same x_T per seed,
-   N = --n per seed, in float32 (bf16 applies to training only), and scored.
+   N = --n per seed, in float32 (bf16 applies to training only), and scored. With --ancestral-noise shared (the
+   default) DDPMScheduler's variance noise is scorelab's per-sample stream of the seed too, so the two ancestral
+   samplers share their noise as the deterministic ones share x_T: the comparison of two networks is then not
+   swayed by which noise each drew (bench/ancestral_draws.py measures that effect: 0.4 of the score at N = 1000).
 
 The default learning-rate grids bracket each side's best of a first run (scorelab 1e-3 of 1e-3 / 2e-3 / 4e-3,
 diffusers 3e-3 of 3e-4 / 1e-3 / 3e-3: both at an edge); docs/BENCHMARKS.md section 1 has both runs.
@@ -58,8 +61,9 @@ TARGETS = {("images", 10): 0.8, ("images", 20): 0.8, ("images", "best"): 1.0, ("
 class Side:
     """How one library's network is sampled: sample(model, label, nfe, n, seed) -> (x, nfe)."""
 
-    def __init__(self, name: str, shape: tuple[int, ...], train_config=None):
+    def __init__(self, name: str, shape: tuple[int, ...], train_config=None, shared_noise: bool = True):
         self.name, self.shape, self.train_config = name, shape, train_config
+        self.shared_noise = shared_noise  # DDPMScheduler's variance noise from scorelab's stream of the seed
 
     @torch.no_grad()
     def sample(self, model, label: str, nfe: int, n: int, seed: int) -> tuple[torch.Tensor, int]:
@@ -69,9 +73,13 @@ class Side:
 
             out = sample(model, model.sde, (n, *self.shape), method=ours, steps=nfe, seed=seed)
             return out.x, out.nfe
-        z = benchlib.prior_noise(n, self.shape, seed)
+        from scorelab.rng import SampleNoise
+
+        noise = SampleNoise(seed, torch.arange(n))  # x_T first (= benchlib.prior_noise), then each step's noise
+        z = noise.randn(self.shape)
         out = benchlib.sample_diffusers(lambda x, t: model(x, t, return_dict=False)[0],
-                                        benchlib.diffusers_scheduler(peer, self.train_config), nfe, z, seed)
+                                        benchlib.diffusers_scheduler(peer, self.train_config), nfe, z, seed,
+                                        noise=noise if self.shared_noise else None)
         return out.x, out.nfe
 
 
@@ -107,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50], help="DDIM and DPM-Solver++ steps")
     parser.add_argument("--ancestral", type=int, nargs="*", default=[100], help="ancestral (DDPM) steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ancestral-noise", choices=["shared", "own"], default="shared",
+                        help="shared: diffusers' DDPMScheduler draws its variance noise from scorelab's per-sample "
+                        "stream of the seed, so both ancestral samplers share noise as DDIM and DPM-Solver++ share "
+                        "x_T; own: from its torch.Generator seeded with the seed")
     parser.add_argument("--n", type=int, default=1000, help="samples per seed")
     parser.add_argument("--bf16", choices=["auto", "true", "false"], default="auto")
     parser.add_argument("--slice", type=float, default=20.0, help="seconds between re-aims of diffusers' cosine "
@@ -128,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         raise SystemExit(f"--bf16 true: {problem}; use --bf16 auto or false")
     torch.set_num_threads(args.threads)
+    shared = args.ancestral_noise == "shared"
     m = benchlib.machine()
     print(benchlib.machine_line(m), flush=True)
     started = time.time()
@@ -178,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             peer = new_peer(lr)
             peer.set_total(args.steps)
             peer_config = peer.noise_scheduler.config
-            side = Side("diffusers", shape, peer_config)
+            side = Side("diffusers", shape, peer_config, shared)
             print(f"diffusers lr {lr:g}: {args.steps} steps at batch {batch}", flush=True)
             seconds, loss = train_steps(peer, args.steps, args.log_every)
             model = peer.sampling_model()
@@ -208,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         settings += [("ancestral", nfe) for nfe in args.ancestral]
         per = {}  # (budget, side, label, nfe) -> per-seed FDs
         for (budget, name), model in models.items():
-            side = Side(name, shape, peer_config)
+            side = Side(name, shape, peer_config, shared)
             lr = best[name][1]
             for label, nfe in settings:
                 tick, values = time.perf_counter(), []
@@ -219,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{budget:6s} {name:9s} {label:12s} NFE {used:3d}: {_fmt(values)} "
                       f"({time.perf_counter() - tick:.0f} s)", flush=True)
                 rows.append({"budget": budget, "side": name, "lr": lr, "sampler": label, "nfe": used,
-                             "seeds": len(values), "n": args.n, **_stats(values)})
+                             "seeds": len(values), "n": args.n, **_stats(values),
+                             "ancestral_noise": args.ancestral_noise if label == "ancestral" else ""})
     for (budget, name, label, nfe), values in list(per.items()):  # scorelab's equal-time model is its
         if budget == "images" and name == "scorelab":                # equal-images model: the same scores
             per[("wall", name, label, nfe)] = values
