@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"budget": r["budget"], "side": "ratio scorelab/diffusers", "lr": "", "sampler": r["pair"],
                      "nfe": r["nfe"], "seeds": len(args.seeds), "n": args.n, "mean": round(r["ratio"], 3),
                      "std": round(r["seed_std"], 3), "per_seed": " ".join(f"{v:.3f}" for v in r["per_seed"]),
+                     "per_seed_mean_ci95": " ".join(f"{v:.3f}" for v in r["ci"]),
                      "target": r["target"] or "", "met": "" if r["target"] is None else r["ratio"] <= r["target"]})
     out = Path(args.out)
     benchlib.write_csv(out / "quality_vs_diffusers.csv", rows)
@@ -285,12 +286,23 @@ def _ratios(per: dict, nfes: list[int]) -> list[dict]:
             if a is None or b is None:
                 continue
             per_seed = [x / y for x, y in zip(per[a], per[b])]
-            out.append({"budget": budget, "nfe": what, "pair": f"{a[2]}-{a[3]} vs {b[2]}-{b[3]}",
+            out.append({"ci": _t_interval(per_seed), "budget": budget, "nfe": what, "pair": f"{a[2]}-{a[3]} vs {b[2]}-{b[3]}",
                         "scorelab": per[a], "diffusers": per[b],
                         "ratio": statistics.fmean(per[a]) / statistics.fmean(per[b]), "per_seed": per_seed,
                         "seed_std": statistics.stdev(per_seed) if len(per_seed) > 1 else float("nan"),
                         "target": TARGETS.get((budget, what))})
     return out
+
+
+def _t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of the per-seed ratios (the seeds are independent replicates)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    mean, half = statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5
+    q = float(stats.t.ppf(0.5 + level / 2, len(values) - 1))
+    return mean - q * half, mean + q * half
 
 
 def _print_tables(args, m, train_rows, per, ratios, base, bf16, started) -> None:
@@ -309,13 +321,15 @@ def _print_tables(args, m, train_rows, per, ratios, base, bf16, started) -> None
         cells = [_fmt(per[(b, s, label, nfe)]) if (b, s, label, nfe) in per else "—"
                  for b, s in (("images", "scorelab"), ("images", "diffusers"), ("wall", "diffusers"))]
         print(f"| {label} | {nfe} | " + " | ".join(cells) + " |")
-    print("\n| budget | NFE | best pair | scorelab | diffusers | ratio | per seed | target | met |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| budget | NFE | best pair | scorelab | diffusers | ratio | per seed | per-seed mean, 95% interval "
+          "| target | met |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in ratios:
         target = "" if r["target"] is None else f"≤ {r['target']}"
         met = "" if r["target"] is None else ("yes" if r["ratio"] <= r["target"] else "no")
         print(f"| {r['budget']} | {r['nfe']} | {r['pair']} | {_fmt(r['scorelab'])} | {_fmt(r['diffusers'])} | "
-              f"{r['ratio']:.2f} | {' '.join(f'{v:.2f}' for v in r['per_seed'])} | {target} | {met} |")
+              f"{r['ratio']:.2f} | {' '.join(f'{v:.2f}' for v in r['per_seed'])} | "
+              f"{statistics.fmean(r['per_seed']):.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | {target} | {met} |")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ def test_quality_vs_diffusers_runs(tmp_path):
         (a, na), (b, nb) = (pair.rsplit("-", 1) for pair in r["sampler"].split(" vs "))
         ours, peer = scores[("images", "scorelab", a, na)], scores[(r["budget"], "diffusers", b, nb)]
         assert float(r["mean"]) == pytest.approx(float(ours["mean"]) / float(peer["mean"]), rel=2e-3)
+        per_seed = [float(v) for v in r["per_seed"].split()]
+        lo, hi = map(float, r["per_seed_mean_ci95"].split())  # about the mean of the two seeds' ratios
+        assert lo < sum(per_seed) / 2 < hi and hi - lo > abs(per_seed[0] - per_seed[1])
     train = list(csv.DictReader(open(tmp_path / "quality_vs_diffusers_train.csv")))
     assert [(r["budget"], r["side"], r["lr"]) for r in train] == [
         ("images", "scorelab", "0.002"), ("images", "diffusers", "0.001"), ("images", "diffusers", "0.003"),
