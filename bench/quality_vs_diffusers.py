@@ -2,7 +2,7 @@
 rate tuned, at two budgets, in one fresh run.
 
     .venv/bin/python bench/quality_vs_diffusers.py [--steps 3600] [--scorelab-lrs 5e-4 1e-3 2e-3]
-        [--diffusers-lrs 2e-3 4e-3 8e-3] [--nfe 10 20 50] [--ancestral 100] [--n 1000] [--seeds 0 1 2]
+        [--diffusers-lrs 2e-3 4e-3 8e-3] [--nfe 10 20 50] [--ancestral 100] [--n 1000] [--seeds 0 1 2 3 4]
         [--ancestral-noise shared] [--bf16 auto] [--save-model PATH] [--out docs/bench]
 
 1. The evaluator: the featurizer stage's DigitClassifier, trained on the train split only
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--select-seed", type=int, default=100)
     parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50], help="DDIM and DPM-Solver++ steps")
     parser.add_argument("--ancestral", type=int, nargs="*", default=[100], help="ancestral (DDPM) steps")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--ancestral-noise", choices=["shared", "own"], default="shared",
                         help="shared: diffusers' DDPMScheduler draws its variance noise from scorelab's per-sample "
                         "stream of the seed, so both ancestral samplers share noise as DDIM and DPM-Solver++ share "
