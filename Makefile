@@ -45,6 +45,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/quality_vs_diffusers.py --save-model outputs/bench/ddpm_model.pt
 	$(PY) bench/ancestral_draws.py
+	$(PY) bench/recipe_ablations.py
 	$(PY) bench/samplers_one_net.py --model outputs/bench/ddpm_model.pt
 	$(PY) bench/overheads.py
 	$(PY) bench/train_throughput.py

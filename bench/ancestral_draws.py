@@ -45,11 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--profile", type=float, default=0.10, help="sigma_rel of the power EMA sampled")
     parser.add_argument("--sample-steps", type=int, default=100)
-    parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--classifier-epochs", type=int, default=12)
-    parser.add_argument("--out", default=str(benchlib.REPO / "docs" / "bench"))
+    benchlib.add_scoring_args(parser, seeds=[0, 1, 2])
     args = parser.parse_args(argv)
 
     import diffusers

@@ -70,6 +70,16 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 # Params and data
 
 
+def add_scoring_args(parser, seeds: list[int], threads: int = 1) -> None:
+    """The options of a script that scores samples with DomainFD: --n per seed, --seeds, --threads, the
+    featurizer's --classifier-epochs, and --out (the CSV folder)."""
+    parser.add_argument("--n", type=int, default=1000, help="samples per seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--classifier-epochs", type=int, default=12)
+    parser.add_argument("--out", default=str(REPO / "docs" / "bench"))
+
+
 def load_params(path: str | Path, data_dir: Path):
     """params.yaml, validated, with the data prepared into data_dir (a temporary folder)."""
     from scorelab.config import parse_params

@@ -141,3 +141,32 @@ def test_ancestral_draws_runs(tmp_path):
     ours = [float(v) for v in rows["scorelab ancestral"]["fd_per_seed"].split()]
     theirs = [float(v) for v in rows["DDPMScheduler trailing, scorelab's noise"]["fd_per_seed"].split()]
     assert theirs == pytest.approx(ours, rel=2e-3)
+
+
+def test_recipe_ablations_runs(tmp_path):
+    _run("recipe_ablations.py", "--configs", "base", "min_snr5", "--steps", "2", "--profiles", "0.1", "--nfe", "2",
+         "--n", "8", "--seeds", "100", "101", "--classifier-epochs", "1", "--out", str(tmp_path))
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "recipe_ablations.csv")))
+    assert [(r["config"], r["candidate"]) for r in rows] == [
+        ("base", "ema"), ("base", "power-0.10"), ("min_snr5", "ema"), ("min_snr5", "power-0.10")]
+    assert all(len(r["fd_per_seed"].split()) == 2 for r in rows)
+
+
+def test_recipe_ablations_base_step_is_the_trainers(tmp_path):
+    """With the weight 1, the ablations' step is benchlib.ScorelabTrainer's (losses.dsm_loss, std2): the same
+    parameters after a few steps; the min-SNR weight changes them."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import benchlib
+    import recipe_ablations as ra
+
+    params = benchlib.load_params(REPO / "params.yaml", tmp_path / "data")
+    trainers = [benchlib.ScorelabTrainer(params, "ddpm", lr=1e-3, steps=50) for _ in range(3)]
+    for _ in range(3):
+        trainers[0].step()
+        ra.weighted_step(trainers[1], ra.WEIGHTINGS["std2"])
+        ra.weighted_step(trainers[2], ra.WEIGHTINGS["min_snr5"])
+    ref, same, other = (torch.cat([p.detach().flatten() for p in t.model.parameters()]) for t in trainers)
+    torch.testing.assert_close(same, ref, rtol=1e-5, atol=1e-6)
+    assert (other - ref).abs().max() > 1e-4

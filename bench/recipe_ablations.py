@@ -1,0 +1,148 @@
+"""Training-recipe ablations of scorelab's `ddpm` variant at the quality benchmark's budget (3,600 steps x 128):
+what else, besides the learning rate and the EMA, moves the domain FD of DPM-Solver++ at NFE 10 and 20.
+
+    .venv/bin/python bench/recipe_ablations.py [--configs base min_snr5 ...] [--steps 3600] [--lr 1e-3]
+        [--profiles 0.10 0.15] [--nfe 10 20] [--n 1000] [--seeds 100 101 102] [--threads 1] [--out docs/bench]
+
+Each configuration changes one thing of the variant `ddpm` of params.yaml trained as
+bench/quality_vs_diffusers.py's chosen recipe (lr 1e-3, constant after warm-up, bf16 autocast, benchlib's data
+stream and generators): the loss weighting, the lr schedule, the noise schedule or dropout (CONFIGS below). Every
+candidate EMA (the classic one and each power profile) is scored on seeds that the quality benchmark never scores
+(100-102 by default: 100 is its selection seed), with its evaluator (domain FD against the full data set, N per
+seed). The loss weightings are written here as a factor w on DDPM's simple loss ||eps - eps_theta||^2 (std2):
+  min_snr5:            w = min(SNR, 5) / SNR (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+                       Weighting Strategy", for an eps network), SNR = alpha^2 / std^2: less weight at low noise;
+  snr_over_1_plus_snr: w = SNR / (1 + SNR): less weight at high noise.
+Training is deterministic: a configuration run twice gives the same scores to the last digit. Configurations are
+independent: two processes with different --configs (at 1 thread each) share 2 cores. Writes
+<out>/recipe_ablations.csv (one row per configuration, candidate EMA and NFE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+# name: what changes (weighting: a factor on the simple loss, below; train / sde / net: fields of those sections)
+CONFIGS = {
+    "base": {},
+    "min_snr5": {"weighting": "min_snr5"},
+    "snr_over_1_plus_snr": {"weighting": "snr_over_1_plus_snr"},
+    "cosine_lr_2e-3": {"lr": 2e-3, "train": {"lr_schedule": "cosine"}},
+    "cosine_noise_schedule": {"sde": {"schedule": "cosine"}},
+    "dropout_0.1": {"net": {"dropout": 0.1}},
+}
+WEIGHTINGS = {
+    "std2": lambda snr: torch.ones_like(snr),
+    "min_snr5": lambda snr: torch.clamp(5.0 / snr, max=1.0),
+    "snr_over_1_plus_snr": lambda snr: snr / (1 + snr),
+}
+
+
+def configured_params(params, change: dict):
+    """params with the variant `ddpm` and `train:` changed as a CONFIGS entry says."""
+    variant = params.variants["ddpm"]
+    update = {key: getattr(variant, key).model_copy(update=change[key]) for key in ("sde", "net") if key in change}
+    if update:
+        params.variants["ddpm"] = variant.model_copy(update=update)
+    if "train" in change:
+        params = params.model_copy(update={"train": params.train.model_copy(update=change["train"])})
+    return params
+
+
+def weighted_step(trainer, weight) -> float:
+    """One step of benchlib.ScorelabTrainer with the simple loss weighted per sample by weight(SNR): the same
+    draws (t, then z, from the step's generator), dropout seeding, clipping, Adam and EMA updates."""
+    from scorelab.losses import sample_times
+    from scorelab.sde import bcast
+    from scorelab.training import learning_rate, mix_seed, seed_dropout
+
+    k, seed = trainer.steps, trainer.params.seed
+    for group in trainer.opt.param_groups:
+        group["lr"] = learning_rate(trainer.train, k)
+    trainer.opt.zero_grad(set_to_none=True)
+    x0 = trainer.loader.batch(k)
+    gen = torch.Generator().manual_seed(mix_seed(seed, 0, k, 2))
+    seed_dropout(torch.device("cpu"), mix_seed(seed, 0, k, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.bf16):
+        t = sample_times(trainer.sde, x0.shape[0], generator=gen)
+        z = torch.randn(x0.shape, generator=gen)
+        alpha, std = trainer.sde.alpha_std(t)
+        x_t = bcast(alpha, x0) * x0 + bcast(std, x0) * z
+        residual = bcast(std, x0) * trainer.model(x_t, t) + z  # = eps_theta's error, for an eps network
+        sq = residual.float().flatten(1).pow(2).mean(1)
+        loss = (weight((alpha / std) ** 2).float() * sq).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.train.grad_clip or math.inf)
+    trainer.opt.step()
+    trainer.ema.update(trainer.model)
+    for profile in trainer.profiles.values():
+        profile.update(trainer.model)
+    trainer.steps += 1
+    return float(loss.detach())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=str(benchlib.REPO / "params.yaml"))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=3600)
+    parser.add_argument("--lr", type=float, default=1e-3, help="unless the configuration sets its own")
+    parser.add_argument("--profiles", type=float, nargs="*", default=[0.10, 0.15])
+    parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20])
+    benchlib.add_scoring_args(parser, seeds=[100, 101, 102])
+    args = parser.parse_args(argv)
+
+    from scorelab.runtime import resolve_bf16
+    from scorelab.sampling import sample
+
+    torch.set_num_threads(args.threads)
+    m = benchlib.machine()
+    print(benchlib.machine_line(m), flush=True)
+    bf16, _ = resolve_bf16("auto", torch.device("cpu"))
+    rows = []
+    with benchlib.tmpdir("bench-recipe-") as tmp_name:
+        tmp = Path(tmp_name)
+        fd = None
+        for name in args.configs:
+            change = CONFIGS[name]
+            params = configured_params(benchlib.load_params(args.params, tmp / "data"), change)
+            if fd is None:
+                fd = benchlib.DomainFD(params, tmp / "fd", epochs=args.classifier_epochs, reference="full")
+                torch.set_num_threads(args.threads)
+            trainer = benchlib.ScorelabTrainer(params, "ddpm", lr=change.get("lr", args.lr), steps=args.steps,
+                                               bf16=bf16, profiles=tuple(args.profiles))
+            weight = WEIGHTINGS[change.get("weighting", "std2")]
+            trainer.model.train()
+            start, loss = time.perf_counter(), float("nan")
+            while trainer.steps < args.steps:
+                loss = weighted_step(trainer, weight)
+            seconds = time.perf_counter() - start
+            for candidate, model in trainer.candidates().items():
+                for nfe in args.nfe:
+                    with torch.no_grad():
+                        values = [fd(sample(model, model.sde, (args.n, *fd.shape), method="dpm_solver", steps=nfe,
+                                            seed=seed).x) for seed in args.seeds]
+                    mean, std = benchlib.mean_std(values)
+                    rows.append({"config": name, "candidate": candidate, "sampler": "dpm_solver", "nfe": nfe,
+                                 "n": args.n, "fd_mean": round(mean, 3), "fd_std": round(std, 3),
+                                 "fd_per_seed": " ".join(f"{v:.3f}" for v in values), "train_s": round(seconds, 1),
+                                 "final_loss": round(loss, 5), "steps": trainer.steps,
+                                 **{f"machine_{k}": v for k, v in m.items()}})
+                line = ", ".join(f"NFE {r['nfe']} {r['fd_mean']:.3f}" for r in rows[-len(args.nfe):])
+                print(f"| {name} | {candidate} | {line} |", flush=True)
+            benchlib.write_csv(Path(args.out) / "recipe_ablations.csv", rows)  # after each configuration
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
