@@ -50,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import diffusers
 
-    from scorelab.rng import SampleNoise
     from scorelab.runtime import resolve_bf16
     from scorelab.sampling import sample
     from scorelab.variant_config import profile_name
@@ -78,10 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                 return sample(model, model.sde, (args.n, *shape), method="ancestral", steps=args.sample_steps,
                               seed=seed, x0_threshold=option).x
             scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", **option)
-            noise = SampleNoise(seed, torch.arange(args.n))  # x_T is its first draw (= benchlib.prior_noise)
+            z, noise = benchlib.seed_noise(args.n, shape, seed)
             return benchlib.sample_diffusers(lambda x, t: model.net(x, t.to(torch.float32)), scheduler,
-                                             args.sample_steps, noise.randn(shape), seed,
-                                             noise=noise if shared else None).x
+                                             args.sample_steps, z, seed, noise=noise if shared else None).x
 
         with torch.no_grad():
             for name, setting in SETTINGS.items():

@@ -180,9 +180,16 @@ def count_flops(fn) -> int:
 def prior_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """The standard normals scorelab.sampling.sample starts sample i of `seed` from (x_T = prior_std * this):
     handed to diffusers' schedulers too, so both sides start from the same x_T (common random numbers)."""
+    return seed_noise(n, shape, seed)[0]
+
+
+def seed_noise(n: int, shape: tuple[int, ...], seed: int):
+    """(prior_noise, the SampleNoise stream it was drawn from): the stream's next draws are the ones scorelab's
+    stochastic samplers take per step, for sample_diffusers(..., noise=) to share."""
     from scorelab.rng import SampleNoise
 
-    return SampleNoise(seed, torch.arange(n)).randn(shape)
+    noise = SampleNoise(seed, torch.arange(n))
+    return noise.randn(shape), noise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +207,7 @@ class ScorelabTrainer:
 
     def __init__(self, params, variant: str, batch_size: int | None = None, fused: bool = True, *,
                  lr: float | None = None, steps: int | None = None, bf16: bool = False,
-                 profiles: tuple[float, ...] = ()):
+                 profiles: tuple[float, ...] = (), loss_weight: Callable[[torch.Tensor], torch.Tensor] | None = None):
         from scorelab.ema import EMA, PowerEMA
         from scorelab.checkpoint import build_model
         from scorelab.training import PartitionLoader, resolve_train
@@ -213,6 +220,8 @@ class ScorelabTrainer:
             self.train = self.train.model_copy(update=update)
         self.batch_size = batch_size or self.train.batch_size
         self.bf16 = bf16  # bfloat16 autocast of the forward pass and loss, as train_loop does with train.bf16
+        # a factor on each sample's loss from its SNR = alpha^2 / std^2 (bench/recipe_ablations.py); None: the variant's
+        self.loss_weight = loss_weight
         torch.manual_seed(params.seed)
         self.model = build_model(self.variant, tuple(self._shape()))
         self.ema = EMA(self.model, decay=self.variant.ema.decay, warmup=self.variant.ema.warmup)
@@ -246,14 +255,18 @@ class ScorelabTrainer:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             out = dsm_loss(self.model, self.sde, x0, weighting=self.variant.loss.weighting,
                            reduction=self.variant.loss.reduction, generator=gen)
-        out.loss.backward()
+            loss = out.loss
+            if self.loss_weight is not None:
+                alpha, std = self.sde.alpha_std(out.t)
+                loss = (self.loss_weight((alpha / std) ** 2).float() * out.per_sample.float()).mean()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip or math.inf)
         self.opt.step()
         self.ema.update(self.model)
         for profile in self.profiles.values():
             profile.update(self.model)
         self.steps += 1
-        return float(out.loss.detach())
+        return float(loss.detach())
 
     def sampling_model(self):
         """The EMA ScoreModel, eval mode."""

@@ -73,10 +73,7 @@ class Side:
 
             out = sample(model, model.sde, (n, *self.shape), method=ours, steps=nfe, seed=seed)
             return out.x, out.nfe
-        from scorelab.rng import SampleNoise
-
-        noise = SampleNoise(seed, torch.arange(n))  # x_T first (= benchlib.prior_noise), then each step's noise
-        z = noise.randn(self.shape)
+        z, noise = benchlib.seed_noise(n, self.shape, seed)
         out = benchlib.sample_diffusers(lambda x, t: model(x, t, return_dict=False)[0],
                                         benchlib.diffusers_scheduler(peer, self.train_config), nfe, z, seed,
                                         noise=noise if self.shared_noise else None)

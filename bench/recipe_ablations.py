@@ -21,7 +21,6 @@ independent: two processes with different --configs (at 1 thread each) share 2 c
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -41,8 +40,7 @@ CONFIGS = {
     "cosine_noise_schedule": {"sde": {"schedule": "cosine"}},
     "dropout_0.1": {"net": {"dropout": 0.1}},
 }
-WEIGHTINGS = {
-    "std2": lambda snr: torch.ones_like(snr),
+WEIGHTINGS = {  # benchlib.ScorelabTrainer's loss_weight; none (the variant's std2 loss) for the other configurations
     "min_snr5": lambda snr: torch.clamp(5.0 / snr, max=1.0),
     "snr_over_1_plus_snr": lambda snr: snr / (1 + snr),
 }
@@ -57,38 +55,6 @@ def configured_params(params, change: dict):
     if "train" in change:
         params = params.model_copy(update={"train": params.train.model_copy(update=change["train"])})
     return params
-
-
-def weighted_step(trainer, weight) -> float:
-    """One step of benchlib.ScorelabTrainer with the simple loss weighted per sample by weight(SNR): the same
-    draws (t, then z, from the step's generator), dropout seeding, clipping, Adam and EMA updates."""
-    from scorelab.losses import sample_times
-    from scorelab.sde import bcast
-    from scorelab.training import learning_rate, mix_seed, seed_dropout
-
-    k, seed = trainer.steps, trainer.params.seed
-    for group in trainer.opt.param_groups:
-        group["lr"] = learning_rate(trainer.train, k)
-    trainer.opt.zero_grad(set_to_none=True)
-    x0 = trainer.loader.batch(k)
-    gen = torch.Generator().manual_seed(mix_seed(seed, 0, k, 2))
-    seed_dropout(torch.device("cpu"), mix_seed(seed, 0, k, 4))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.bf16):
-        t = sample_times(trainer.sde, x0.shape[0], generator=gen)
-        z = torch.randn(x0.shape, generator=gen)
-        alpha, std = trainer.sde.alpha_std(t)
-        x_t = bcast(alpha, x0) * x0 + bcast(std, x0) * z
-        residual = bcast(std, x0) * trainer.model(x_t, t) + z  # = eps_theta's error, for an eps network
-        sq = residual.float().flatten(1).pow(2).mean(1)
-        loss = (weight((alpha / std) ** 2).float() * sq).mean()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.train.grad_clip or math.inf)
-    trainer.opt.step()
-    trainer.ema.update(trainer.model)
-    for profile in trainer.profiles.values():
-        profile.update(trainer.model)
-    trainer.steps += 1
-    return float(loss.detach())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                 fd = benchlib.DomainFD(params, tmp / "fd", epochs=args.classifier_epochs, reference="full")
                 torch.set_num_threads(args.threads)
             trainer = benchlib.ScorelabTrainer(params, "ddpm", lr=change.get("lr", args.lr), steps=args.steps,
-                                               bf16=bf16, profiles=tuple(args.profiles))
-            weight = WEIGHTINGS[change.get("weighting", "std2")]
+                                               bf16=bf16, profiles=tuple(args.profiles),
+                                               loss_weight=WEIGHTINGS.get(change.get("weighting")))
             trainer.model.train()
             start, loss = time.perf_counter(), float("nan")
             while trainer.steps < args.steps:
-                loss = weighted_step(trainer, weight)
+                loss = trainer.step()
             seconds = time.perf_counter() - start
             for candidate, model in trainer.candidates().items():
                 for nfe in args.nfe:

@@ -155,18 +155,18 @@ def test_recipe_ablations_runs(tmp_path):
 
 
 def test_recipe_ablations_base_step_is_the_trainers(tmp_path):
-    """With the weight 1, the ablations' step is benchlib.ScorelabTrainer's (losses.dsm_loss, std2): the same
-    parameters after a few steps; the min-SNR weight changes them."""
+    """With the weight 1, the ablations' weighted loss is benchlib.ScorelabTrainer's own (losses.dsm_loss, std2):
+    the same parameters after a few steps; the min-SNR weight changes them."""
     sys.path.insert(0, str(REPO / "bench"))
     import benchlib
     import recipe_ablations as ra
 
     params = benchlib.load_params(REPO / "params.yaml", tmp_path / "data")
-    trainers = [benchlib.ScorelabTrainer(params, "ddpm", lr=1e-3, steps=50) for _ in range(3)]
+    trainers = [benchlib.ScorelabTrainer(params, "ddpm", lr=1e-3, steps=50, loss_weight=weight)
+                for weight in (None, torch.ones_like, ra.WEIGHTINGS["min_snr5"])]
     for _ in range(3):
-        trainers[0].step()
-        ra.weighted_step(trainers[1], ra.WEIGHTINGS["std2"])
-        ra.weighted_step(trainers[2], ra.WEIGHTINGS["min_snr5"])
+        for trainer in trainers:
+            trainer.step()
     ref, same, other = (torch.cat([p.detach().flatten() for p in t.model.parameters()]) for t in trainers)
     torch.testing.assert_close(same, ref, rtol=1e-5, atol=1e-6)
     assert (other - ref).abs().max() > 1e-4
