@@ -196,6 +196,16 @@ def seed_noise(n: int, shape: tuple[int, ...], seed: int):
 # scorelab's training step: the loop of scorelab.training.train_loop with one worker, in-process
 
 
+def stratified_chain_times(sde, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n times of a discrete chain, one in each of n equal strata of its levels, in random order: the batch
+    covers the chain evenly, which lowers the variance of the loss's estimate (Kingma et al. 2021, VDM)."""
+    chain = sde.discrete_times()
+    if chain is None:
+        raise ValueError("stratified times are written for a discrete chain (ddpm, ncsn) only")
+    u = (torch.randperm(n, generator=gen, dtype=torch.float64) + torch.rand(n, generator=gen, dtype=torch.float64)) / n
+    return chain[(u * len(chain)).long().clamp(max=len(chain) - 1)].float()
+
+
 class ScorelabTrainer:
     """One variant of params.yaml trained with training.py's own pieces: build_model, PartitionLoader
     (the worker's data stream), the (seed, rank, k) generators of mix_seed (dropout's too), losses.dsm_loss with the variant's
@@ -207,7 +217,8 @@ class ScorelabTrainer:
 
     def __init__(self, params, variant: str, batch_size: int | None = None, fused: bool = True, *,
                  lr: float | None = None, steps: int | None = None, bf16: bool = False,
-                 profiles: tuple[float, ...] = (), loss_weight: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 profiles: tuple[float, ...] = (), loss_weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 stratified_times: bool = False, adam_betas: tuple[float, float] = (0.9, 0.999)):
         from scorelab.ema import EMA, PowerEMA
         from scorelab.checkpoint import build_model
         from scorelab.training import PartitionLoader, resolve_train
@@ -222,13 +233,15 @@ class ScorelabTrainer:
         self.bf16 = bf16  # bfloat16 autocast of the forward pass and loss, as train_loop does with train.bf16
         # a factor on each sample's loss from its SNR = alpha^2 / std^2 (bench/recipe_ablations.py); None: the variant's
         self.loss_weight = loss_weight
+        # one chain level per 1/B of the chain in each batch (VDM's low-discrepancy times) instead of B iid draws
+        self.stratified_times = stratified_times
         torch.manual_seed(params.seed)
         self.model = build_model(self.variant, tuple(self._shape()))
         self.ema = EMA(self.model, decay=self.variant.ema.decay, warmup=self.variant.ema.warmup)
         # power EMA profiles kept beside the classic EMA (the variant's ema.profiles does this in train_loop)
         self.profiles = {profile_name(s): PowerEMA(self.model, s) for s in profiles}
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.train.lr, weight_decay=self.train.weight_decay,
-                                    fused=fused)
+                                    betas=adam_betas, fused=fused)
         self.loader = PartitionLoader(str(params.data.dataset_dir), 0, 1, self.batch_size, params.seed, params.data.hflip)
         self.sde = self.model.sde
         self.steps = 0
@@ -253,8 +266,9 @@ class ScorelabTrainer:
         gen = torch.Generator().manual_seed(mix_seed(self.params.seed, 0, k, 2))
         seed_dropout(torch.device("cpu"), mix_seed(self.params.seed, 0, k, 4))  # as train_loop does per micro-batch
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            t = stratified_chain_times(self.sde, x0.shape[0], gen) if self.stratified_times else None
             out = dsm_loss(self.model, self.sde, x0, weighting=self.variant.loss.weighting,
-                           reduction=self.variant.loss.reduction, generator=gen)
+                           reduction=self.variant.loss.reduction, generator=gen, t=t)
             loss = out.loss
             if self.loss_weight is not None:
                 alpha, std = self.sde.alpha_std(out.t)
@@ -377,6 +391,10 @@ class DiffusersTrainer:
         net = copy.deepcopy(self.model)
         self.ema.copy_to(net.parameters())
         return net.eval()
+
+    def candidates(self) -> dict:
+        """{"ema": the EMA network}: the recipe keeps one EMA (ScorelabTrainer.candidates' counterpart)."""
+        return {"ema": self.sampling_model()}
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)

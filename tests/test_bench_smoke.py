@@ -144,14 +144,28 @@ def test_ancestral_draws_runs(tmp_path):
 
 
 def test_recipe_ablations_runs(tmp_path):
-    _run("recipe_ablations.py", "--configs", "base", "min_snr5", "--steps", "2", "--profiles", "0.1", "--nfe", "2",
-         "--n", "8", "--seeds", "100", "101", "--classifier-epochs", "1", "--out", str(tmp_path))
+    _run("recipe_ablations.py", "--configs", "min_snr5", "diffusers_recipe_2e-3", "--train-seeds", "0", "1",
+         "--steps", "2", "--profiles", "0.1", "--nfe", "2", "--ancestral", "3", "--n", "8", "--seeds", "100", "101",
+         "--classifier-epochs", "1", "--out", str(tmp_path))
     import csv
 
     rows = list(csv.DictReader(open(tmp_path / "recipe_ablations.csv")))
-    assert [(r["config"], r["candidate"]) for r in rows] == [
-        ("base", "ema"), ("base", "power-0.10"), ("min_snr5", "ema"), ("min_snr5", "power-0.10")]
+    ours = [(seed, candidate, sampler) for seed in "01" for candidate in ("ema", "power-0.10")
+            for sampler in ("dpm_solver", "ancestral")]
+    assert [(r["config"], r["train_seed"], r["candidate"], r["sampler"]) for r in rows] == [
+        ("min_snr5", *row) for row in ours] + [("diffusers_recipe_2e-3", seed, "ema", "dpm_solver") for seed in "01"]
     assert all(len(r["fd_per_seed"].split()) == 2 for r in rows)
+    assert rows[0]["fd_per_seed"] != rows[4]["fd_per_seed"], "another training seed trains another network"
+
+
+def test_recipe_ablations_trains_the_yardsticks_with_three_seeds(tmp_path):
+    _run("recipe_ablations.py", "--configs", "min_snr5", "diffusers_recipe_2e-3", "--steps", "1", "--profiles",
+         "--nfe", "2", "--n", "8", "--seeds", "100", "--classifier-epochs", "1", "--out", str(tmp_path))
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "recipe_ablations.csv")))
+    assert [(r["config"], r["train_seed"]) for r in rows] == [
+        ("min_snr5", "0"), ("diffusers_recipe_2e-3", "0"), ("diffusers_recipe_2e-3", "1"), ("diffusers_recipe_2e-3", "2")]
 
 
 def test_recipe_ablations_base_step_is_the_trainers(tmp_path):
@@ -170,3 +184,23 @@ def test_recipe_ablations_base_step_is_the_trainers(tmp_path):
     ref, same, other = (torch.cat([p.detach().flatten() for p in t.model.parameters()]) for t in trainers)
     torch.testing.assert_close(same, ref, rtol=1e-5, atol=1e-6)
     assert (other - ref).abs().max() > 1e-4
+
+
+def test_stratified_chain_times_cover_every_stratum_once():
+    """recipe_ablations' stratified_times: B times of the 1000-level chain, one in each B-th of its levels, and over
+    many batches every level drawn equally often (the marginal of an iid uniform draw)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import benchlib
+    from scorelab.sde import get_sde
+
+    sde = get_sde("ddpm", num_steps=1000)
+    chain = sde.discrete_times()
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(len(chain))
+    for _ in range(400):
+        level = torch.searchsorted(chain.float(), benchlib.stratified_chain_times(sde, 125, gen))
+        assert torch.equal(torch.sort(level // 8).values, torch.arange(125)), "one level in each stratum of 8"
+        counts += torch.bincount(level, minlength=len(chain))
+    # 50 draws per level expected; a chi-square of 999 degrees of freedom lies below 1,150 with probability > 0.999
+    chi2 = float(((counts - 50) ** 2 / 50).sum())
+    assert chi2 < 1150, chi2
