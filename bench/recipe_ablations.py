@@ -16,8 +16,10 @@ after it: initialisation, data order, training noise), the other configurations 
 seeds of every configuration); the evaluator stays the one of params.yaml's seed. The spread of one recipe over
 its seeds is the yardstick for the differences between recipes. Every candidate EMA (the classic one and each power
 profile) is scored on seeds that the quality benchmark never scores (100-102 by default: 100 is its selection
-seed), with its evaluator (domain FD against the full data set, N per seed); with --ancestral also by scorelab's
-ancestral sampler at that many steps. The loss weightings are written
+seed), with its evaluator (domain FD against the full data set, N per seed); with --ancestral also by its own
+library's ancestral sampler at that many steps (scorelab's `ancestral`; the peer's DDPMScheduler with the training
+scheduler's config, its variance noise drawn from scorelab's stream of the seed, as bench/quality_vs_diffusers.py's
+shared noise). The loss weightings are written
 here as a factor w on DDPM's simple loss ||eps - eps_theta||^2 (std2):
   min_snr5:            w = min(SNR, 5) / SNR (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
                        Weighting Strategy", for an eps network), SNR = alpha^2 / std^2: less weight at low noise;
@@ -100,13 +102,19 @@ def scorelab_sampler(model, shape, nfe: int, seed: int, method: str = "dpm_solve
     return sample(model, model.sde, shape, method=method, steps=nfe, seed=seed).x
 
 
+PEER_SCHEDULERS = {"dpm_solver": "dpm_solver", "ancestral": "ddpm"}  # scorelab's method -> diffusers' scheduler
+
+
 def peer_sampler(peer):
     scheduler_config = peer.noise_scheduler.config
 
     def draw(model, shape, nfe: int, seed: int, method: str = "dpm_solver") -> torch.Tensor:
-        z, _ = benchlib.seed_noise(shape[0], shape[1:], seed)
-        return benchlib.sample_diffusers(lambda x, t: model(x, t, return_dict=False)[0],
-                                         benchlib.diffusers_scheduler(method, scheduler_config), nfe, z, seed).x
+        # DDPMScheduler's variance noise continues x_T's stream, as scorelab's ancestral sampler's does (common
+        # random numbers); DPM-Solver++ draws none.
+        z, noise = benchlib.seed_noise(shape[0], shape[1:], seed)
+        scheduler = benchlib.diffusers_scheduler(PEER_SCHEDULERS[method], scheduler_config)
+        return benchlib.sample_diffusers(lambda x, t: model(x, t, return_dict=False)[0], scheduler, nfe, z, seed,
+                                         noise=noise).x
     return draw
 
 
@@ -119,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", type=float, nargs="*", default=[0.10, 0.15])
     parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20])
     parser.add_argument("--ancestral", type=int, default=0,
-                        help="also score each candidate with scorelab's ancestral sampler at this many steps (0: no)")
+                        help="also score each candidate with its library's ancestral sampler at this many steps (0: no)")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=None,
                         help="params.yaml's seed (initialisation, data order, noise) of each training; default: "
                              f"params.yaml's own, and {YARDSTICK_SEEDS} seeds from it for the yardsticks (the base "
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - start
             draw = peer_sampler(trainer) if change.get("peer") else scorelab_sampler
             settings = [("dpm_solver", nfe) for nfe in args.nfe]
-            if args.ancestral and not change.get("peer"):
+            if args.ancestral:
                 settings.append(("ancestral", args.ancestral))
             for candidate, model in trainer.candidates().items():
                 for method, nfe in settings:

@@ -152,10 +152,12 @@ def test_recipe_ablations_runs(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "recipe_ablations.csv")))
     ours = [(seed, candidate, sampler) for seed in "01" for candidate in ("ema", "power-0.10")
             for sampler in ("dpm_solver", "ancestral")]
+    peer = [(seed, "ema", sampler) for seed in "01" for sampler in ("dpm_solver", "ancestral")]
     assert [(r["config"], r["train_seed"], r["candidate"], r["sampler"]) for r in rows] == [
-        ("min_snr5", *row) for row in ours] + [("diffusers_recipe_2e-3", seed, "ema", "dpm_solver") for seed in "01"]
+        ("min_snr5", *row) for row in ours] + [("diffusers_recipe_2e-3", *row) for row in peer]
     assert all(len(r["fd_per_seed"].split()) == 2 for r in rows)
     assert rows[0]["fd_per_seed"] != rows[4]["fd_per_seed"], "another training seed trains another network"
+    assert rows[-2]["fd_per_seed"] != rows[-1]["fd_per_seed"], "the peer's ancestral rows are its DDPMScheduler's"
 
 
 def test_recipe_ablations_trains_the_yardsticks_with_three_seeds(tmp_path):
