@@ -493,5 +493,15 @@ def sample_diffusers(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     return DiffusersSample(x=x, nfe=nfe)
 
 
+def sample_unet_from_seed(unet, kind: str, train_config, steps: int, n: int, shape: tuple[int, ...], seed: int,
+                          shared_noise: bool = True) -> DiffusersSample:
+    """A diffusers UNet2DModel sampled by its scheduler `kind` (built from the training scheduler's config) from
+    the x_T of `seed` that scorelab's samplers start from; DDPMScheduler's variance noise continues that stream
+    (shared_noise, common random numbers with scorelab's ancestral sampler) or comes from a generator of the seed."""
+    z, noise = seed_noise(n, shape, seed)
+    return sample_diffusers(lambda x, t: unet(x, t, return_dict=False)[0], diffusers_scheduler(kind, train_config),
+                            steps, z, seed, noise=noise if shared_noise else None)
+
+
 def tmpdir(prefix: str) -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix=prefix)

@@ -73,10 +73,8 @@ class Side:
 
             out = sample(model, model.sde, (n, *self.shape), method=ours, steps=nfe, seed=seed)
             return out.x, out.nfe
-        z, noise = benchlib.seed_noise(n, self.shape, seed)
-        out = benchlib.sample_diffusers(lambda x, t: model(x, t, return_dict=False)[0],
-                                        benchlib.diffusers_scheduler(peer, self.train_config), nfe, z, seed,
-                                        noise=noise if self.shared_noise else None)
+        out = benchlib.sample_unet_from_seed(model, peer, self.train_config, nfe, n, self.shape, seed,
+                                             self.shared_noise)
         return out.x, out.nfe
 
 

@@ -109,12 +109,8 @@ def peer_sampler(peer):
     scheduler_config = peer.noise_scheduler.config
 
     def draw(model, shape, nfe: int, seed: int, method: str = "dpm_solver") -> torch.Tensor:
-        # DDPMScheduler's variance noise continues x_T's stream, as scorelab's ancestral sampler's does (common
-        # random numbers); DPM-Solver++ draws none.
-        z, noise = benchlib.seed_noise(shape[0], shape[1:], seed)
-        scheduler = benchlib.diffusers_scheduler(PEER_SCHEDULERS[method], scheduler_config)
-        return benchlib.sample_diffusers(lambda x, t: model(x, t, return_dict=False)[0], scheduler, nfe, z, seed,
-                                         noise=noise).x
+        return benchlib.sample_unet_from_seed(model, PEER_SCHEDULERS[method], scheduler_config, nfe, shape[0],
+                                              shape[1:], seed).x
     return draw
 
 
