@@ -397,6 +397,9 @@ def train_loop(config: dict[str, Any]) -> None:
                     extra = job.evaluate(ema.module, done)
                     if done not in logged:
                         logger.metrics(extra, step=done, background=True)
+                    # Tune may stop the trial at this report (ASHA) and end its processes with MLflow's
+                    # background queue unsent: the objective curve of a stopped trial would lose its last points
+                    logger.flush()
                     spent["evaluate"] += time.perf_counter() - tick
                 selection = None
                 if rank == 0 and profiles and done == train.steps:  # the other ranks wait at the report's barrier
